@@ -1,0 +1,184 @@
+"""The ``ccm`` command line: generate, preprocess, plugins, conditions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEMO_MODEL_DIR = Path(os.environ.get("CCM_CACHE", Path.home() / ".cache" / "ccm-sdk")) / "tiny-demo"
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parse as JSON when they can (numbers, lists, true/false)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"ccm: expected --option key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _tiny_demo_model() -> tuple[Path, Path]:
+    """Tiny random LCM + ControlNet in hub layout, built once into the cache (no network)."""
+    from .testing.tiny import save_tiny_controlnet, save_tiny_pipeline
+
+    model, controlnet = DEMO_MODEL_DIR / "model", DEMO_MODEL_DIR / "controlnet"
+    if not (model / "model_index.json").is_file():
+        save_tiny_pipeline(model)
+    if not (controlnet / "config.json").is_file():
+        save_tiny_controlnet(controlnet, model)
+    return model, controlnet
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from . import get_condition
+    from .images import make_grid
+    from .pipeline import CCMPipeline
+
+    if args.model is None:
+        print(
+            "ccm: no --model given: using a tiny model with UNTRAINED random weights (built locally, no download).\n"
+            "     The output shows the pipeline working, not a meaningful picture; pass --model for a real one.",
+            file=sys.stderr,
+        )
+        model, default_controlnet = _tiny_demo_model()
+        controlnets = args.controlnet or [str(default_controlnet)]
+    else:
+        model, controlnets = args.model, args.controlnet or []
+    pipe = CCMPipeline.from_pretrained(model, controlnet=controlnets or None, adapter=args.adapter, lora=args.lora)
+    control_images = []
+    if controlnets:
+        if args.image is None:
+            raise SystemExit("ccm: --image is required when a ControlNet is used")
+        source = Image.open(args.image)
+        if args.size:
+            source = source.convert("RGB").resize((args.size, args.size))
+        if args.condition:
+            condition = get_condition(args.condition, **_options(args.option))
+            control_images = [condition(source, output_type="pil")[0]]
+        else:
+            control_images = [source.convert("RGB")]
+        control_images = control_images * len(controlnets)
+    generator = torch.Generator().manual_seed(args.seed)
+    output = pipe(
+        args.prompt,
+        control_images if len(control_images) > 1 else (control_images[0] if control_images else None),
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=generator,
+        sampler=args.sampler,
+        controlnet_conditioning_scale=args.control_scale,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    output.images[0].save(out)
+    if control_images:
+        control_path = out.with_name(out.stem + "_control" + out.suffix)
+        control_images[0].save(control_path)
+        make_grid([control_images[0], output.images[0]]).save(out.with_name(out.stem + "_grid" + out.suffix))
+        print(f"control map: {control_path}")
+    print(f"image: {out}  ({output.nfe} network evaluations, {output.timings['total']:.2f} s)")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from . import get_condition
+
+    condition = get_condition(args.condition, **_options(args.option))
+    control = condition(Image.open(args.image), output_type="pil")[0]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    control.save(args.out)
+    print(f"{args.condition} control map: {args.out} ({control.width}x{control.height}, {condition.channels} channels)")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import plugin_failures, plugin_infos
+
+    infos, failures = plugin_infos(), plugin_failures()
+    if args.json:
+        print(json.dumps({"plugins": [vars(i) for i in infos], "failed": [vars(f) for f in failures]}, indent=2))
+        return 0
+    for info in infos:
+        print(f"{info.name:<40} {info.version:<10} {', '.join(info.hooks)}")
+    for failure in failures:
+        print(f"{failure.plugin:<40} FAILED ({failure.stage}): {failure.error}")
+    return 0
+
+
+def cmd_conditions(args: argparse.Namespace) -> int:
+    from .registry import conditions
+
+    for entry in conditions.entries():
+        cls = entry.obj
+        print(f"{entry.name:<10} {cls.channels} ch  [{entry.plugin}]  {cls.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccm", description="Controllable consistency-model image generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a controlled image")
+    gen.add_argument("--model", help="model folder or hub id (default: a tiny untrained demo model)")
+    gen.add_argument("--controlnet", action="append", help="ControlNet folder/hub id (repeatable)")
+    gen.add_argument("--adapter", help="adapter folder or hub id")
+    gen.add_argument("--lora", help="LoRA file or folder (e.g. LCM-LoRA)")
+    gen.add_argument("--condition", help="condition that turns --image into the control map (e.g. canny)")
+    gen.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
+    gen.add_argument("--image", help="input image (the control map itself if no --condition)")
+    gen.add_argument("--size", type=int, help="resize the input image to SIZE x SIZE first")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--steps", type=int, default=4)
+    gen.add_argument("--guidance", type=float, default=8.0)
+    gen.add_argument("--control-scale", type=float, default=1.0)
+    gen.add_argument("--sampler", default="consistency")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", default="outputs/ccm.png")
+    gen.set_defaults(func=cmd_generate)
+
+    pre = sub.add_parser("preprocess", help="run a condition on an image and save the control map")
+    pre.add_argument("--condition", required=True)
+    pre.add_argument("--image", required=True)
+    pre.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
+    pre.add_argument("--out", required=True)
+    pre.set_defaults(func=cmd_preprocess)
+
+    plug = sub.add_parser("plugins", help="list plugins, their versions, and those that failed")
+    plug.add_argument("--json", action="store_true")
+    plug.set_defaults(func=cmd_plugins)
+
+    cond = sub.add_parser("conditions", help="list the registered conditions")
+    cond.set_defaults(func=cmd_conditions)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import CCMError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CCMError as exc:
+        print(f"ccm: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"ccm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Typed errors raised at ccm-sdk's public boundary.
+
+Every error says what was expected and what came. They subclass the matching builtin
+(``ValueError``, ``TypeError``, ``LookupError``, ``OSError``) so generic handlers still work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class CCMError(Exception):
+    """Base class of every error ccm-sdk raises on purpose."""
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+class InputError(CCMError, ValueError):
+    """A value passed to the SDK is not one it accepts."""
+
+
+class InputTypeError(CCMError, TypeError):
+    """An argument has a type the SDK does not accept."""
+
+
+class ShapeError(InputError):
+    """A tensor or image has the wrong shape."""
+
+
+class ChannelMismatchError(ShapeError):
+    """An image or tensor has a channel count the consumer does not take."""
+
+
+class ImageSizeError(ShapeError):
+    """An image size does not fit (mismatch, not divisible by the VAE factor, too small)."""
+
+
+class NonFiniteError(InputError):
+    """A tensor holds NaN or infinity."""
+
+
+class ValueRangeError(InputError):
+    """A tensor's values lie outside the range the consumer expects."""
+
+
+class StepCountError(InputError):
+    """A number of sampling steps outside the supported range."""
+
+
+class DTypeError(InputTypeError):
+    """A tensor has a dtype the consumer does not take."""
+
+
+# --- names and plugins -----------------------------------------------------------------
+
+
+class UnknownNameError(CCMError, LookupError):
+    """A condition, sampler, ControlNet provider or adapter name that nothing registered."""
+
+    def __init__(self, kind: str, name: str, available: Iterable[str]):
+        self.kind, self.name, self.available = kind, name, sorted(available)
+        listed = ", ".join(self.available) or "none"
+        super().__init__(f"unknown {kind} {name!r}; available: {listed}")
+
+    def __str__(self) -> str:  # LookupError would otherwise repr() the message
+        return self.args[0]
+
+
+class PluginError(CCMError, RuntimeError):
+    """A plugin failed to load or registered something invalid."""
+
+
+class DuplicateNameError(PluginError):
+    """Two plugins registered the same name for the same kind of extension."""
+
+
+# --- models ----------------------------------------------------------------------------
+
+
+class ModelLoadError(CCMError, OSError):
+    """A model folder, repository or weights file cannot be loaded."""
+
+
+class MissingModelError(ModelLoadError):
+    """A model folder, component or file that should exist does not."""
+
+
+class CorruptWeightsError(ModelLoadError):
+    """A weights file exists but cannot be read as safetensors / a state dict."""
+
+
+class IncompatibleModelsError(CCMError, ValueError):
+    """Two models that must work together (UNet and ControlNet, ControlNet and adapter) do not fit."""
+
+
+class TrainingError(CCMError, RuntimeError):
+    """Training cannot go on (NaN loss, unusable dataset)."""

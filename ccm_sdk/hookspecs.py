@@ -1,0 +1,31 @@
+"""The plugin hooks: one ``register_*(register)`` hook per kind of extension.
+
+A plugin implements any of them with ``@ccm_sdk.hookimpl`` and calls ``register(obj)`` (or
+``register(obj, name="...")``) once per thing it provides; without ``name`` the object's ``name``
+attribute is used. Built-in implementations use the very same hooks.
+"""
+
+from pluggy import HookimplMarker, HookspecMarker
+
+hookspec = HookspecMarker("ccm_sdk")
+hookimpl = HookimplMarker("ccm_sdk")
+
+
+@hookspec
+def register_conditions(register):
+    """Register Condition subclasses: ``register(ConditionClass)``."""
+
+
+@hookspec
+def register_controlnets(register):
+    """Register ControlNet providers: ``register(provider, name=...)``, provider(source, **kw) -> ControlNetModel."""
+
+
+@hookspec
+def register_adapters(register):
+    """Register Adapter classes: ``register(AdapterClass)``."""
+
+
+@hookspec
+def register_samplers(register):
+    """Register sampler functions: ``register(fn, name=...)``, with the shared sampler signature."""

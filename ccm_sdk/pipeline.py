@@ -1,0 +1,503 @@
+"""CCMPipeline: text-to-image consistency models with spatial control, on diffusers models."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from . import images as image_utils
+from .errors import (
+    ChannelMismatchError,
+    ImageSizeError,
+    IncompatibleModelsError,
+    InputError,
+    InputTypeError,
+    MissingModelError,
+    NonFiniteError,
+    StepCountError,
+)
+from .interfaces import Adapter, Condition, Sampler
+from .models.controlnet import check_controlnet_fits
+from .models.denoiser import ControlledDenoiser, ControlSpec, DenoiserStats
+from .models.loading import check_component_folder, load_component, read_json, resolve_model_path
+from .registry import controlnets as controlnet_providers
+from .registry import get_condition, get_sampler
+from .schedule import NoiseSchedule, guidance_embedding
+
+ControlNetSource = str | os.PathLike | ControlNetModel
+
+
+@dataclass
+class CCMOutput:
+    """What a pipeline call returns."""
+
+    images: Any  # list of PIL images, a [B,H,W,3] array, or a [B,3,H,W] tensor
+    nfe: int  # network (UNet) evaluations per image
+    timings: dict[str, float]  # seconds: encode_prompt, prepare, denoise, decode, total
+    step_seconds: list[float] = field(default_factory=list)
+    stats: DenoiserStats | None = None
+
+
+@dataclass
+class _Prompt:
+    embeds: torch.Tensor
+    negative: torch.Tensor | None
+    timestep_cond: torch.Tensor | None
+
+
+class CCMPipeline:
+    """Consistency-model generation with ControlNets, an optional adapter, and pluggable samplers."""
+
+    model_index_name = "model_index.json"
+
+    def __init__(
+        self,
+        *,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler_config: dict[str, Any],
+        controlnets: Sequence[ControlNetModel] = (),
+        adapter: Adapter | None = None,
+    ):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.controlnets: list[ControlNetModel] = []
+        for net in controlnets:
+            self.add_controlnet(net)
+        self.adapter = None
+        if adapter is not None:
+            self.set_adapter(adapter)
+        self.progress = True
+        if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+            raise IncompatibleModelsError(
+                f"text encoder hidden size {text_encoder.config.hidden_size} does not match the UNet's "
+                f"cross_attention_dim {unet.config.cross_attention_dim}"
+            )
+        if vae.config.latent_channels != unet.config.in_channels:
+            raise IncompatibleModelsError(
+                f"VAE latent channels {vae.config.latent_channels} do not match the UNet's in_channels {unet.config.in_channels}"
+            )
+
+    # --- components ---------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def is_lcm(self) -> bool:
+        """True when the UNet takes the guidance-scale embedding (a distilled LCM)."""
+        return self.unet.config.get("time_cond_proj_dim") is not None
+
+    def add_controlnet(self, controlnet: ControlNetModel) -> None:
+        check_controlnet_fits(self.unet, controlnet, vae_scale_factor=self.vae_scale_factor, label=f"ControlNet {len(self.controlnets)}")
+        if controlnet.device != self.device or controlnet.dtype != self.dtype:
+            controlnet = controlnet.to(device=self.device, dtype=self.dtype)
+        self.controlnets.append(controlnet.eval())
+
+    def set_adapter(self, adapter: Adapter | None) -> None:
+        """Install (or remove, with None) the adapter applied to every ControlNet's residuals."""
+        if adapter is not None:
+            if not isinstance(adapter, Adapter):
+                raise InputTypeError(f"expected an ccm_sdk Adapter, got {type(adapter).__name__}")
+            for net in self.controlnets:
+                adapter.check_compatible(net)
+            adapter = adapter.to(device=self.device, dtype=self.dtype).eval()
+        self.adapter = adapter
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        mods.update({f"controlnet_{i}": net for i, net in enumerate(self.controlnets)})
+        if self.adapter is not None:
+            mods["adapter"] = self.adapter
+        return mods
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CCMPipeline:
+        for module in self.modules().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress = not disable
+
+    # --- loading and saving -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        controlnet: ControlNetSource | Sequence[ControlNetSource] | None = None,
+        adapter: str | os.PathLike | Adapter | None = None,
+        lora: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        local_files_only: bool | None = None,
+        revision: str | None = None,
+    ) -> CCMPipeline:
+        """Load a diffusers-layout model (folder or hub id), its ControlNet(s), adapter and LoRA.
+
+        ``lora`` is a LoRA file or folder (e.g. LCM-LoRA) loaded into the UNet with diffusers'
+        LoRA loader (peft). With ``local_files_only`` (default: ``HF_HUB_OFFLINE``) the hub
+        is never contacted.
+        """
+        # 1. find the folder and read its index
+        root = resolve_model_path(source, local_files_only=local_files_only, revision=revision)
+        if not root.is_dir():
+            raise MissingModelError(f"expected a model folder with {cls.model_index_name}, got the file {str(root)!r}")
+        index = read_json(root / cls.model_index_name, what=f"model {str(source)!r}")
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if name not in index or index[name] in (None, [None, None]):
+                raise MissingModelError(f"model {str(source)!r}: model_index.json lists no {name!r} component")
+        # 2. load the components
+        what = f"model {str(source)!r}"
+        kw = dict(torch_dtype=torch_dtype)
+        unet = load_component(UNet2DConditionModel, root / "unet", what=f"{what}, unet", **kw)
+        vae = load_component(AutoencoderKL, root / "vae", what=f"{what}, vae", **kw)
+        text_encoder = load_component(CLIPTextModel, root / "text_encoder", what=f"{what}, text_encoder", **kw)
+        tokenizer_dir = root / "tokenizer"
+        check_component_folder(tokenizer_dir, what=f"{what}, tokenizer", config_name="tokenizer_config.json", weights=False)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        except Exception as exc:
+            raise MissingModelError(f"{what}, tokenizer: cannot load {str(tokenizer_dir)!r}: {exc}") from exc
+        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json", what=f"{what}, scheduler")
+        pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config)
+        if device is not None:
+            pipe.to(device)
+        # 3. optional LoRA, ControlNets and adapter
+        if lora is not None:
+            pipe.load_lora(lora, local_files_only=local_files_only)
+        sources = [] if controlnet is None else list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        for item in sources:
+            pipe.add_controlnet(load_controlnet(item, torch_dtype=torch_dtype, local_files_only=local_files_only))
+        if adapter is not None:
+            from .models.adapter import load_adapter
+
+            pipe.set_adapter(adapter if isinstance(adapter, Adapter) else load_adapter(adapter, local_files_only=local_files_only))
+        return pipe
+
+    def load_lora(self, source: str | os.PathLike, *, adapter_name: str = "lcm", local_files_only: bool | None = None) -> None:
+        """Load LoRA weights (diffusers, kohya or peft layout) into the UNet through diffusers' loader."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        path = resolve_model_path(source, local_files_only=local_files_only, what="LoRA")
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise MissingModelError(f"LoRA folder {str(path)!r} holds no .safetensors file")
+            path = files[0]
+        from .models.loading import check_safetensors
+
+        check_safetensors(path)
+        state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+        if not state_dict or not all("lora" in key for key in state_dict):
+            raise IncompatibleModelsError(f"{str(path)!r} is not a LoRA checkpoint (every key should name a lora layer)")
+        try:
+            StableDiffusionLoraLoaderMixin.load_lora_into_unet(
+                state_dict, network_alphas=alphas, unet=self.unet, adapter_name=adapter_name, metadata=metadata
+            )
+        except Exception as exc:
+            raise IncompatibleModelsError(f"LoRA {str(path)!r} does not fit this UNet: {exc}") from exc
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the model in diffusers/hub layout (loadable by diffusers too); ControlNets and
+        adapter go to ``controlnet_<i>/`` and ``adapter/``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        import diffusers
+
+        index: dict[str, Any] = {
+            "_class_name": "LatentConsistencyModelPipeline" if self.is_lcm else "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "LCMScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+        if not self.is_lcm:
+            index["image_encoder"] = [None, None]
+        for name in ("unet", "vae", "text_encoder"):
+            getattr(self, name).save_pretrained(path / name, safe_serialization=True)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        (path / "scheduler").mkdir(exist_ok=True)
+        scheduler_config = {"_class_name": "LCMScheduler", "_diffusers_version": diffusers.__version__, **self.schedule.scheduler_config}
+        (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
+        for i, net in enumerate(self.controlnets):
+            net.save_pretrained(path / f"controlnet_{i}", safe_serialization=True)
+        if self.adapter is not None:
+            self.adapter.save_pretrained(path / "adapter")
+        (path / self.model_index_name).write_text(json.dumps(index, indent=2))
+        return path
+
+    # --- the call -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(
+        self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None, do_cfg: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLIP hidden states of the prompts (and of the negative prompts when ``do_cfg``)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeds = self._encode_text(prompts, max_length=self.tokenizer.model_max_length)
+        if not do_cfg:
+            return embeds, None
+        negatives = [""] * len(prompts) if negative_prompt is None else [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise InputError(f"expected {len(prompts)} negative prompts (one per prompt), got {len(negatives)}")
+        return embeds, self._encode_text(negatives, max_length=embeds.shape[1])
+
+    def _encode_text(self, texts: list[str], *, max_length: int) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return hidden.to(dtype=self.text_encoder.dtype, device=self.device)
+
+    def prepare_prompt(
+        self, prompt, *, negative_prompt=None, guidance_scale: float, num_images_per_prompt: int, do_cfg: bool
+    ) -> _Prompt:
+        embeds, negative = self.encode_prompt(prompt, negative_prompt=negative_prompt, do_cfg=do_cfg)
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        negative = negative.repeat_interleave(num_images_per_prompt, dim=0) if negative is not None else None
+        timestep_cond = None
+        if self.is_lcm:
+            w = torch.tensor(guidance_scale - 1).repeat(embeds.shape[0])
+            timestep_cond = guidance_embedding(w, self.unet.config.time_cond_proj_dim).to(self.device, embeds.dtype)
+        return _Prompt(embeds, negative, timestep_cond)
+
+    def prepare_control_image(self, image, controlnet: ControlNetModel, *, height: int | None, width: int | None, batch: int, index: int = 0) -> torch.Tensor:
+        """Check one control image against its ControlNet and the output size; batch it."""
+        expected = controlnet.config.conditioning_channels
+        if isinstance(image, image_utils.Image.Image) and expected == 3 and image.mode != "RGB":
+            image = image.convert("RGB")  # PIL images are converted as diffusers does; arrays and tensors are not
+        tensor = image_utils.to_tensor(image)
+        if tensor.shape[1] != expected:
+            raise ChannelMismatchError(
+                f"control image {index} has {tensor.shape[1]} channels but ControlNet {index} takes {expected}"
+            )
+        image_utils.check_image_tensor(tensor, name=f"control image {index}")
+        h, w = tensor.shape[-2:]
+        if (height is not None and h != height) or (width is not None and w != width):
+            raise ImageSizeError(f"control image {index} is {h}x{w} but the output is {height}x{width}; resize it or pass matching height/width")
+        if tensor.shape[0] not in (1, batch):
+            raise InputError(f"control image {index} has batch {tensor.shape[0]}, expected 1 or {batch}")
+        if tensor.shape[0] == 1:
+            tensor = tensor.repeat_interleave(batch, dim=0)
+        return tensor.to(device=self.device, dtype=controlnet.dtype)
+
+    def check_inputs(self, *, sampler: Sampler, num_inference_steps: int, height: int, width: int, strength: float, control_count: int, scales, starts, ends) -> None:
+        """Raise a typed error naming the first argument that does not fit."""
+        if not isinstance(num_inference_steps, int) or not sampler.min_steps <= num_inference_steps <= sampler.max_steps:
+            raise StepCountError(
+                f"expected {sampler.min_steps}..{sampler.max_steps} steps for the {sampler.name!r} sampler, got {num_inference_steps!r}"
+            )
+        factor = self.vae_scale_factor
+        if height % factor or width % factor or height < factor or width < factor:
+            raise ImageSizeError(f"height and width must be positive multiples of the VAE factor {factor}, got {height}x{width}")
+        if not 0 < strength <= 1:
+            raise InputError(f"expected strength in (0, 1], got {strength}")
+        if control_count != len(self.controlnets):
+            raise InputError(f"expected {len(self.controlnets)} control image(s), one per ControlNet, got {control_count}")
+        for name, values in (("controlnet_conditioning_scale", scales), ("control_guidance_start", starts), ("control_guidance_end", ends)):
+            if len(values) != len(self.controlnets):
+                raise InputError(f"expected {len(self.controlnets)} values of {name} (one per ControlNet), got {len(values)}")
+        for s, e in zip(starts, ends):
+            if not 0 <= s < e <= 1:
+                raise InputError(f"expected 0 <= control_guidance_start < control_guidance_end <= 1, got {s} and {e}")
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        control_image: Any = None,
+        *,
+        condition: str | Condition | Sequence[str | Condition] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 4,
+        guidance_scale: float = 8.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        image: Any = None,
+        strength: float = 1.0,
+        sampler: str | Sampler = "consistency",
+        output_type: str = "pil",
+        callback: Callable[[dict[str, Any]], Any] | None = None,
+        _prompt: _Prompt | None = None,
+    ) -> CCMOutput:
+        """Generate images; see the README for the arguments. ``image``+``strength`` is img2img."""
+        t_start = time.perf_counter()
+        sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
+        controls = [] if control_image is None else list(control_image) if isinstance(control_image, (list, tuple)) and len(self.controlnets) > 1 else [control_image]
+        # 1. control maps from raw images, when a condition is named
+        if condition is not None:
+            conds = list(condition) if isinstance(condition, (list, tuple)) else [condition]
+            if len(conds) != len(controls):
+                raise InputError(f"expected one condition per control image ({len(controls)}), got {len(conds)}")
+            controls = [(get_condition(c) if isinstance(c, str) else c)(img) for c, img in zip(conds, controls)]
+        n = len(self.controlnets)
+        as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n  # noqa: E731
+        scales, starts, ends = as_list(controlnet_conditioning_scale), as_list(control_guidance_start), as_list(control_guidance_end)
+        # 2. sizes and checks
+        first = image_utils.to_tensor(controls[0]) if controls else None
+        height = height or (first.shape[-2] if first is not None else self.unet.config.sample_size * self.vae_scale_factor)
+        width = width or (first.shape[-1] if first is not None else self.unet.config.sample_size * self.vae_scale_factor)
+        self.check_inputs(sampler=sampler, num_inference_steps=num_inference_steps, height=height, width=width, strength=strength,
+                          control_count=len(controls), scales=scales, starts=starts, ends=ends)
+        if image is None and strength != 1.0:
+            raise InputError("strength < 1 needs an init image (img2img); pass image=...")
+        # 3. prompt
+        t0 = time.perf_counter()
+        do_cfg = guidance_scale > 1.0 and not self.is_lcm
+        prompt_state = _prompt or self.prepare_prompt(
+            prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, do_cfg=do_cfg
+        )
+        batch = prompt_state.embeds.shape[0]
+        t_encode = time.perf_counter() - t0
+        # 4. control images, timesteps, latents
+        specs = [
+            ControlSpec(net, self.prepare_control_image(img, net, height=height, width=width, batch=batch, index=i), s, a, b)
+            for i, (net, img, s, a, b) in enumerate(zip(self.controlnets, controls, scales, starts, ends))
+        ]
+        timesteps = sampler.timesteps(self.schedule, num_inference_steps, strength)
+        latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise InputError(f"expected {batch} generators (one per image), got {len(generator)}")
+        if latents is None:
+            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=self.dtype)
+        else:
+            if tuple(latents.shape) != latent_shape:
+                raise InputError(f"expected latents of shape {latent_shape}, got {tuple(latents.shape)}")
+            if not torch.isfinite(latents).all():
+                raise NonFiniteError("latents contain NaN or infinite values")
+            latents = latents.to(device=self.device, dtype=self.dtype)
+        if image is not None:
+            latents = self.schedule.add_noise(self.encode_image(image, height=height, width=width, batch=batch), latents, int(timesteps[0]))
+        denoiser = ControlledDenoiser(
+            self.unet,
+            prompt_embeds=prompt_state.embeds,
+            negative_embeds=prompt_state.negative,
+            guidance_scale=guidance_scale,
+            timestep_cond=prompt_state.timestep_cond,
+            controls=specs,
+            adapter=self.adapter,
+            timesteps=[int(t) for t in timesteps],
+        )
+        t_prepare = time.perf_counter() - t0 - t_encode
+        # 5. sample
+        step_seconds: list[float] = []
+        progress = _progress(len(timesteps), enabled=self.progress)
+        last = [time.perf_counter()]
+
+        def on_step(info: dict[str, Any]) -> None:
+            now = time.perf_counter()
+            step_seconds.append(now - last[0])
+            last[0] = now
+            progress.update(1)
+            if callback is not None:
+                callback(info)
+
+        t1 = time.perf_counter()
+        with denoiser.session():
+            latents = sampler.sample(denoiser, latents, timesteps, schedule=self.schedule, callback=on_step, generator=generator)
+        progress.close()
+        t_denoise = time.perf_counter() - t1
+        if not torch.isfinite(latents).all():
+            raise NonFiniteError("sampling produced NaN or infinite latents (check the model weights and dtype)")
+        # 6. decode
+        t2 = time.perf_counter()
+        images = latents if output_type == "latent" else self.decode_latents(latents, output_type=output_type)
+        t_decode = time.perf_counter() - t2
+        timings = dict(encode_prompt=t_encode, prepare=t_prepare, denoise=t_denoise, decode=t_decode, total=time.perf_counter() - t_start)
+        return CCMOutput(images=images, nfe=denoiser.stats.nfe, timings=timings, step_seconds=step_seconds, stats=denoiser.stats)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, *, output_type: str = "pil"):
+        """Latents -> images in [0, 1] as PIL list, numpy array or tensor."""
+        if output_type not in ("pil", "np", "pt"):
+            raise InputError(f"expected output_type 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        shift = self.vae.config.get("shift_factor") or 0.0
+        decoded = self.vae.decode(latents / self.vae.config.scaling_factor + shift, return_dict=False)[0]
+        return image_utils.from_tensor((decoded / 2 + 0.5).clamp(0, 1).float(), output_type)
+
+    @torch.no_grad()
+    def encode_image(self, image, *, height: int, width: int, batch: int) -> torch.Tensor:
+        """Init image -> VAE latents (the posterior mean, so edits are deterministic)."""
+        tensor = image_utils.to_rgb(image_utils.to_tensor(image, channels=(1, 3, 4)))
+        if tuple(tensor.shape[-2:]) != (height, width):
+            raise ImageSizeError(f"init image is {tensor.shape[-2]}x{tensor.shape[-1]} but the output is {height}x{width}")
+        if tensor.shape[0] not in (1, batch):
+            raise InputError(f"init image has batch {tensor.shape[0]}, expected 1 or {batch}")
+        tensor = tensor.to(device=self.device, dtype=self.vae.dtype) * 2 - 1
+        latents = self.vae.encode(tensor).latent_dist.mode()
+        shift = self.vae.config.get("shift_factor") or 0.0
+        latents = (latents - shift) * self.vae.config.scaling_factor
+        return latents.expand(batch, -1, -1, -1) if latents.shape[0] == 1 else latents
+
+    def stream(self, frames: Iterable[Any], prompt: str, *, seed: int = 0, **kwargs: Any) -> Iterator[CCMOutput]:
+        """Generate one output per control frame, for real-time use.
+
+        The prompt is encoded once and the initial noise is drawn once and reused (a fixed
+        seed keeps consecutive frames coherent); each result is yielded as soon as it is made.
+        """
+        guidance_scale = kwargs.pop("guidance_scale", 8.0)
+        negative_prompt = kwargs.pop("negative_prompt", None)
+        do_cfg = guidance_scale > 1.0 and not self.is_lcm
+        prompt_state = self.prepare_prompt(prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, num_images_per_prompt=1, do_cfg=do_cfg)
+        progress, self.progress = self.progress, False
+        noise: torch.Tensor | None = None
+        try:
+            for frame in frames:
+                control = frame if self.controlnets else None
+                if noise is None:
+                    size = image_utils.to_tensor(control).shape[-2:] if control is not None else None
+                    h = kwargs.get("height") or (size[0] if size is not None else self.unet.config.sample_size * self.vae_scale_factor)
+                    w = kwargs.get("width") or (size[1] if size is not None else self.unet.config.sample_size * self.vae_scale_factor)
+                    shape = (1, self.unet.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
+                    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.dtype)
+                yield self(prompt, control, latents=noise, guidance_scale=guidance_scale, _prompt=prompt_state, **kwargs)
+        finally:
+            self.progress = progress
+
+
+def load_controlnet(source: ControlNetSource, *, torch_dtype: torch.dtype = torch.float32, local_files_only: bool | None = None) -> ControlNetModel:
+    """A ControlNetModel instance, a folder / hub id, or ``"provider:argument"`` for a registered provider."""
+    if isinstance(source, ControlNetModel):
+        return source
+    if isinstance(source, torch.nn.Module):
+        raise InputTypeError(f"expected a diffusers ControlNetModel, got {type(source).__name__}")
+    text = str(source)
+    if ":" in text and not Path(text).exists() and not (len(text) > 1 and text[1] == ":"):
+        provider, _, argument = text.partition(":")
+        return controlnet_providers.get(provider)(argument, torch_dtype=torch_dtype, local_files_only=local_files_only)
+    return controlnet_providers.get("diffusers")(text, torch_dtype=torch_dtype, local_files_only=local_files_only)
+
+
+def _progress(total: int, *, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step", disable=not enabled or total < 2, leave=False)

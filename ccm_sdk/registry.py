@@ -1,0 +1,135 @@
+"""Name -> extension registries, filled from the plugin hooks on first use.
+
+Each plugin's hook runs on its own, so one that raises or registers something invalid is
+reported and skipped without losing the others. Registries refresh themselves when plugins
+are added or removed (tests register throw-away plugins with ``pm.register``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from . import plugins
+from .errors import DuplicateNameError, PluginError, UnknownNameError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    plugin: str
+
+
+class Registry(Generic[T]):
+    """Everything registered through one hook, by name."""
+
+    def __init__(self, kind: str, hook_name: str, validate: Callable[[Any, str], None]):
+        self.kind, self.hook_name, self._validate = kind, hook_name, validate
+        self._entries: dict[str, Entry[T]] = {}
+        self._snapshot: frozenset[int] | None = None
+
+    def _collect(self) -> None:
+        entries: dict[str, Entry[T]] = {}
+        hook = getattr(plugins.pm.hook, self.hook_name)
+        # get_hookimpls lists in registration order: built-ins first, so they keep their names.
+        for impl in hook.get_hookimpls():
+            staged: list[Entry[T]] = []
+
+            def register(obj, name: str | None = None, _staged=staged, _plugin=impl.plugin_name):
+                name = name if name is not None else getattr(obj, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise PluginError(f"{self.kind} {obj!r} has no name; pass register(obj, name=...)")
+                self._validate(obj, name)
+                _staged.append(Entry(name, obj, _plugin))
+
+            try:
+                impl.function(register=register)
+                for entry in staged:
+                    if entry.name in entries:
+                        first = entries[entry.name].plugin
+                        raise DuplicateNameError(
+                            f"{self.kind} {entry.name!r} is registered by both plugin {first!r} "
+                            f"and plugin {entry.plugin!r}"
+                        )
+                    if sum(e.name == entry.name for e in staged) > 1:
+                        raise DuplicateNameError(
+                            f"plugin {entry.plugin!r} registers {self.kind} {entry.name!r} twice"
+                        )
+            except Exception as exc:
+                plugins.report_failure(impl.plugin_name, f"register ({self.kind})", exc)
+                continue
+            entries.update((e.name, e) for e in staged)
+        self._entries = entries
+
+    def _ensure(self) -> None:
+        plugins.load_plugins()
+        snapshot = frozenset(map(id, plugins.pm.get_plugins()))
+        if snapshot != self._snapshot:
+            self._collect()
+            self._snapshot = snapshot
+
+    def get(self, name: str) -> T:
+        return self.entry(name).obj
+
+    def entry(self, name: str) -> Entry[T]:
+        self._ensure()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(self.kind, name, self._entries) from None
+
+    def names(self) -> list[str]:
+        self._ensure()
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry[T]]:
+        self._ensure()
+        return [self._entries[n] for n in sorted(self._entries)]
+
+    def __contains__(self, name: object) -> bool:
+        self._ensure()
+        return name in self._entries
+
+
+# --- the SDK's registries --------------------------------------------------------------
+
+
+def _subclass_of(base: type) -> Callable[[Any, str], None]:
+    def validate(obj: Any, name: str) -> None:
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            raise PluginError(f"{name!r}: expected a subclass of {base.__name__}, got {obj!r}")
+
+    return validate
+
+
+def _callable(obj: Any, name: str) -> None:
+    if not callable(obj):
+        raise PluginError(f"{name!r}: expected a callable provider, got {obj!r}")
+
+
+def _registries():
+    from .interfaces import Adapter, Condition, Sampler
+
+    return (
+        Registry("condition", "register_conditions", _subclass_of(Condition)),
+        Registry("ControlNet provider", "register_controlnets", _callable),
+        Registry("adapter", "register_adapters", _subclass_of(Adapter)),
+        Registry("sampler", "register_samplers", _subclass_of(Sampler)),
+    )
+
+
+conditions, controlnets, adapters, samplers = _registries()
+
+
+def get_condition(name: str, **options: Any):
+    """Instantiate the condition registered as ``name`` with ``options``."""
+    return conditions.get(name)(**options)
+
+
+def get_sampler(name: str, **options: Any):
+    """Instantiate the sampler registered as ``name`` with ``options``."""
+    return samplers.get(name)(**options)
