@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEMO_MODEL_DIR = Path(os.environ.get("CCM_CACHE", Path.home() / ".cache" / "ccm-sdk")) / "tiny-demo"
+
+
+def demo_model_dir() -> Path:
+    """Where the tiny demo model is built: $CCM_CACHE/tiny-demo (default ~/.cache/ccm-sdk)."""
+    return Path(os.environ.get("CCM_CACHE", Path.home() / ".cache" / "ccm-sdk")) / "tiny-demo"
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -30,7 +34,7 @@ def _tiny_demo_model() -> tuple[Path, Path]:
     """Tiny random LCM + ControlNet in hub layout, built once into the cache (no network)."""
     from .testing.tiny import save_tiny_controlnet, save_tiny_pipeline
 
-    model, controlnet = DEMO_MODEL_DIR / "model", DEMO_MODEL_DIR / "controlnet"
+    model, controlnet = demo_model_dir() / "model", demo_model_dir() / "controlnet"
     if not (model / "model_index.json").is_file():
         save_tiny_pipeline(model)
     if not (controlnet / "config.json").is_file():

@@ -461,25 +461,24 @@ class CCMPipeline:
     def stream(self, frames: Iterable[Any], prompt: str, *, seed: int = 0, **kwargs: Any) -> Iterator[CCMOutput]:
         """Generate one output per control frame, for real-time use.
 
-        The prompt is encoded once and the initial noise is drawn once and reused (a fixed
-        seed keeps consecutive frames coherent); each result is yielded as soon as it is made.
+        The prompt is encoded once; every frame restarts the same seeded random stream (initial
+        latents and step noise), so consecutive frames stay coherent; each result is yielded
+        as soon as it is made.
         """
         guidance_scale = kwargs.pop("guidance_scale", 8.0)
         negative_prompt = kwargs.pop("negative_prompt", None)
+        num_images = kwargs.pop("num_images_per_prompt", 1)
         do_cfg = guidance_scale > 1.0 and not self.is_lcm
-        prompt_state = self.prepare_prompt(prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, num_images_per_prompt=1, do_cfg=do_cfg)
+        prompt_state = self.prepare_prompt(
+            prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, num_images_per_prompt=num_images, do_cfg=do_cfg
+        )
+        generator = torch.Generator(device=self.device)
         progress, self.progress = self.progress, False
-        noise: torch.Tensor | None = None
         try:
             for frame in frames:
+                generator.manual_seed(seed)
                 control = frame if self.controlnets else None
-                if noise is None:
-                    size = image_utils.to_tensor(control).shape[-2:] if control is not None else None
-                    h = kwargs.get("height") or (size[0] if size is not None else self.unet.config.sample_size * self.vae_scale_factor)
-                    w = kwargs.get("width") or (size[1] if size is not None else self.unet.config.sample_size * self.vae_scale_factor)
-                    shape = (1, self.unet.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
-                    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.dtype)
-                yield self(prompt, control, latents=noise, guidance_scale=guidance_scale, _prompt=prompt_state, **kwargs)
+                yield self(prompt, control, guidance_scale=guidance_scale, generator=generator, _prompt=prompt_state, **kwargs)
         finally:
             self.progress = progress
 

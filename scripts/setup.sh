@@ -13,7 +13,7 @@ echo "ccm-sdk: setting up $VENV (first run takes a few minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # The CPU wheel of torch 2.13.0 first: an unpinned torch would pull a multi-GB CUDA build.
-$PIP install "torch==2.13.0"
+$PIP install "torch==2.13.0" "setuptools>=68" wheel
 $PIP install -e ".[dev,triton]"
 for plugin in plugins/*/; do
   [ -f "$plugin/pyproject.toml" ] && $PIP install --no-deps -e "$plugin"

@@ -91,6 +91,11 @@ def tiny_controlnet(unet: UNet2DConditionModel, *, conditioning_channels: int = 
         for param in controlnet.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * 0.02)
     reinit_zero_convs(controlnet, generator=generator, std=0.2)
+    with torch.no_grad():  # unit-gain embedding convs, so the control map's content shows through
+        for conv in controlnet.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                fan_in = conv.weight[0].numel()
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
     return controlnet.eval()
 
 

@@ -1,0 +1,61 @@
+"""The ccm command line, run in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from ccm_sdk.cli import main
+
+
+@pytest.fixture()
+def photo(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.png"
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def test_generate_with_models_and_condition(tmp_path, lcm_dir, controlnet_dir, photo, capsys):
+    out = tmp_path / "out" / "img.png"
+    code = main(["generate", "--model", str(lcm_dir), "--controlnet", str(controlnet_dir), "--condition", "canny",
+                 "--option", "low_threshold=50", "--image", str(photo), "--prompt", "a cat", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    assert Image.open(out).size == (64, 64)
+    assert Image.open(tmp_path / "out" / "img_control.png").size == (64, 64)
+    assert Image.open(tmp_path / "out" / "img_grid.png").width > 128
+    assert "2 network evaluations" in capsys.readouterr().out
+
+
+def test_generate_without_model_uses_tiny_demo_and_says_so(tmp_path, monkeypatch, photo, capsys):
+    monkeypatch.setenv("CCM_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", "--image", str(photo), "--condition", "canny", "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 0
+    assert "UNTRAINED random weights" in capsys.readouterr().err
+    assert (tmp_path / "cache" / "tiny-demo" / "model" / "model_index.json").is_file()
+
+
+def test_generate_reports_typed_errors(tmp_path, lcm_dir, capsys):
+    code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_preprocess_writes_control_map(tmp_path, photo, capsys):
+    out = tmp_path / "edges.png"
+    assert main(["preprocess", "--condition", "canny", "--image", str(photo), "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert main(["preprocess", "--condition", "nope", "--image", str(photo), "--out", str(out)]) == 2
+    assert "unknown condition 'nope'" in capsys.readouterr().err
+
+
+def test_plugins_and_conditions_listing(capsys):
+    assert main(["plugins", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    names = {p["name"] for p in listing["plugins"]}
+    assert "ccm_sdk.builtin.samplers" in names and "failed" in listing
+    assert main(["conditions"]) == 0
+    assert "canny" in capsys.readouterr().out
