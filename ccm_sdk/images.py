@@ -5,6 +5,7 @@ The SDK's internal image format is a float32 tensor [B, C, H, W] with values in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -101,9 +102,10 @@ def check_image_tensor(tensor: torch.Tensor, *, channels: int | Sequence[int] | 
             raise ChannelMismatchError(
                 f"expected {name} with {' or '.join(map(str, accepted))} channels, got {tensor.shape[1]}"
             )
-    if not torch.isfinite(tensor).all():
+    low_t, high_t = torch.aminmax(tensor)  # one pass; NaN/inf propagate into min or max
+    low, high = float(low_t), float(high_t)
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise NonFiniteError(f"{name} contains NaN or infinite values")
-    low, high = float(tensor.min()), float(tensor.max())
     if low < -_RANGE_SLACK or high > 1 + _RANGE_SLACK:
         raise ValueRangeError(f"expected {name} values in [0, 1], got [{low:.4g}, {high:.4g}]")
 
