@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cond = sub.add_parser("conditions", help="list the registered conditions")
     cond.set_defaults(func=cmd_conditions)
+    from .training.cli import add_train_parser
+    add_train_parser(sub)
     return parser
 
 

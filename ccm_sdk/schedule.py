@@ -10,6 +10,7 @@ for operation, so results match it in float32.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ class NoiseSchedule:
     original_inference_steps: int = 50
     clip_sample_range: float | None = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    _coefficient_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -125,26 +127,39 @@ class NoiseSchedule:
         """
         from ccm_kernels import consistency_step
 
-        batch, device = x.shape[0], x.device
-        alpha = self._per_sample(self.alpha(t), batch, device)
-        c_skip, c_out = (self._per_sample(c, batch, device) for c in self.scalings(t))
+        if noise is not None and t_next is None:
+            raise InputError("noise injection needs t_next (a negative t_next means the clean end)")
+        coeffs = self._step_coefficients(t, t_next if noise is not None else None, x.shape[0], x.device)
         kwargs: dict[str, Any] = {}
         if noise is not None:
-            if t_next is None:
-                raise InputError("noise injection needs t_next (a negative t_next means the clean end)")
-            alpha_next = self._per_sample(self.alpha(t_next), batch, device)
-            kwargs = dict(noise=noise, sqrt_alpha_next=alpha_next.sqrt(), sqrt_one_minus_alpha_next=(1 - alpha_next).sqrt())
+            kwargs = dict(noise=noise, sqrt_alpha_next=coeffs[4], sqrt_one_minus_alpha_next=coeffs[5])
         return consistency_step(
             model_output,
             x,
-            alpha.sqrt(),
-            (1 - alpha).sqrt(),
-            c_skip,
-            c_out,
+            *coeffs[:4],
             prediction_type=self.prediction_type,
             clip_sample_range=self.clip_sample_range,
             **kwargs,
         )
+
+    def _step_coefficients(self, t, t_next, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per-sample (sqrt a, sqrt 1-a, c_skip, c_out[, sqrt a', sqrt 1-a']); cached for scalar timesteps,
+        since a sampler asks for the same few every image."""
+        key = (t, t_next, batch, str(device)) if isinstance(t, int) and isinstance(t_next, (int, type(None))) else None
+        cached = self._coefficient_cache.get(key) if key is not None else None
+        if cached is not None:
+            return cached
+        alpha = self._per_sample(self.alpha(t), batch, device)
+        c_skip, c_out = (self._per_sample(c, batch, device) for c in self.scalings(t))
+        coeffs: tuple[torch.Tensor, ...] = (alpha.sqrt(), (1 - alpha).sqrt(), c_skip, c_out)
+        if t_next is not None:
+            alpha_next = self._per_sample(self.alpha(t_next), batch, device)
+            coeffs += (alpha_next.sqrt(), (1 - alpha_next).sqrt())
+        if key is not None:
+            if len(self._coefficient_cache) > 512:
+                self._coefficient_cache.clear()
+            self._coefficient_cache[key] = coeffs
+        return coeffs
 
     # --- timestep schedules -------------------------------------------------------------
 
@@ -171,7 +186,7 @@ class NoiseSchedule:
 
     def scheduler_timesteps(self, scheduler_cls, num_steps: int, *, strength: float = 1.0) -> torch.Tensor:
         """Timesteps that a diffusers scheduler class picks for this config (img2img strength applied)."""
-        scheduler = scheduler_cls.from_config(self.scheduler_config)
+        scheduler = scheduler_cls.from_config(config_for(scheduler_cls, self.scheduler_config))
         scheduler.set_timesteps(num_steps)
         timesteps = scheduler.timesteps.long()
         keep = min(int(num_steps * strength), num_steps)
@@ -199,3 +214,9 @@ def guidance_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.flo
     if dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+def config_for(scheduler_cls, config: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a scheduler config that ``scheduler_cls`` accepts (diffusers warns on others)."""
+    accepted = inspect.signature(scheduler_cls.__init__).parameters
+    return {k: v for k, v in config.items() if k in accepted}

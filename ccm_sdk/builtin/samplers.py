@@ -12,7 +12,7 @@ from ..errors import InputError, UnknownNameError
 from ..hookspecs import hookimpl
 from ..interfaces import Options, Sampler
 from ..sampling import sample_consistency, sample_ddim, sample_tcd, sample_with_scheduler
-from ..schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, config_for
 
 
 class ConsistencyOptions(Options):
@@ -73,7 +73,7 @@ class DiffusersSchedulerSampler(Sampler):
         self.scheduler_cls = cls
 
     def _scheduler(self, schedule: NoiseSchedule):
-        return self.scheduler_cls.from_config({**schedule.scheduler_config, **self.options.config})
+        return self.scheduler_cls.from_config(config_for(self.scheduler_cls, {**schedule.scheduler_config, **self.options.config}))
 
     def timesteps(self, schedule: NoiseSchedule, num_steps: int, strength: float = 1.0) -> torch.Tensor:
         if strength != 1.0:

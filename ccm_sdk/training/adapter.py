@@ -1,0 +1,122 @@
+"""The unified adapter, trained with the consistency-training loss over K frozen ControlNets
+(method doc, section 3.3).
+
+Each step draws one condition k ~ U{1..K} for the batch; ControlNet k (a DM ControlNet, frozen)
+runs without gradients, the adapter transforms its residuals, and the frozen consistency model
+consumes them, exactly as ``ControlledDenoiser`` does at inference. Only the adapter trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.adapter import UnifiedAdapter
+from ..models.controlnet import check_controlnet_fits
+from ..pipeline import CCMPipeline, load_controlnet
+from .config import AdapterTrainConfig
+from .controls import ControlSource, check_condition_fits, controlnet_residuals
+from .core import Trainer
+from .ct import ConsistencyDraws, Denoise, consistency_pair, sample_draws
+from .export import atomic_folder
+from .frozen import FrozenBase, freeze, place
+from .losses import distance
+
+
+@dataclass
+class AdapterInputs:
+    latents: torch.Tensor
+    embeds: torch.Tensor
+    batch: dict[str, Any]  # control maps are made once the step's condition is drawn
+
+
+@dataclass
+class AdapterDraws:
+    consistency: ConsistencyDraws
+    k: int  # which ControlNet / condition this step uses
+
+
+class AdapterTrainer(Trainer):
+    """Trains a :class:`UnifiedAdapter` shared by K frozen ControlNets."""
+
+    name = "adapter"
+    config_class = AdapterTrainConfig
+
+    def build(self) -> UnifiedAdapter:
+        cfg = self.config
+        # 1. the frozen consistency model
+        pipe = CCMPipeline.from_pretrained(cfg.model)
+        self.base = FrozenBase(pipe, device=self.device, weight_dtype=self.weight_dtype)
+        self.unet = pipe.unet
+        freeze(self.unet)
+        place(self.unet, self.device, self.weight_dtype)
+        # 2. the K frozen ControlNets and their conditions
+        self.sources, self.controlnets = [], []
+        for i, spec in enumerate(cfg.controlnets):
+            source = ControlSource(spec.condition, key=spec.control_key or spec.condition, options=spec.condition_options)
+            controlnet = load_controlnet(spec.path)
+            label = f"controlnets[{i}] ({spec.path!r})"
+            check_controlnet_fits(self.unet, controlnet, vae_scale_factor=pipe.vae_scale_factor, label=label)
+            check_condition_fits(controlnet, source, label=label)
+            freeze(controlnet)
+            self.sources.append(source)
+            self.controlnets.append(place(controlnet, self.device, self.weight_dtype))
+        # 3. the adapter: the identity at first, or a given one
+        a = cfg.adapter
+        if a.init is not None:
+            adapter = UnifiedAdapter.from_pretrained(a.init)
+        else:
+            adapter = UnifiedAdapter.for_controlnet(self.controlnets[0], hidden_ratio=a.hidden_ratio, kernel_size=a.kernel_size, activation=a.activation)
+        for controlnet in self.controlnets:
+            adapter.check_compatible(controlnet)
+        self.enable_gradient_checkpointing(self.unet)
+        return adapter.float().requires_grad_(True)
+
+    def control_keys(self) -> list[str]:
+        return [spec.control_key or spec.condition for spec in self.config.controlnets]
+
+    def prepare_inputs(self, batch: dict[str, Any]) -> AdapterInputs:
+        return AdapterInputs(
+            latents=self.base.encode_images(batch["images"]),
+            embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
+            batch=batch,
+        )
+
+    def sample_draws(self, inputs: AdapterInputs) -> AdapterDraws:
+        draws = sample_draws(inputs.latents, self.config.consistency)
+        return AdapterDraws(consistency=draws, k=int(torch.randint(len(self.controlnets), ())))
+
+    def denoiser(self, adapter: torch.nn.Module, k: int, inputs: AdapterInputs, control: torch.Tensor, timestep_cond) -> Denoise:
+        controlnet = self.controlnets[k]
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():  # frozen, and its output does not depend on the adapter
+                down, mid = controlnet_residuals(controlnet, x, t, inputs.embeds, control)
+            down, mid = adapter(down, mid)
+            return self.unet(
+                x, t, encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond,
+                down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
+            )[0]  # fmt: skip
+
+        return denoise
+
+    def compute_loss(self, inputs: AdapterInputs, draws: AdapterDraws) -> torch.Tensor:
+        cfg = self.config.consistency
+        k = draws.k
+        control = self.sources[k].maps(inputs.batch).to(self.device)
+        timestep_cond = self.base.guidance_cond(self.unet, draws.consistency.w)
+        online = self.denoiser(self.model, k, inputs, control, timestep_cond)
+        target = self.denoiser(self.unwrapped(), k, inputs, control, timestep_cond)
+        f_online, f_target = consistency_pair(
+            online, target, self.base.schedule, inputs.latents, draws.consistency, num_points=cfg.num_points
+        )
+        return distance(draws.consistency.distance, f_online, f_target, huber_c=cfg.huber_c)
+
+    def save_outputs(self, output_dir: Path) -> dict[str, Path]:
+        path = output_dir / "adapter"
+        with atomic_folder(path) as tmp:
+            self.unwrapped().save_pretrained(tmp)
+        return {"adapter": path}

@@ -1,0 +1,114 @@
+"""``ccm train <trainer> --config FILE [overrides]`` and ``python -m ccm_sdk.training`` (for torchrun).
+
+Overrides: ``section.key=value``, ``--section.key value``, ``--key value`` for a key only one
+section has (``--max_steps 10``), ``--flag`` alone for true. ``--resume`` continues from the
+newest checkpoint in ``output_dir`` (or ``--resume CHECKPOINT``). Values parse as JSON when they
+can. This module imports nothing heavy until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from . import TRAINERS
+
+EPILOG = """\
+examples:
+  ccm train ct_controlnet --config configs/train/ct_controlnet.yaml
+  ccm train lcd --config configs/train/lcd.yaml train.lr=1e-4 --max_steps 10
+  ccm train ct_controlnet --config configs/train/ct_controlnet.yaml --resume
+  torchrun --nproc_per_node 2 -m ccm_sdk.training ct_controlnet --config FILE
+  ccm train <trainer> --help     lists every config key with its default
+"""
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``train`` subcommand to ``ccm``'s subparsers."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a ControlNet, the unified adapter, an LCM (distillation) or a DreamBooth model",
+        description="Train with one of the SDK's trainers; see docs/training.md.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _configure(parser)
+    return parser
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("trainer", choices=TRAINERS)
+    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="...", help="--config FILE, --resume [CHECKPOINT], overrides")
+    parser.set_defaults(func=cmd_train)
+
+
+def parse_train_args(tokens: list[str]) -> tuple[str | None, list[tuple[str, Any]], bool]:
+    """(config file, overrides, help requested) from the tokens after the trainer name."""
+    from ..errors import InputError
+    from .config import parse_value
+
+    config, overrides, show_help = None, [], False
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        following = tokens[i + 1] if i + 1 < len(tokens) else None
+        takes_value = following is not None and not following.startswith("--")
+        i += 1
+        if token in ("-h", "--help"):
+            show_help = True
+        elif token.startswith("--"):
+            key, eq, value = token[2:].partition("=")
+            if not eq:
+                if key == "resume":  # a bare --resume, or --resume CHECKPOINT (not an override)
+                    value = "latest"
+                    if takes_value and "=" not in following:
+                        value, i = following, i + 1
+                elif takes_value:
+                    value, i = following, i + 1
+                else:
+                    value = "true"
+            if key == "config":
+                config = value
+            else:
+                overrides.append(("checkpoint.resume" if key == "resume" else key, parse_value(value)))
+        elif "=" in token:
+            key, _, value = token.partition("=")
+            overrides.append((key, parse_value(value)))
+        else:
+            raise InputError(f"unexpected argument {token!r}: expected --config FILE, --resume, key=value or --key value")
+    return config, overrides, show_help
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import config_class, describe_config, load_config
+
+    config_path, overrides, show_help = parse_train_args(args.args)
+    if show_help:
+        print(f"usage: ccm train {args.trainer} --config FILE [--resume [CHECKPOINT]] [key=value | --key value ...]\n")
+        print(f"{args.trainer} config keys (default):")
+        print(describe_config(config_class(args.trainer)))
+        return 0
+    config = load_config(args.trainer, config_path, overrides)
+    from . import train
+
+    result = train(config)
+    for name, path in result.outputs.items():  # filled on the main process only
+        print(f"{name}: {path}")
+    if result.outputs and result.final_loss is not None:
+        print(f"loss: {result.output_dir / 'loss.csv'}  (final {result.final_loss:.5g} after {result.step} steps)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m ccm_sdk.training``."""
+    from ..errors import CCMError
+
+    parser = argparse.ArgumentParser(prog="python -m ccm_sdk.training", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CCMError as exc:
+        print(f"ccm train: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,437 @@
+"""Training configs: one pydantic class per trainer, loaded from YAML/JSON files plus overrides.
+
+Every section forbids unknown keys; errors name the key and list what is accepted. Overrides
+are dotted paths (``train.lr=1e-4``) or, for a leaf name that only one section has, the bare
+name (``--max_steps 10``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import InputError
+
+# guidance w everywhere below is the CFG coefficient of x0_c + w (x0_c - x0_u), the value the
+# w-embedding takes; the pipelines' guidance_scale is w + 1.
+LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]  # fmt: skip
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    path: str | None = Field(
+        default=None,
+        description="image folder (image.png + image.txt, or metadata.jsonl), a .tar shard, or a folder of .tar shards; "
+        "None only when a torch Dataset is passed in Python",
+    )
+    resolution: int | None = Field(
+        default=None, ge=8, description="resize the shorter side to this and center-crop a square; None: all images must share one size"
+    )
+    control_key: str = Field(default="control", description="precomputed control maps: <path>/<key>/<name>.png or <name>.<key>.png in tars")
+    default_caption: str | None = Field(default=None, description="caption for images without one; None: a missing caption is an error")
+    caption_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="probability of training on the empty caption")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
+
+
+class OptimConfig(Section):
+    max_steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(default=4, ge=1, description="samples per process per micro-step")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-5, gt=0.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(default=1e-8, gt=0.0)
+    weight_decay: float = Field(default=1e-2, ge=0.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="clip the gradient norm; None: no clipping")
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="accelerate's mixed precision; frozen models run in it")
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per process (None: torch's default)")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(default=500, ge=1, description="save a checkpoint every this many steps (and at the end)")
+    keep_last: int = Field(default=3, ge=1, description="checkpoints kept; older ones are deleted")
+    resume: bool | str = Field(default=False, description="true or 'latest': newest checkpoint in output_dir; or a checkpoint folder")
+
+
+class LogConfig(Section):
+    progress: bool = Field(default=True, description="tqdm progress bar with loss, steps/s and ETA")
+    plot: bool = Field(default=True, description="write loss.png at the end (loss.csv is always written)")
+
+
+class HubConfig(Section):
+    push: bool = Field(default=False, description="upload the outputs with huggingface_hub.upload_folder at the end")
+    repo_id: str | None = None
+    private: bool = True
+
+    @model_validator(mode="after")
+    def _repo_when_pushing(self):
+        if self.push and not self.repo_id:
+            raise ValueError("hub.push needs hub.repo_id")
+        return self
+
+
+class ConsistencyConfig(Section):
+    """The consistency-training loss (method doc, section 3.2)."""
+
+    num_points: int = Field(default=50, ge=2, description="N: points of the skipping-step grid; n ~ U{0..N-2}")
+    distance: Literal["l1", "l2", "huber", "random"] = Field(default="l1", description="d; 'random' picks one per step")
+    huber_c: float = Field(default=0.001, gt=0.0, description="c of the pseudo-Huber distance sqrt((a-b)^2+c^2)-c")
+    w: float = Field(default=7.0, ge=0.0, description="guidance w fed as the w-embedding (guidance_scale - 1)")
+    w_range: tuple[float, float] | None = Field(default=None, description="sample w ~ U[w_min, w_max] per sample instead")
+
+    @model_validator(mode="after")
+    def _ordered_range(self):
+        if self.w_range is not None and not 0 <= self.w_range[0] <= self.w_range[1]:
+            raise ValueError(f"expected w_range [w_min, w_max] with 0 <= w_min <= w_max, got {list(self.w_range)}")
+        return self
+
+
+class LoraSection(Section):
+    rank: int = Field(default=64, ge=1)
+    alpha: float | None = Field(default=None, gt=0.0, description="LoRA alpha; None: the rank")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+
+
+class TrainConfig(Section):
+    """Fields every trainer shares."""
+
+    trainer: str
+    output_dir: str = Field(description="checkpoints/, the trained weights, loss.csv/png and training_summary.json go here")
+    model: str = Field(description="base model folder or hub id in diffusers layout")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
+
+
+class ControlNetTrainConfig(TrainConfig):
+    """Fields of the two trainers that train one ControlNet."""
+
+    condition: str = Field(default="canny", description="condition plugin that makes control maps missing from the data")
+    condition_options: dict[str, Any] = Field(default_factory=dict)
+    controlnet: str | None = Field(default=None, description="initial ControlNet folder; None: copy the UNet's encoder")
+    conditioning_embedding_out_channels: tuple[int, ...] = Field(
+        default=(16, 32, 96, 256), description="a new ControlNet's control-image encoder; must downsample by the VAE factor"
+    )
+
+
+class DMControlNetTrainConfig(ControlNetTrainConfig):
+    """DM's ControlNet: the epsilon (or v) diffusion loss on a frozen diffusion UNet."""
+
+    trainer: Literal["dm_controlnet"] = "dm_controlnet"
+
+
+class CTControlNetTrainConfig(ControlNetTrainConfig):
+    """CM's ControlNet by consistency training on a frozen consistency-model UNet."""
+
+    trainer: Literal["ct_controlnet"] = "ct_controlnet"
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+
+
+class ControlNetSpec(Section):
+    """One frozen ControlNet of the unified adapter's training set."""
+
+    path: str = Field(description="ControlNet folder or hub id")
+    condition: str
+    condition_options: dict[str, Any] = Field(default_factory=dict)
+    control_key: str | None = Field(default=None, description="precomputed maps under this key; None: the condition's name")
+
+
+class AdapterSection(Section):
+    hidden_ratio: float = Field(default=1.0, gt=0.0)
+    kernel_size: int = Field(default=3, ge=1)
+    activation: Literal["silu", "gelu", "relu"] = "silu"
+    init: str | None = Field(default=None, description="start from this adapter folder instead of the identity")
+
+
+class AdapterTrainConfig(TrainConfig):
+    """The unified adapter, by consistency training over K frozen DM ControlNets."""
+
+    trainer: Literal["adapter"] = "adapter"
+    controlnets: list[ControlNetSpec] = Field(min_length=1)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+
+
+class LCDTrainConfig(TrainConfig):
+    """Latent consistency distillation of a text-to-image diffusion model (method doc, section 7)."""
+
+    trainer: Literal["lcd"] = "lcd"
+    mode: Literal["full", "lora"] = Field(default="full", description="train a full student UNet (with w-embedding) or an LCM-LoRA")
+    lora: LoraSection = Field(default_factory=LoraSection)
+    num_ddim_timesteps: int = Field(default=50, ge=2, description="skipping-step grid; k = num_train_timesteps // this")
+    w_min: float = Field(default=5.0, ge=0.0)
+    w_max: float = Field(default=15.0, ge=0.0)
+    loss: Literal["l2", "huber"] = "l2"
+    huber_c: float = Field(default=0.001, gt=0.0)
+    ema_decay: float = Field(default=0.95, ge=0.0, lt=1.0, description="EMA target network; 0: the student itself, stop-gradient")
+    time_cond_proj_dim: int = Field(default=256, ge=2, description="w-embedding width of a full student")
+    negative_prompt: str = Field(default="", description="the teacher's unconditional prompt")
+
+    @model_validator(mode="after")
+    def _ordered_w(self):
+        if self.w_min > self.w_max:
+            raise ValueError(f"expected w_min <= w_max, got {self.w_min} > {self.w_max}")
+        return self
+
+
+class DreamBoothTrainConfig(TrainConfig):
+    """DreamBooth-style customisation of a consistency model with the consistency loss."""
+
+    trainer: Literal["dreambooth"] = "dreambooth"
+    instance_prompt: str = Field(description="prompt with the identifier token, e.g. 'a photo of sks dog'; replaces captions")
+    mode: Literal["full", "lora"] = "lora"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+    with_prior_preservation: bool = False
+    class_prompt: str | None = Field(default=None, description="e.g. 'a photo of a dog'")
+    class_data_dir: str | None = Field(default=None, description="class images; missing ones are generated with the model")
+    num_class_images: int = Field(default=100, ge=1)
+    prior_loss_weight: float = Field(default=1.0, ge=0.0)
+    class_image_steps: int = Field(default=4, ge=1, le=8, description="sampling steps used to generate class images")
+
+    @model_validator(mode="after")
+    def _prior_inputs(self):
+        if self.with_prior_preservation and (not self.class_prompt or not self.class_data_dir):
+            raise ValueError("with_prior_preservation needs class_prompt and class_data_dir")
+        return self
+
+
+CONFIG_CLASSES: dict[str, type[TrainConfig]] = {
+    "dm_controlnet": DMControlNetTrainConfig,
+    "ct_controlnet": CTControlNetTrainConfig,
+    "adapter": AdapterTrainConfig,
+    "lcd": LCDTrainConfig,
+    "dreambooth": DreamBoothTrainConfig,
+}
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def config_class(trainer: str) -> type[TrainConfig]:
+    try:
+        return CONFIG_CLASSES[trainer]
+    except KeyError:
+        raise InputError(f"unknown trainer {trainer!r}; available: {', '.join(CONFIG_CLASSES)}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON (.json) file holding one mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise InputError(f"config file {str(path)!r} cannot be parsed: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"config file {str(path)!r} should hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    trainer: str | None = None, path: str | Path | None = None, overrides: typing.Iterable[tuple[str, Any]] = ()
+) -> TrainConfig:
+    """Validate a config file (optional) plus ``(key, value)`` overrides for ``trainer``.
+
+    ``trainer`` may come from the file's ``trainer:`` key; when both are given they must agree.
+    """
+    raw = read_config_file(path) if path is not None else {}
+    named = raw.get("trainer")
+    if trainer is None:
+        if named is None:
+            raise InputError("no trainer named: pass one, or put 'trainer: <name>' in the config file")
+        trainer = str(named)
+    elif named is not None and named != trainer:
+        raise InputError(f"the config file {str(path)!r} is for trainer {named!r}, not {trainer!r}")
+    cls = config_class(trainer)
+    raw["trainer"] = trainer
+    for key, value in overrides:
+        set_path(raw, resolve_key(cls, key), value)
+    return validate_config(cls, raw)
+
+
+def validate_config(cls: type[TrainConfig], raw: dict[str, Any]) -> TrainConfig:
+    """``cls(**raw)``, with pydantic's errors rewritten to name each key and what is accepted."""
+    try:
+        return cls(**raw)
+    except ValidationError as exc:
+        raise InputError(f"invalid {cls.__name__} config: " + "; ".join(_describe(cls, e) for e in exc.errors())) from None
+
+
+def _describe(cls: type[BaseModel], error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "<root>"
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(cls, loc[:-1])
+        accepted = list(owner.model_fields) if owner is not None else []
+        return f"unknown key {key!r}{_suggest(loc[-1], accepted)}; accepted in {'.'.join(loc[:-1]) or 'the top level'}: {', '.join(accepted)}"
+    if error["type"] == "missing":
+        return f"{key!r} is required"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _suggest(name: str, accepted: list[str]) -> str:
+    close = difflib.get_close_matches(name, accepted, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --- key paths -------------------------------------------------------------------------
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class inside ``annotation`` (``X``, ``X | None``, ``list[X]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(cls: type[BaseModel], parts: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = cls
+    for part in parts:
+        if model is None:
+            return None
+        if part.isdigit() and model is not cls:
+            continue  # a list index: stay on the element model
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field is not None else None
+    return model
+
+
+def leaf_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every settable dotted key of ``cls`` (sections expanded; lists and dicts as one key)."""
+    keys = []
+    for name, field in cls.model_fields.items():
+        sub = _model_of(field.annotation)
+        if sub is not None and typing.get_origin(field.annotation) is not list:
+            keys.extend(leaf_keys(sub, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def resolve_key(cls: type[TrainConfig], key: str) -> list[str]:
+    """A dotted override key -> its path; a bare leaf name is looked up in the sections."""
+    parts = key.replace("-", "_").split(".")
+    if len(parts) == 1 and parts[0] not in cls.model_fields:
+        matches = [k for k in leaf_keys(cls) if k.rsplit(".", 1)[-1] == parts[0]]
+        if len(matches) == 1:
+            return matches[0].split(".")
+        if len(matches) > 1:
+            raise InputError(f"key {key!r} is ambiguous for {cls.__name__}: use one of {', '.join(matches)}")
+    model: type[BaseModel] | None = cls
+    for i, part in enumerate(parts):
+        if model is None:
+            break  # inside a dict or list value: pydantic validates the rest
+        if part.isdigit() and i > 0:
+            continue
+        if part not in model.model_fields:
+            where = ".".join(parts[:i]) or "the top level"
+            accepted = list(model.model_fields)
+            raise InputError(
+                f"unknown key {key!r}{_suggest(part, accepted)} for {cls.__name__}; accepted in {where}: {', '.join(accepted)}"
+            )
+        model = _model_of(model.model_fields[part].annotation)
+    return parts
+
+
+def set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``raw[path[0]][path[1]]... = value``, creating mappings (and indexing lists) on the way."""
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            index = int(part)
+            if index > len(node):
+                raise InputError(f"cannot set {'.'.join(path)}: the list has {len(node)} entries")
+            if index == len(node):
+                node.append([] if path[i + 1].isdigit() else {})
+            node = node[index]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = [] if path[i + 1].isdigit() else {}
+            node[part] = nxt
+        elif not isinstance(nxt, (dict, list)):
+            raise InputError(f"cannot set {'.'.join(path)}: {'.'.join(path[: i + 1])} is {nxt!r}, not a section")
+        node = nxt
+    last = path[-1]
+    if isinstance(node, list):
+        index = int(last)
+        if index > len(node):
+            raise InputError(f"cannot set {'.'.join(path)}: the list has {len(node)} entries")
+        if index == len(node):
+            node.append(value)
+        else:
+            node[index] = value
+    else:
+        node[last] = value
+
+
+def parse_value(text: str) -> Any:
+    """Override values parse as JSON when they can (numbers, true/false/null, lists), else stay strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def dump_config(config: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (loadable again with ``load_config``)."""
+    import yaml
+
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def describe_config(cls: type[TrainConfig]) -> str:
+    """One line per key: name, default, description (``ccm train <trainer> --help``)."""
+    lines = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            sub = _model_of(field.annotation)
+            if sub is not None and typing.get_origin(field.annotation) is not list:
+                walk(sub, f"{prefix}{name}.")
+                continue
+            default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"  {prefix}{name} = {default}" + (f"  # {field.description}" if field.description else ""))
+
+    walk(cls, "")
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Control maps and ControlNets for training: maps from the data or from a condition plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from ..conditions.mask import MaskCondition, random_masks
+from ..errors import ChannelMismatchError
+from ..interfaces import Condition
+from ..models.controlnet import check_controlnet_fits, controlnet_from_unet
+from ..pipeline import CCMPipeline, load_controlnet
+from ..registry import get_condition
+from .config import ControlNetTrainConfig
+from .core import Trainer
+from .export import atomic_folder
+from .frozen import FrozenBase, freeze, place
+
+
+class ControlSource:
+    """The control maps of one condition for a batch: the dataset's precomputed maps under ``key``
+    where a sample has one, the condition plugin's output for the others."""
+
+    def __init__(self, condition: str | Condition, *, key: str, options: dict[str, Any] | None = None):
+        self.condition = get_condition(condition, **(options or {})) if isinstance(condition, str) else condition
+        self.key = key
+
+    @property
+    def channels(self) -> int:
+        return self.condition.channels
+
+    def _fit_channels(self, control: torch.Tensor, index: int) -> torch.Tensor:
+        if control.shape[0] == self.channels:
+            return control
+        if control.shape[0] == 1 and self.channels == 3:  # grayscale maps (edges) saved as single-channel PNGs
+            return control.expand(3, -1, -1)
+        raise ChannelMismatchError(
+            f"precomputed control map {self.key!r} of sample {index} has {control.shape[0]} channels, "
+            f"but condition {self.condition.name!r} makes {self.channels}"
+        )
+
+    def maps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[B, C, H, W] in [0, 1], on the CPU."""
+        images = batch["images"]
+        given = batch["controls"].get(self.key) or [None] * images.shape[0]
+        missing = [i for i, control in enumerate(given) if control is None]
+        out = [None if control is None else self._fit_channels(control, i) for i, control in enumerate(given)]
+        if missing:
+            kwargs = {}
+            if isinstance(self.condition, MaskCondition):
+                # inpainting maps need a mask; draw one from the training RNG so resumes repeat it
+                seed = int(torch.randint(2**31 - 1, ()))
+                kwargs["mask"] = random_masks(len(missing), *images.shape[-2:], seed=seed)
+            computed = self.condition(images[missing], **kwargs)
+            for i, control in zip(missing, computed):
+                out[i] = control
+        return torch.stack(out).float()
+
+
+def check_condition_fits(controlnet: ControlNetModel, source: ControlSource, *, label: str = "ControlNet") -> None:
+    """ChannelMismatchError unless the ControlNet takes as many channels as the condition makes."""
+    expected = controlnet.config.conditioning_channels
+    if expected != source.channels:
+        raise ChannelMismatchError(
+            f"{label} takes {expected} conditioning channels but condition {source.condition.name!r} makes {source.channels}; "
+            f"train a ControlNet with conditioning_channels={source.channels} (leave 'controlnet' unset) or pick a matching condition"
+        )
+
+
+def build_controlnet(
+    unet: UNet2DConditionModel,
+    source: ControlSource,
+    *,
+    init: str | None,
+    conditioning_embedding_out_channels: tuple[int, ...],
+    vae_scale_factor: int,
+) -> ControlNetModel:
+    """A float32 ControlNet to train: loaded from ``init``, or copied from the UNet's encoder."""
+    if init is not None:
+        controlnet = load_controlnet(init)
+    else:
+        controlnet = controlnet_from_unet(
+            unet, conditioning_channels=source.channels, conditioning_embedding_out_channels=conditioning_embedding_out_channels
+        )
+    place(controlnet, "cpu", torch.float32)
+    label = f"ControlNet {init!r}" if init else "the new ControlNet"
+    check_controlnet_fits(unet, controlnet, vae_scale_factor=vae_scale_factor, label=label)
+    check_condition_fits(controlnet, source, label=label)
+    return controlnet
+
+
+def controlnet_residuals(controlnet, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, control: torch.Tensor):
+    """(down residuals, mid residual) at conditioning scale 1, as the pipeline's denoiser calls it."""
+    return controlnet(x, t, encoder_hidden_states=embeds, controlnet_cond=control, conditioning_scale=1.0, return_dict=False)
+
+
+@dataclass
+class ControlInputs:
+    """A batch encoded for ControlNet training."""
+
+    latents: torch.Tensor
+    embeds: torch.Tensor
+    control: torch.Tensor  # [B, C, H, W] in [0, 1]
+
+
+class ControlNetTrainer(Trainer):
+    """Shared set-up of the two trainers that train one ControlNet on a frozen UNet."""
+
+    config: ControlNetTrainConfig
+
+    def check_base(self, pipe: CCMPipeline) -> None:
+        """Raise if the base model is of the wrong kind for this trainer."""
+
+    def build(self) -> ControlNetModel:
+        cfg = self.config
+        pipe = CCMPipeline.from_pretrained(cfg.model)
+        self.check_base(pipe)
+        self.base = FrozenBase(pipe, device=self.device, weight_dtype=self.weight_dtype)
+        self.unet = pipe.unet
+        self.control = ControlSource(cfg.condition, key=cfg.data.control_key, options=cfg.condition_options)
+        controlnet = build_controlnet(
+            self.unet,  # still float32: a new ControlNet copies its weights
+            self.control,
+            init=cfg.controlnet,
+            conditioning_embedding_out_channels=cfg.conditioning_embedding_out_channels,
+            vae_scale_factor=pipe.vae_scale_factor,
+        )
+        controlnet.requires_grad_(True)
+        freeze(self.unet)
+        place(self.unet, self.device, self.weight_dtype)
+        self.enable_gradient_checkpointing(controlnet, self.unet)
+        return controlnet
+
+    def control_keys(self) -> list[str]:
+        return [self.config.data.control_key]
+
+    def prepare_inputs(self, batch: dict[str, Any]) -> ControlInputs:
+        return ControlInputs(
+            latents=self.base.encode_images(batch["images"]),
+            embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
+            control=self.control.maps(batch).to(self.device),
+        )
+
+    def save_outputs(self, output_dir: Path) -> dict[str, Path]:
+        path = output_dir / "controlnet"
+        with atomic_folder(path) as tmp:
+            self.unwrapped().save_pretrained(tmp, safe_serialization=True)
+        return {"controlnet": path}

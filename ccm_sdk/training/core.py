@@ -1,0 +1,375 @@
+"""The training loop every trainer shares: accelerate, optimizer, checkpoints, resume, NaN guard, outputs.
+
+A trainer subclasses :class:`Trainer` and supplies the models (``build``), the frozen encoding of a
+batch (``prepare_inputs``), the random choices of a step (``sample_draws``), the loss
+(``compute_loss``) and the final outputs (``save_outputs``). Everything else lives here and runs
+the same on one CPU, one GPU or many processes (``torchrun`` / ``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import InputTypeError, TrainingError
+from .batches import StepBatches
+from .checkpoint import Checkpoint, clean_temporary, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .config import OptimConfig, TrainConfig, dump_config, validate_config
+from .data import TorchDataset, collate, open_dataset
+from .progress import LossHistory, progress_bar
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SUMMARY_NAME = "training_summary.json"
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` returns (also written to ``training_summary.json``)."""
+
+    output_dir: Path
+    outputs: dict[str, Path]
+    step: int
+    final_loss: float | None
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(config: OptimConfig):
+    """Multiplier of the base learning rate after ``step`` optimizer steps."""
+    warmup, total, kind = config.warmup_steps, config.max_steps, config.lr_scheduler
+
+    def factor(step: int) -> float:
+        if kind != "constant" and warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_accelerator(config: OptimConfig):
+    """An Accelerator for this run; a run after another in the same process may change its settings."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps its settings in process-wide singletons; the process group (PartialState) stays
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is 'cuda' but no CUDA device is available")
+    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Trainer(ABC):
+    """Base class of the five trainers; ``Trainer(config).train()`` runs one."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[TrainConfig]]
+
+    def __init__(self, config: TrainConfig | dict[str, Any], *, dataset: Dataset | None = None):
+        if isinstance(config, dict):
+            config = validate_config(self.config_class, {"trainer": self.name, **config})
+        if not isinstance(config, self.config_class):
+            raise InputTypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.user_dataset = dataset
+        self.accelerator = None
+        self.model: torch.nn.Module | None = None  # the trainable module (wrapped for DDP once training starts)
+        self.dataset: Dataset | None = None
+        self._params: list[torch.nn.Parameter] = []
+
+    # --- what a trainer supplies ----------------------------------------------------------
+
+    @abstractmethod
+    def build(self) -> torch.nn.Module:
+        """Load and freeze the fixed models onto ``self.device``; return the trainable module (float32)."""
+
+    def control_keys(self) -> list[str]:
+        """Keys of precomputed control maps to read from the dataset."""
+        return []
+
+    @abstractmethod
+    def prepare_inputs(self, batch: dict[str, Any]) -> Any:
+        """Encode a collated batch with the frozen models (latents, text, control maps)."""
+
+    @abstractmethod
+    def sample_draws(self, inputs: Any) -> Any:
+        """The random choices of one step (timesteps, noise, w, ...), from the global RNG."""
+
+    @abstractmethod
+    def compute_loss(self, inputs: Any, draws: Any) -> torch.Tensor:
+        """The scalar loss for fixed inputs and draws."""
+
+    @abstractmethod
+    def save_outputs(self, output_dir: Path) -> dict[str, Path]:
+        """Write the trained weights (main process only); the first entry is the one pushed to the hub."""
+
+    def after_optimizer_step(self) -> None:
+        """Runs after every optimizer step (EMA updates)."""
+
+    def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Further state dicts a checkpoint must hold (an EMA target)."""
+        return {}
+
+    def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore what :meth:`extra_weights` saved."""
+
+    def build_dataset(self) -> Dataset:
+        data = self.config.data
+        if self.user_dataset is not None:
+            return TorchDataset(self.user_dataset, control_key=data.control_key, resolution=data.resolution)
+        if data.path is None:
+            raise TrainingError("no training data: set data.path (a folder or .tar shards) or pass dataset= in Python")
+        return open_dataset(data.path, control_keys=self.control_keys(), resolution=data.resolution, default_caption=data.default_caption)
+
+    def batch_sampler(self, dataset: Dataset, start: int, stop: int) -> Sampler:
+        """Micro-batches ``start..stop-1`` of this process."""
+        acc = self.accelerator
+        return StepBatches(len(dataset), self.config.train.batch_size, seed=self.config.train.seed,
+                           rank=acc.process_index, world_size=acc.num_processes, start=start, stop=stop)  # fmt: skip
+
+    # --- shared machinery -----------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the frozen models (the trainable module stays float32).
+
+        On CPU they stay float32 too: CPU autocast runs group norms in float32 and rejects
+        half-precision weights there, while matmuls and convolutions still compute in bf16.
+        """
+        if self.device.type == "cpu":
+            return torch.float32
+        return WEIGHT_DTYPES[self.config.train.mixed_precision]
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def enable_gradient_checkpointing(self, *modules: torch.nn.Module) -> None:
+        if self.config.train.gradient_checkpointing:
+            for module in modules:
+                if hasattr(module, "enable_gradient_checkpointing"):
+                    module.enable_gradient_checkpointing()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.unwrapped().named_parameters() if p.requires_grad}
+
+    def setup(self) -> None:
+        """Accelerator, models and dataset (idempotent); ``train`` calls it, tests may call it alone."""
+        if self.model is not None:
+            return
+        cfg = self.config.train
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.accelerator = make_accelerator(cfg)
+        seed_everything(cfg.seed)  # the same initial weights on every process
+        model = self.build()
+        if not any(p.requires_grad for p in model.parameters()):
+            raise TrainingError(f"{self.name}: the trainable module has no parameter that requires grad")
+        self.model = model.to(self.device).train()
+        self.dataset = self.build_dataset()
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        inputs = self.prepare_inputs(batch)
+        return self.compute_loss(inputs, self.sample_draws(inputs))
+
+    def _resume_path(self, checkpoints: Path) -> Path | None:
+        resume = self.config.checkpoint.resume
+        if resume is False or resume == "":
+            return None
+        if resume is True or resume == "latest":
+            return latest_checkpoint(checkpoints)  # nothing yet: start from scratch
+        path = Path(resume)
+        if not path.is_dir():
+            raise TrainingError(f"checkpoint.resume: {resume!r} is not a checkpoint folder")
+        return path
+
+    def _restore(self, checkpoint: Checkpoint, optimizer, scheduler) -> None:
+        trainable = checkpoint.weights.get("trainable", {})
+        expected = set(self.trainable_state())
+        if set(trainable) != expected:
+            wrong = sorted(expected.symmetric_difference(trainable))[:3]
+            raise TrainingError(f"the checkpoint's trainable weights do not match this model (first differences: {wrong})")
+        self.unwrapped().load_state_dict(trainable, strict=False)
+        self.load_extra_weights({k: v for k, v in checkpoint.weights.items() if k != "trainable"})
+        optimizer.load_state_dict(checkpoint.objects["optimizer"])
+        scheduler.load_state_dict(checkpoint.objects["scheduler"])
+        if "scaler" in checkpoint.objects and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(checkpoint.objects["scaler"])
+
+    def _checkpoint(self, step: int, optimizer, scheduler, history: LossHistory) -> Checkpoint:
+        objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if self.accelerator.scaler is not None:
+            objects["scaler"] = self.accelerator.scaler.state_dict()
+        weights = {"trainable": self.trainable_state(), **self.extra_weights()}
+        return Checkpoint(step=step, weights=weights, objects=objects, meta={"trainer": self.name, "history": history.state()})
+
+    def prepare_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW over the trainable parameters and its schedule; wraps model and optimizer for accelerate."""
+        t = self.config.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+        # stepped by hand once per optimizer step: accelerate's wrapper steps it once per process
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+        self.model, optimizer = self.accelerator.prepare(self.model, optimizer)
+        self._params = params
+        return optimizer, scheduler
+
+    def training_step(self, micro_batches, optimizer, scheduler, *, step: int, last_saved: Path | None = None) -> float:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); returns the mean loss.
+
+        Raises TrainingError before any update when a loss is not finite.
+        """
+        acc, t = self.accelerator, self.config.train
+        count = len(micro_batches)
+        loss_value = 0.0
+        for micro, batch in enumerate(micro_batches):
+            sync = contextlib.nullcontext() if micro == count - 1 else acc.no_sync(self.model)
+            with sync:
+                with acc.autocast():
+                    loss = self.loss(batch)
+                # every process sees the same mean, so all stop together on NaN
+                value = float(acc.reduce(loss.detach().float().reshape(1), "mean"))
+                if not math.isfinite(value):
+                    raise self._nan_error(step, value, last_saved)
+                acc.backward(loss / count)
+            loss_value += value / count
+        if t.max_grad_norm is not None:
+            acc.clip_grad_norm_(self._params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.after_optimizer_step()
+        return loss_value
+
+    def train(self) -> TrainResult:
+        """Run (or resume) training to ``train.max_steps`` and write the outputs."""
+        cfg, t = self.config, self.config.train
+        # 1. accelerator, models, data; the output folder
+        self.setup()
+        acc = self.accelerator
+        output_dir = Path(cfg.output_dir)
+        checkpoints = output_dir / "checkpoints"
+        if acc.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            clean_temporary(checkpoints)
+            dump_config(cfg, output_dir / "config.yaml")
+        acc.wait_for_everyone()
+        # 2. optimizer and learning-rate schedule
+        optimizer, scheduler = self.prepare_optimizer()
+        # 3. per-process random streams, then the checkpoint's if resuming
+        seed_everything(t.seed + acc.process_index)
+        history, start = LossHistory(), 0
+        last_saved = self._resume_path(checkpoints)
+        if last_saved is not None:
+            checkpoint = load_checkpoint(last_saved, rank=acc.process_index, world_size=acc.num_processes, trainer=self.name)
+            self._restore(checkpoint, optimizer, scheduler)
+            restore_rng(checkpoint.rng)
+            history, start = LossHistory(checkpoint.meta.get("history")), checkpoint.step
+        # 4. data in the order of the steps still to run
+        accum = t.gradient_accumulation_steps
+        sampler = self.batch_sampler(self.dataset, start * accum, t.max_steps * accum)
+        # a private generator: creating the iterator must not draw from the global (checkpointed) RNG
+        workers_seed = torch.Generator().manual_seed(t.seed + acc.process_index)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, generator=workers_seed)
+        batches = iter(loader)
+        # 5. the loop
+        bar = progress_bar(t.max_steps, start, enabled=cfg.log.progress and acc.is_local_main_process, desc=self.name)
+        loop_started = time.perf_counter()
+        try:
+            for step in range(start + 1, t.max_steps + 1):
+                micro_batches = [next(batches) for _ in range(accum)]
+                loss_value = self.training_step(micro_batches, optimizer, scheduler, step=step, last_saved=last_saved)
+                lr = scheduler.get_last_lr()[0]
+                history.add(step, loss_value, lr)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}", refresh=False)
+                if step % cfg.checkpoint.every == 0 or step == t.max_steps:
+                    state = self._checkpoint(step, optimizer, scheduler, history)
+                    last_saved = save_checkpoint(acc, checkpoints, state, keep_last=cfg.checkpoint.keep_last)
+        finally:
+            bar.close()
+        # 6. outputs, loss curve, summary (and the hub)
+        return self._finish(output_dir, history, start, time.perf_counter() - loop_started)
+
+    def _nan_error(self, step: int, value: float, last_saved: Path | None) -> TrainingError:
+        where = (
+            f"the last good checkpoint is {str(last_saved)!r}; resume from it with --resume"
+            if last_saved is not None
+            else "no checkpoint was written before it"
+        )
+        return TrainingError(
+            f"{self.name}: the loss is {value} at step {step}; training stopped before applying that update, and {where}. "
+            "Lower train.lr, keep train.max_grad_norm set, or try another train.mixed_precision."
+        )
+
+    def _finish(self, output_dir: Path, history: LossHistory, start: int, seconds: float) -> TrainResult:
+        from accelerate.utils import gather_object
+
+        acc, cfg = self.accelerator, self.config
+        acc.wait_for_everyone()
+        ranks = gather_object([{"rank": acc.process_index, "pid": os.getpid(), "weights_sha256": weights_digest(self.trainable_state())}])
+        if len({r["weights_sha256"] for r in ranks}) > 1:
+            raise TrainingError(f"{self.name}: the processes ended with different weights: {ranks}")
+        outputs: dict[str, Path] = {}
+        steps_run = cfg.train.max_steps - start
+        summary = {
+            "trainer": self.name,
+            "steps": cfg.train.max_steps,
+            "steps_this_run": steps_run,
+            "world_size": acc.num_processes,
+            "device": str(acc.device),
+            "mixed_precision": cfg.train.mixed_precision,
+            "ranks": ranks,
+            "final_loss": history.last,
+            "loop_seconds": seconds,
+            "steps_per_second": steps_run / seconds if seconds > 0 and steps_run else None,
+        }
+        if acc.is_main_process:
+            outputs = self.save_outputs(output_dir)
+            history.write_csv(output_dir / "loss.csv")
+            if cfg.log.plot and history.rows:
+                history.plot(output_dir / "loss.png", title=f"{self.name} loss")
+            summary["outputs"] = {k: str(v) for k, v in outputs.items()}
+            if cfg.hub.push:
+                from .export import push_to_hub
+
+                primary = next(iter(outputs.values()))
+                summary["hub"] = push_to_hub(primary if primary.is_dir() else primary.parent, cfg.hub.repo_id, private=cfg.hub.private)
+            (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        acc.wait_for_everyone()
+        return TrainResult(output_dir, outputs, cfg.train.max_steps, history.last, list(history.rows), summary)

@@ -1,0 +1,73 @@
+"""The consistency-training (CT) objective (method doc, section 3.2), shared by three trainers.
+
+    n ~ U{0..N-2} on the skipping-step grid t_0 < ... < t_{N-1}; one noise z
+    x_{t_{n+1}} = sqrt(abar_{n+1}) x0 + sqrt(1 - abar_{n+1}) z,   x_{t_n} likewise with the same z
+    loss = d( f(x_{t_{n+1}}, t_{n+1}),  stopgrad f(x_{t_n}, t_n) )
+
+f goes through ``NoiseSchedule.consistency`` (the ``consistency_step`` kernel op) on both sides;
+the target side runs under ``torch.no_grad`` with the same weights (psi^- = stopgrad(psi)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..schedule import NoiseSchedule
+from .config import ConsistencyConfig
+from .losses import pick_distance
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t [B]) -> raw model output
+
+
+@dataclass
+class ConsistencyDraws:
+    """The random choices of one CT step (tests fix them to check the loss by hand)."""
+
+    n: torch.Tensor  # [B] long: index of the lower grid point
+    noise: torch.Tensor  # like the latents
+    w: torch.Tensor  # [B] guidance w for the w-embedding
+    distance: str  # a concrete distance (a 'random' config picks one per step)
+
+
+def sample_draws(latents: torch.Tensor, config: ConsistencyConfig) -> ConsistencyDraws:
+    """Draw n, z, w and the distance from the (checkpointed) global RNG."""
+    batch = latents.shape[0]
+    n = torch.randint(0, config.num_points - 1, (batch,))
+    noise = torch.randn_like(latents)
+    if config.w_range is not None:
+        low, high = config.w_range
+        w = low + (high - low) * torch.rand(batch)
+    else:
+        w = torch.full((batch,), float(config.w))
+    return ConsistencyDraws(n=n, noise=noise, w=w, distance=pick_distance(config.distance))
+
+
+def grid_timesteps(schedule: NoiseSchedule, num_points: int, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_n, t_{n+1}) on the skipping-step grid, as long tensors [B]."""
+    grid = torch.from_numpy(schedule.skipping_grid(num_points))
+    if int(n.max()) + 1 >= len(grid) or int(n.min()) < 0:
+        raise ValueError(f"grid index n must lie in 0..{len(grid) - 2}, got {n.tolist()}")
+    return grid[n.cpu()], grid[n.cpu() + 1]
+
+
+def consistency_pair(
+    online: Denoise,
+    target: Denoise,
+    schedule: NoiseSchedule,
+    latents: torch.Tensor,
+    draws: ConsistencyDraws,
+    *,
+    num_points: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(x_{t_{n+1}}, t_{n+1}) with gradients, f(x_{t_n}, t_n) without), both float32."""
+    t_low, t_high = grid_timesteps(schedule, num_points, draws.n)
+    device = latents.device
+    x_high = schedule.add_noise(latents, draws.noise, t_high)
+    x_low = schedule.add_noise(latents, draws.noise, t_low)
+    f_high, _ = schedule.consistency(online(x_high, t_high.to(device)).float(), x_high.float(), t_high)
+    with torch.no_grad():
+        f_low, _ = schedule.consistency(target(x_low, t_low.to(device)).float(), x_low.float(), t_low)
+    return f_high, f_low

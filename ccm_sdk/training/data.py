@@ -1,0 +1,330 @@
+"""Training datasets: image folders, webdataset-style tar shards, or any torch Dataset.
+
+Every dataset yields dicts ``{"image": [3,H,W] float in [0,1], "caption": str, "controls":
+{key: [C,H,W]}}``; ``controls`` holds the precomputed control maps found for the sample (maps
+that are missing are made on the fly by a condition plugin, see ``controls.py``).
+
+Layouts:
+
+- folder: ``a.png`` + ``a.txt``, control maps in ``<key>/a.png``; or a ``metadata.jsonl`` with
+  ``{"file_name": "a.png", "text": "...", "<key>": "<key>/a.png"}`` per line.
+- tar shards: members grouped by basename up to the first dot, ``a.png``/``a.jpg`` + ``a.txt``
+  (+ ``a.<key>.png``), as webdataset writes them.
+
+Sizes: with ``resolution`` every image (and its maps) is resized so its shorter side is
+``resolution`` and center-cropped to a square; without it all images must share one size.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .. import images as image_utils
+from ..errors import ChannelMismatchError, ImageSizeError, TrainingError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class _Record:
+    """Where one sample's parts live (paths for folders, (shard, member) for tars)."""
+
+    name: str
+    image: Any
+    caption: Any  # a str, or a location to read it from, or None
+    controls: dict[str, Any]
+
+
+def _decode(data: bytes | Path, what: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise TrainingError(f"cannot read image {what}: {exc}") from None
+
+
+def _image_size(data: bytes | Path, what: str) -> tuple[int, int]:
+    """(height, width) from the header only."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise TrainingError(f"cannot read image {what}: {exc}") from None
+
+
+def fit_to_resolution(tensor: torch.Tensor, resolution: int) -> torch.Tensor:
+    """[C,H,W] -> [C,resolution,resolution]: shorter side resized to ``resolution``, then center crop."""
+    h, w = tensor.shape[-2:]
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
+    tensor = image_utils.resize(tensor[None], size)[0].clamp(0, 1)
+    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return tensor[:, top : top + resolution, left : left + resolution]
+
+
+class _RecordDataset(Dataset):
+    """Shared loading for the folder and tar layouts."""
+
+    def __init__(self, records: list[_Record], *, source: str, resolution: int | None, default_caption: str | None):
+        if not records:
+            raise TrainingError(f"dataset {source!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.records, self.source = records, source
+        self.resolution, self.default_caption = resolution, default_caption
+        if resolution is None:
+            self._check_uniform_sizes()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _read(self, location: Any) -> bytes | Path:
+        return location
+
+    def _what(self, location: Any) -> str:
+        return repr(str(location))
+
+    def _check_uniform_sizes(self) -> None:
+        sizes: dict[tuple[int, int], str] = {}
+        for record in self.records:
+            size = _image_size(self._read(record.image), self._what(record.image))
+            sizes.setdefault(size, self._what(record.image))
+            if len(sizes) > 1:
+                listed = ", ".join(f"{name} is {h}x{w}" for (h, w), name in sizes.items())
+                raise ImageSizeError(
+                    f"images in dataset {self.source!r} have different sizes ({listed}); "
+                    "set data.resolution to resize and center-crop them to one square size"
+                )
+
+    def _caption(self, record: _Record) -> str:
+        if isinstance(record.caption, str):
+            return record.caption
+        if record.caption is not None:
+            data = self._read(record.caption)
+            return (data if isinstance(data, bytes) else data.read_bytes()).decode("utf-8").strip()
+        if self.default_caption is None:
+            raise TrainingError(
+                f"image {self._what(record.image)} in dataset {self.source!r} has no caption; "
+                "add one or set data.default_caption"
+            )
+        return self.default_caption
+
+    def _tensor(self, location: Any, *, rgb: bool) -> torch.Tensor:
+        what = self._what(location)
+        image = _decode(self._read(location), what)
+        if rgb and image.mode != "RGB":
+            image = image.convert("RGB")
+        tensor = image_utils.to_tensor(image)[0]
+        if self.resolution is not None:
+            tensor = fit_to_resolution(tensor, self.resolution)
+        return tensor
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = self._tensor(record.image, rgb=True)
+        controls = {}
+        for key, location in record.controls.items():
+            control = self._tensor(location, rgb=False)
+            if control.shape[-2:] != image.shape[-2:]:
+                raise ImageSizeError(
+                    f"control map {self._what(location)} is {tuple(control.shape[-2:])} but its image is {tuple(image.shape[-2:])}"
+                )
+            controls[key] = control
+        return {"image": image, "caption": self._caption(record), "controls": controls}
+
+
+class ImageFolderDataset(_RecordDataset):
+    """A folder of images with captions (``a.txt`` beside ``a.png``, or ``metadata.jsonl``)."""
+
+    def __init__(self, root: str | os.PathLike, *, control_keys: Sequence[str] = (), resolution: int | None = None,
+                 default_caption: str | None = None):  # fmt: skip
+        root = Path(root)
+        if not root.is_dir():
+            raise TrainingError(f"dataset folder {str(root)!r} does not exist or is not a folder")
+        metadata = root / "metadata.jsonl"
+        records = self._from_metadata(root, metadata, control_keys) if metadata.is_file() else self._from_files(root, control_keys)
+        super().__init__(records, source=str(root), resolution=resolution, default_caption=default_caption)
+
+    @staticmethod
+    def _from_files(root: Path, control_keys: Sequence[str]) -> list[_Record]:
+        records = []
+        for path in sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+            caption = path.with_suffix(".txt")
+            controls = {}
+            for key in control_keys:
+                found = [root / key / path.name, *((root / key / (path.stem + ext)) for ext in IMAGE_EXTENSIONS)]
+                match = next((c for c in found if c.is_file()), None)
+                if match is not None:
+                    controls[key] = match
+            records.append(_Record(path.name, path, caption if caption.is_file() else None, controls))
+        return records
+
+    @staticmethod
+    def _from_metadata(root: Path, metadata: Path, control_keys: Sequence[str]) -> list[_Record]:
+        records = []
+        for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                name = entry["file_name"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TrainingError(f"{str(metadata)!r} line {number}: expected a JSON object with 'file_name'") from None
+            if not (root / name).is_file():
+                raise TrainingError(f"{str(metadata)!r} line {number}: {name!r} does not exist in {str(root)!r}")
+            caption = entry.get("text", entry.get("caption"))
+            controls = {key: root / entry[key] for key in control_keys if entry.get(key)}
+            records.append(_Record(name, root / name, caption, controls))
+        return records
+
+
+class TarShardDataset(_RecordDataset):
+    """Webdataset-style tar shards read with :mod:`tarfile`; members are indexed once, read on demand."""
+
+    def __init__(self, shards: Sequence[str | os.PathLike], *, control_keys: Sequence[str] = (), resolution: int | None = None,
+                 default_caption: str | None = None):  # fmt: skip
+        self.shards = [str(s) for s in shards]
+        self._handles: dict[int, tuple[int, tarfile.TarFile]] = {}
+        records = []
+        for shard_index, shard in enumerate(self.shards):
+            try:
+                with tarfile.open(shard) as tar:
+                    members = [m for m in tar.getmembers() if m.isfile()]
+            except (tarfile.TarError, OSError) as exc:
+                raise TrainingError(f"cannot read tar shard {shard!r}: {exc}") from None
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in members:
+                directory, _, base = member.name.rpartition("/")
+                key, dot, extension = base.partition(".")
+                if dot:
+                    groups.setdefault(f"{directory}/{key}", {})[extension.lower()] = member
+            for key in sorted(groups):
+                parts = groups[key]
+                image = next((parts[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in parts), None)
+                if image is None:
+                    continue
+                controls = {k: (shard_index, parts[f"{k}.png"]) for k in control_keys if f"{k}.png" in parts}
+                caption = (shard_index, parts["txt"]) if "txt" in parts else None
+                records.append(_Record(key, (shard_index, image), caption, controls))
+        super().__init__(records, source=", ".join(self.shards), resolution=resolution, default_caption=default_caption)
+
+    def _tar(self, shard_index: int) -> tarfile.TarFile:
+        # one handle per shard and process: DataLoader workers must not share file offsets
+        pid, handle = self._handles.get(shard_index, (None, None))
+        if pid != os.getpid():
+            handle = tarfile.open(self.shards[shard_index])
+            self._handles[shard_index] = (os.getpid(), handle)
+        return handle
+
+    def _read(self, location: tuple[int, tarfile.TarInfo]) -> bytes:
+        shard_index, member = location
+        return self._tar(shard_index).extractfile(member).read()
+
+    def _what(self, location: tuple[int, tarfile.TarInfo]) -> str:
+        return f"{location[1].name!r} in {self.shards[location[0]]!r}"
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": {}}
+
+
+class TorchDataset(Dataset):
+    """Any torch Dataset whose items are dicts (``image``, ``caption``, optional ``control``/``controls``)
+    or ``(image, caption)`` pairs, with images as PIL, arrays or tensors in [0, 1]."""
+
+    def __init__(self, dataset: Dataset, *, control_key: str = "control", resolution: int | None = None):
+        try:
+            size = len(dataset)
+        except TypeError:
+            raise TrainingError(f"the dataset ({type(dataset).__name__}) must have a length (a map-style torch Dataset)") from None
+        if size == 0:
+            raise TrainingError(f"the dataset ({type(dataset).__name__}) is empty")
+        self.dataset, self.control_key, self.resolution = dataset, control_key, resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _tensor(self, value: Any, what: str) -> torch.Tensor:
+        tensor = image_utils.to_tensor(value)
+        if tensor.shape[0] != 1:
+            raise ImageSizeError(f"{what} should be one image, got a batch of {tensor.shape[0]}")
+        tensor = tensor[0]
+        return fit_to_resolution(tensor, self.resolution) if self.resolution is not None else tensor
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            item = {"image": item[0], "caption": item[1]}
+        if not isinstance(item, dict) or "image" not in item or "caption" not in item:
+            raise TrainingError(f"dataset item {index} should be a dict with 'image' and 'caption' (or a pair), got {type(item).__name__}")
+        image = image_utils.to_rgb(self._tensor(item["image"], f"dataset item {index}")[None])[0]
+        controls = dict(item.get("controls") or {})
+        if item.get("control") is not None:
+            controls[self.control_key] = item["control"]
+        return {
+            "image": image,
+            "caption": str(item["caption"]),
+            "controls": {k: self._tensor(v, f"control {k!r} of dataset item {index}") for k, v in controls.items()},
+        }
+
+
+class RecaptionedDataset(Dataset):
+    """Another dataset with every caption replaced (DreamBooth's instance and class prompts)."""
+
+    def __init__(self, dataset: Dataset, caption: str):
+        self.dataset, self.caption = dataset, caption
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "caption": self.caption}
+
+
+def open_dataset(
+    path: str | os.PathLike, *, control_keys: Sequence[str] = (), resolution: int | None = None, default_caption: str | None = None
+) -> Dataset:
+    """A folder of images, one ``.tar`` shard, or a folder of ``.tar`` shards."""
+    path = Path(path)
+    kwargs = dict(control_keys=control_keys, resolution=resolution, default_caption=default_caption)
+    if path.is_file() and path.suffix == ".tar":
+        return TarShardDataset([path], **kwargs)
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()) or (path / "metadata.jsonl").is_file()
+        if shards and not has_images:
+            return TarShardDataset(shards, **kwargs)
+        return ImageFolderDataset(path, **kwargs)
+    if not path.exists():
+        raise TrainingError(f"dataset {str(path)!r} does not exist")
+    raise TrainingError(f"dataset {str(path)!r} is neither a folder nor a .tar shard")
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack one micro-batch; images (and each key's maps) must share one size."""
+    sizes = {tuple(item["image"].shape) for item in items}
+    if len(sizes) > 1:
+        raise ImageSizeError(
+            f"images in one batch have different sizes {sorted(sizes)}; set data.resolution to resize them to one size"
+        )
+    keys = set().union(*(item["controls"] for item in items))
+    controls: dict[str, list[torch.Tensor | None]] = {k: [item["controls"].get(k) for item in items] for k in sorted(keys)}
+    for key, maps in controls.items():
+        channels = {m.shape[0] for m in maps if m is not None}
+        if len(channels) > 1:
+            raise ChannelMismatchError(f"control maps {key!r} in one batch have different channel counts {sorted(channels)}")
+    return {
+        "images": torch.stack([item["image"] for item in items]),
+        "captions": [item["caption"] for item in items],
+        "controls": controls,
+    }
+

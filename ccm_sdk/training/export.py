@@ -1,0 +1,88 @@
+"""Writing trained weights as folders CCMPipeline loads directly, and pushing them to the hub."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".old-{path.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        shutil.rmtree(old)
+    os.replace(tmp, path)
+
+
+def save_pipeline_with_unet(
+    model: str | os.PathLike, unet: torch.nn.Module, out: str | os.PathLike, *, scheduler_updates: dict[str, Any] | None = None
+) -> Path:
+    """The base model at ``model`` with its UNet replaced by ``unet``, saved in diffusers layout.
+
+    The other components are loaded afresh in float32 so mixed-precision copies never leak out.
+    """
+    from ..pipeline import CCMPipeline
+
+    base = CCMPipeline.from_pretrained(model)
+    scheduler_config = {**base.schedule.scheduler_config, **(scheduler_updates or {})}
+    unet = _float32_copy(unet)
+    pipe = CCMPipeline(unet=unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, scheduler_config=scheduler_config)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(tmp)
+    return Path(out)
+
+
+def _float32_copy(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    from .frozen import place
+
+    return place(copy.deepcopy(module), "cpu", torch.float32).eval()
+
+
+def save_unet_lora(unet: torch.nn.Module, out: str | os.PathLike) -> Path:
+    """The UNet's LoRA as ``pytorch_lora_weights.safetensors`` (``CCMPipeline.from_pretrained(model, lora=file)``).
+
+    Keys stay in peft's naming, as diffusers' LCM-LoRA script writes them: diffusers' loader maps
+    them back to every layer (the older ``lora.down``/``lora.up`` naming loses the attention
+    projections on load), and the adapter config goes in the metadata so ``lora_alpha`` survives.
+    """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft import get_peft_model_state_dict
+
+    layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    metadata = unet.peft_config["default"].to_dict()
+    with atomic_folder(out) as tmp:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            str(tmp), unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+        )
+    return Path(out) / LORA_WEIGHTS_NAME
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = True, commit_message: str = "ccm-sdk training output") -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` (needs network access and a hub token)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    create_repo(repo_id, private=private, exist_ok=True)
+    info = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,172 @@
+"""Latent consistency distillation (LCD) of a text-to-image diffusion model into an LCM
+(method doc, section 7), following diffusers' ``train_lcm_distill_*`` recipes.
+
+    t_{n+k} ~ skipping grid (k = T // num_ddim_timesteps),  t_n = max(t_{n+k} - k, 0)
+    x_{t_{n+k}} = sqrt(abar) x0 + sqrt(1 - abar) z,  w ~ U[w_min, w_max]
+    teacher (frozen), CFG-augmented DDIM step:
+        x0_g = x0_c + w (x0_c - x0_u),  eps_g = eps_c + w (eps_c - eps_u)
+        x_{t_n} = sqrt(abar_n) x0_g + sqrt(1 - abar_n) eps_g
+    loss = d( f_theta(x_{t_{n+k}}, t_{n+k}, w),  f_{theta^-}(x_{t_n}, t_n, w) ),  theta^- = EMA(theta)
+
+``mode: full`` trains a student UNet initialised from the teacher plus a new w-embedding
+projection (``time_cond_proj_dim``), zero-initialised so the student starts as the teacher;
+``mode: lora`` trains an LCM-LoRA on the teacher's own UNet (no w-embedding, as LCM-LoRA).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..errors import IncompatibleModelsError, TrainingError
+from ..pipeline import CCMPipeline
+from .config import LCDTrainConfig
+from .core import Trainer
+from .export import save_pipeline_with_unet, save_unet_lora
+from .frozen import FrozenBase, freeze, place
+from .lora import add_unet_lora
+from .losses import l2, pseudo_huber
+
+
+@dataclass
+class LCDInputs:
+    latents: torch.Tensor
+    embeds: torch.Tensor
+    uncond_embeds: torch.Tensor
+
+
+@dataclass
+class LCDDraws:
+    index: torch.Tensor  # [B] long: grid index of the start point t_{n+k}
+    noise: torch.Tensor
+    w: torch.Tensor  # [B] guidance w
+
+
+class LCDTrainer(Trainer):
+    """Distils a diffusion model's UNet into a latent consistency model (full UNet or LoRA)."""
+
+    name = "lcd"
+    config_class = LCDTrainConfig
+
+    def build(self) -> UNet2DConditionModel:
+        cfg = self.config
+        # 1. the teacher
+        pipe = CCMPipeline.from_pretrained(cfg.model)
+        if pipe.is_lcm:
+            raise IncompatibleModelsError(
+                f"the LCD teacher {cfg.model!r} already takes a guidance embedding (time_cond_proj_dim); distil a diffusion model"
+            )
+        self.base = FrozenBase(pipe, device=self.device, weight_dtype=self.weight_dtype)
+        teacher = pipe.unet
+        # 2. the student, from the teacher's float32 weights
+        if cfg.mode == "full":
+            student = UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": cfg.time_cond_proj_dim})
+            missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+            if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+                raise TrainingError(f"the student UNet does not match the teacher's weights (missing {missing}, unexpected {unexpected})")
+            torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+            student.requires_grad_(True)
+        else:
+            student = copy.deepcopy(teacher)
+            add_unet_lora(student, cfg.lora)
+        freeze(teacher)
+        self.teacher = place(teacher, self.device, self.weight_dtype)
+        # 3. the EMA target network (decay 0: the student itself under no_grad)
+        self.target = None
+        if cfg.ema_decay > 0:
+            self.target = copy.deepcopy(student)
+            freeze(self.target)
+            self.target.to(self.device)
+            self._ema_names = [name for name, p in student.named_parameters() if p.requires_grad]
+        self.grid = torch.from_numpy(self.base.schedule.skipping_grid(cfg.num_ddim_timesteps))
+        self.skip = self.base.schedule.num_train_timesteps // cfg.num_ddim_timesteps
+        self.enable_gradient_checkpointing(student)
+        return student
+
+    def prepare_inputs(self, batch: dict[str, Any]) -> LCDInputs:
+        captions = batch["captions"]
+        return LCDInputs(
+            latents=self.base.encode_images(batch["images"]),
+            embeds=self.base.encode_captions(captions, dropout=self.config.data.caption_dropout),
+            uncond_embeds=self.base.encode_text([self.config.negative_prompt] * len(captions)),
+        )
+
+    def sample_draws(self, inputs: LCDInputs) -> LCDDraws:
+        cfg, batch = self.config, inputs.latents.shape[0]
+        index = torch.randint(0, cfg.num_ddim_timesteps, (batch,))
+        noise = torch.randn_like(inputs.latents)
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(batch)
+        return LCDDraws(index=index, noise=noise, w=w)
+
+    @torch.no_grad()
+    def teacher_step(self, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, inputs: LCDInputs, w: torch.Tensor) -> torch.Tensor:
+        """One CFG-augmented DDIM step of the frozen teacher from (x, t) to t_prev."""
+        schedule = self.base.schedule
+        out = self.teacher(
+            torch.cat([x, x]).to(self.weight_dtype), torch.cat([t, t]).to(self.device),
+            encoder_hidden_states=torch.cat([inputs.embeds, inputs.uncond_embeds]), return_dict=False,
+        )[0].float()  # fmt: skip
+        cond, uncond = out.chunk(2)
+        x0_c, x0_u = schedule.to_x0(cond, x, t), schedule.to_x0(uncond, x, t)
+        eps_c, eps_u = schedule.to_eps(cond, x, t), schedule.to_eps(uncond, x, t)
+        w = w.to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        x0_g = x0_c + w * (x0_c - x0_u)
+        eps_g = eps_c + w * (eps_c - eps_u)
+        return schedule.add_noise(x0_g, eps_g, t_prev)
+
+    def compute_loss(self, inputs: LCDInputs, draws: LCDDraws) -> torch.Tensor:
+        cfg, schedule = self.config, self.base.schedule
+        # 1. the start point on the skipping grid and its target timestep
+        t_start = self.grid[draws.index.cpu()]
+        t_prev = (t_start - self.skip).clamp(min=0)
+        x_start = schedule.add_noise(inputs.latents, draws.noise, t_start)
+        timestep_cond = self.base.guidance_cond(self.unwrapped(), draws.w)
+        # 2. the student's prediction (with gradients)
+        out = self.model(x_start, t_start.to(self.device), encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond, return_dict=False)[0]
+        f_student, _ = schedule.consistency(out.float(), x_start.float(), t_start)
+        # 3. the teacher's guided ODE step, then the target network at t_n
+        x_prev = self.teacher_step(x_start, t_start, t_prev, inputs, draws.w)
+        with torch.no_grad():
+            target_net = self.target if self.target is not None else self.unwrapped()
+            out_prev = target_net(x_prev, t_prev.to(self.device), encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond, return_dict=False)[0]
+            f_target, _ = schedule.consistency(out_prev.float(), x_prev.float(), t_prev)
+        # 4. distance
+        if cfg.loss == "huber":
+            return pseudo_huber(f_student, f_target, cfg.huber_c)
+        return l2(f_student, f_target)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.target is None:
+            return
+        online = dict(self.unwrapped().named_parameters())
+        target = dict(self.target.named_parameters())
+        for name in self._ema_names:
+            target[name].lerp_(online[name].detach(), 1.0 - self.config.ema_decay)
+
+    def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.target is None:
+            return {}
+        target = dict(self.target.named_parameters())
+        return {"ema": {name: target[name] for name in self._ema_names}}
+
+    def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.target is None:
+            return
+        if "ema" not in weights or set(weights["ema"]) != set(self._ema_names):
+            raise TrainingError("the checkpoint has no EMA target weights matching this run (was ema_decay changed?)")
+        self.target.load_state_dict(weights["ema"], strict=False)
+
+    def save_outputs(self, output_dir: Path) -> dict[str, Path]:
+        if self.config.mode == "lora":
+            return {"lora": save_unet_lora(self.unwrapped(), output_dir / "lora")}
+        path = save_pipeline_with_unet(
+            self.config.model, self.unwrapped(), output_dir / "lcm",
+            scheduler_updates={"original_inference_steps": self.config.num_ddim_timesteps},
+        )  # fmt: skip
+        return {"lcm": path}
