@@ -16,17 +16,12 @@ from typing import Any
 import torch
 
 from ..errors import CorruptWeightsError, IncompatibleModelsError, MissingModelError
+from ..models.loading import hub_offline
 
 
 def offline(local_files_only: bool = False) -> bool:
     """Whether hub look-ups must stay in the local cache."""
-    if local_files_only:
-        return True
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+    return local_files_only or hub_offline()
 
 
 def is_local_path(source: str | os.PathLike) -> bool:
