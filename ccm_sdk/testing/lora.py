@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
@@ -22,6 +21,12 @@ def save_random_unet_lora(model_dir: str | Path, out_dir: str | Path, *, rank: i
         for name, param in unet.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionLoraLoaderMixin.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
+    # peft's key names as they are: diffusers' own loader drops the attention layers of
+    # converted keys, and the parity test would then check less than it says.
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        str(out_dir),
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        safe_serialization=True,
+    )
     return Path(out_dir) / "pytorch_lora_weights.safetensors"

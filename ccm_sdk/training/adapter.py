@@ -69,7 +69,9 @@ class AdapterTrainer(Trainer):
         if a.init is not None:
             adapter = UnifiedAdapter.from_pretrained(a.init)
         else:
-            adapter = UnifiedAdapter.for_controlnet(self.controlnets[0], hidden_ratio=a.hidden_ratio, kernel_size=a.kernel_size, activation=a.activation)
+            adapter = UnifiedAdapter.for_controlnet(
+                self.controlnets[0], hidden_ratio=a.hidden_ratio, kernel_size=a.kernel_size, activation=a.activation
+            )
         for controlnet in self.controlnets:
             adapter.check_compatible(controlnet)
         self.enable_gradient_checkpointing(self.unet)

@@ -157,7 +157,9 @@ def load_checkpoint(path: str | os.PathLike, *, rank: int, world_size: int, trai
             "resume with the same number of processes so the data order and random streams continue exactly"
         )
     weights = {p.stem: load_file(str(p)) for p in sorted((path / "weights").glob("*.safetensors"))}
-    objects = {p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(path.glob("*.pt")) if not p.name.startswith("rng-")}
+    objects = {
+        p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(path.glob("*.pt")) if not p.name.startswith("rng-")
+    }
     rng = torch.load(path / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
     return Checkpoint(step=int(meta["step"]), weights=weights, objects=objects, meta=meta, rng=rng)
 

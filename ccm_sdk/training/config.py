@@ -60,7 +60,7 @@ class OptimConfig(Section):
     weight_decay: float = Field(default=1e-2, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="clip the gradient norm; None: no clipping")
     seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="accelerate's mixed precision; frozen models run in it")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="accelerate's mixed precision (autocast)")
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per process (None: torch's default)")
@@ -295,7 +295,8 @@ def _describe(cls: type[BaseModel], error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         owner = _model_at(cls, loc[:-1])
         accepted = list(owner.model_fields) if owner is not None else []
-        return f"unknown key {key!r}{_suggest(loc[-1], accepted)}; accepted in {'.'.join(loc[:-1]) or 'the top level'}: {', '.join(accepted)}"
+        where = ".".join(loc[:-1]) or "the top level"
+        return f"unknown key {key!r}{_suggest(loc[-1], accepted)}; accepted in {where}: {', '.join(accepted)}"
     if error["type"] == "missing":
         return f"{key!r} is required"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"

@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import InputTypeError, TrainingError
 from .batches import StepBatches
-from .checkpoint import Checkpoint, clean_temporary, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    clean_temporary,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from .config import OptimConfig, TrainConfig, dump_config, validate_config
 from .data import TorchDataset, collate, open_dataset
 from .progress import LossHistory, progress_bar
@@ -305,7 +312,9 @@ class Trainer(ABC):
         sampler = self.batch_sampler(self.dataset, start * accum, t.max_steps * accum)
         # a private generator: creating the iterator must not draw from the global (checkpointed) RNG
         workers_seed = torch.Generator().manual_seed(t.seed + acc.process_index)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, generator=workers_seed)
+        loader = DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers, generator=workers_seed
+        )
         batches = iter(loader)
         # 5. the loop
         bar = progress_bar(t.max_steps, start, enabled=cfg.log.progress and acc.is_local_main_process, desc=self.name)

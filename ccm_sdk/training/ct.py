@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..schedule import NoiseSchedule
 from .config import ConsistencyConfig
 from .losses import pick_distance
@@ -49,7 +50,7 @@ def grid_timesteps(schedule: NoiseSchedule, num_points: int, n: torch.Tensor) ->
     """(t_n, t_{n+1}) on the skipping-step grid, as long tensors [B]."""
     grid = torch.from_numpy(schedule.skipping_grid(num_points))
     if int(n.max()) + 1 >= len(grid) or int(n.min()) < 0:
-        raise ValueError(f"grid index n must lie in 0..{len(grid) - 2}, got {n.tolist()}")
+        raise InputError(f"grid index n must lie in 0..{len(grid) - 2}, got {n.tolist()}")
     return grid[n.cpu()], grid[n.cpu() + 1]
 
 

@@ -11,11 +11,23 @@ The consistency model's UNet is frozen; only the ControlNet psi trains, with
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .config import CTControlNetTrainConfig
 from .controls import ControlInputs, ControlNetTrainer, controlnet_residuals
 from .ct import ConsistencyDraws, Denoise, consistency_pair, sample_draws
 from .losses import distance
+
+
+class _Fixed(nn.Module):
+    """Stands in for the control-image embedding with a value already computed."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, control: torch.Tensor) -> torch.Tensor:
+        return self.value
 
 
 class CTControlNetTrainer(ControlNetTrainer):
@@ -27,7 +39,7 @@ class CTControlNetTrainer(ControlNetTrainer):
     def sample_draws(self, inputs: ControlInputs) -> ConsistencyDraws:
         return sample_draws(inputs.latents, self.config.consistency)
 
-    def denoiser(self, controlnet: torch.nn.Module, inputs: ControlInputs, timestep_cond: torch.Tensor | None) -> Denoise:
+    def denoiser(self, controlnet: nn.Module, inputs: ControlInputs, timestep_cond: torch.Tensor | None) -> Denoise:
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             down, mid = controlnet_residuals(controlnet, x, t, inputs.embeds, inputs.control)
             return self.unet(
@@ -42,6 +54,23 @@ class CTControlNetTrainer(ControlNetTrainer):
         timestep_cond = self.base.guidance_cond(self.unet, draws.w)
         online = self.denoiser(self.model, inputs, timestep_cond)
         # the target uses the same weights without DDP's wrapper: it runs without gradients
-        target = self.denoiser(self.unwrapped(), inputs, timestep_cond)
-        f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws, num_points=cfg.num_points)
+        target_net = self.unwrapped()
+        target_denoise = self.denoiser(target_net, inputs, timestep_cond)
+        inner = target_net.controlnet_cond_embedding
+        kept: list[torch.Tensor] = []
+        hook = inner.register_forward_hook(lambda module, args, output: kept.append(output.detach()))
+
+        def target(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # the control image's embedding depends on neither x nor t: reuse the online pass's
+            # (same weights, same values) instead of computing it again
+            target_net.controlnet_cond_embedding = _Fixed(kept[-1])
+            try:
+                return target_denoise(x, t)
+            finally:
+                target_net.controlnet_cond_embedding = inner
+
+        try:
+            f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws, num_points=cfg.num_points)
+        finally:
+            hook.remove()
         return distance(draws.distance, f_online, f_target, huber_c=cfg.huber_c)

@@ -24,7 +24,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -40,7 +40,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class _Record:
     """Where one sample's parts live (paths for folders, (shard, member) for tars)."""
 
-    name: str
     image: Any
     caption: Any  # a str, or a location to read it from, or None
     controls: dict[str, Any]
@@ -55,10 +54,10 @@ def _decode(data: bytes | Path, what: str) -> Image.Image:
         raise TrainingError(f"cannot read image {what}: {exc}") from None
 
 
-def _image_size(data: bytes | Path, what: str) -> tuple[int, int]:
+def _image_size(source: Path | IO[bytes], what: str) -> tuple[int, int]:
     """(height, width) from the header only."""
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+        with Image.open(source) as image:
             return image.height, image.width
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise TrainingError(f"cannot read image {what}: {exc}") from None
@@ -91,13 +90,17 @@ class _RecordDataset(Dataset):
     def _read(self, location: Any) -> bytes | Path:
         return location
 
+    def _open(self, location: Any) -> Path | IO[bytes]:
+        """Something PIL can read lazily (only the header when just the size is wanted)."""
+        return location
+
     def _what(self, location: Any) -> str:
         return repr(str(location))
 
     def _check_uniform_sizes(self) -> None:
         sizes: dict[tuple[int, int], str] = {}
         for record in self.records:
-            size = _image_size(self._read(record.image), self._what(record.image))
+            size = _image_size(self._open(record.image), self._what(record.image))
             sizes.setdefault(size, self._what(record.image))
             if len(sizes) > 1:
                 listed = ", ".join(f"{name} is {h}x{w}" for (h, w), name in sizes.items())
@@ -114,8 +117,7 @@ class _RecordDataset(Dataset):
             return (data if isinstance(data, bytes) else data.read_bytes()).decode("utf-8").strip()
         if self.default_caption is None:
             raise TrainingError(
-                f"image {self._what(record.image)} in dataset {self.source!r} has no caption; "
-                "add one or set data.default_caption"
+                f"image {self._what(record.image)} in dataset {self.source!r} has no caption; add one or set data.default_caption"
             )
         return self.default_caption
 
@@ -166,7 +168,7 @@ class ImageFolderDataset(_RecordDataset):
                 match = next((c for c in found if c.is_file()), None)
                 if match is not None:
                     controls[key] = match
-            records.append(_Record(path.name, path, caption if caption.is_file() else None, controls))
+            records.append(_Record(path, caption if caption.is_file() else None, controls))
         return records
 
     @staticmethod
@@ -184,7 +186,7 @@ class ImageFolderDataset(_RecordDataset):
                 raise TrainingError(f"{str(metadata)!r} line {number}: {name!r} does not exist in {str(root)!r}")
             caption = entry.get("text", entry.get("caption"))
             controls = {key: root / entry[key] for key in control_keys if entry.get(key)}
-            records.append(_Record(name, root / name, caption, controls))
+            records.append(_Record(root / name, caption, controls))
         return records
 
 
@@ -215,7 +217,7 @@ class TarShardDataset(_RecordDataset):
                     continue
                 controls = {k: (shard_index, parts[f"{k}.png"]) for k in control_keys if f"{k}.png" in parts}
                 caption = (shard_index, parts["txt"]) if "txt" in parts else None
-                records.append(_Record(key, (shard_index, image), caption, controls))
+                records.append(_Record((shard_index, image), caption, controls))
         super().__init__(records, source=", ".join(self.shards), resolution=resolution, default_caption=default_caption)
 
     def _tar(self, shard_index: int) -> tarfile.TarFile:
@@ -229,6 +231,10 @@ class TarShardDataset(_RecordDataset):
     def _read(self, location: tuple[int, tarfile.TarInfo]) -> bytes:
         shard_index, member = location
         return self._tar(shard_index).extractfile(member).read()
+
+    def _open(self, location: tuple[int, tarfile.TarInfo]) -> IO[bytes]:
+        shard_index, member = location
+        return self._tar(shard_index).extractfile(member)
 
     def _what(self, location: tuple[int, tarfile.TarInfo]) -> str:
         return f"{location[1].name!r} in {self.shards[location[0]]!r}"
@@ -313,9 +319,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack one micro-batch; images (and each key's maps) must share one size."""
     sizes = {tuple(item["image"].shape) for item in items}
     if len(sizes) > 1:
-        raise ImageSizeError(
-            f"images in one batch have different sizes {sorted(sizes)}; set data.resolution to resize them to one size"
-        )
+        raise ImageSizeError(f"images in one batch have different sizes {sorted(sizes)}; set data.resolution to resize them to one size")
     keys = set().union(*(item["controls"] for item in items))
     controls: dict[str, list[torch.Tensor | None]] = {k: [item["controls"].get(k) for item in items] for k in sorted(keys)}
     for key, maps in controls.items():
@@ -327,4 +331,3 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "captions": [item["caption"] for item in items],
         "controls": controls,
     }
-

@@ -71,7 +71,8 @@ class DreamBoothTrainer(Trainer):
             return instance
         size = tuple(instance[0]["image"].shape[-2:])
         class_dir = self.prepare_class_images(Path(cfg.class_data_dir), size)
-        classes = RecaptionedDataset(open_dataset(class_dir, resolution=cfg.data.resolution, default_caption=cfg.class_prompt), cfg.class_prompt)
+        classes = open_dataset(class_dir, resolution=cfg.data.resolution, default_caption=cfg.class_prompt)
+        classes = RecaptionedDataset(classes, cfg.class_prompt)
         return ConcatDataset([instance, classes])
 
     def prepare_class_images(self, folder: Path, size: tuple[int, int]) -> Path:

@@ -52,12 +52,11 @@ def save_pipeline_with_unet(
     return Path(out)
 
 
-def _float32_copy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    from .frozen import place
-
-    return place(copy.deepcopy(module), "cpu", torch.float32).eval()
+def _float32_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    """A float32 CPU copy built from the config, so no second copy lands on the accelerator."""
+    copy = type(unet).from_config(unet.config)
+    copy.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in unet.state_dict().items()})
+    return copy.eval()
 
 
 def save_unet_lora(unet: torch.nn.Module, out: str | os.PathLike) -> Path:

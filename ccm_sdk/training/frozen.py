@@ -48,7 +48,7 @@ class FrozenBase:
         """CLIP hidden states [B, L, D], padded to the tokenizer's length as the pipeline does."""
         key = tuple(captions)
         if key not in self._text_cache:
-            embeds = self.pipe._encode_text(list(captions), max_length=self.pipe.tokenizer.model_max_length)
+            embeds, _ = self.pipe.encode_prompt(list(captions))
             self._text_cache[key] = embeds.to(self.device)
             if len(self._text_cache) > 8:  # repeated prompts (DreamBooth, unconditional) hit; others pass through
                 self._text_cache.popitem(last=False)

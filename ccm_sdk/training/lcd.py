@@ -127,13 +127,14 @@ class LCDTrainer(Trainer):
         x_start = schedule.add_noise(inputs.latents, draws.noise, t_start)
         timestep_cond = self.base.guidance_cond(self.unwrapped(), draws.w)
         # 2. the student's prediction (with gradients)
-        out = self.model(x_start, t_start.to(self.device), encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond, return_dict=False)[0]
+        kwargs = dict(encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond, return_dict=False)
+        out = self.model(x_start, t_start.to(self.device), **kwargs)[0]
         f_student, _ = schedule.consistency(out.float(), x_start.float(), t_start)
         # 3. the teacher's guided ODE step, then the target network at t_n
         x_prev = self.teacher_step(x_start, t_start, t_prev, inputs, draws.w)
         with torch.no_grad():
             target_net = self.target if self.target is not None else self.unwrapped()
-            out_prev = target_net(x_prev, t_prev.to(self.device), encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond, return_dict=False)[0]
+            out_prev = target_net(x_prev, t_prev.to(self.device), **kwargs)[0]
             f_target, _ = schedule.consistency(out_prev.float(), x_prev.float(), t_prev)
         # 4. distance
         if cfg.loss == "huber":

@@ -1,0 +1,53 @@
+"""``ccm train``: config file plus overrides, progress and loss curve, --resume, --help, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from ccm_sdk.cli import main
+from ccm_sdk.training.cli import parse_train_args
+from ccm_sdk.training.config import dump_config
+
+
+def test_parse_overrides():
+    config, overrides, show_help = parse_train_args(
+        ["--config", "c.yaml", "train.lr=1e-4", "--max_steps", "10", "--gradient_checkpointing", "--data.resolution=64", "--resume"]
+    )
+    assert config == "c.yaml" and not show_help
+    assert overrides == [("train.lr", 1e-4), ("max_steps", 10), ("gradient_checkpointing", True),
+                         ("data.resolution", 64), ("checkpoint.resume", "latest")]  # fmt: skip
+    assert parse_train_args(["--resume", "out/checkpoints/step-00000010", "-h"])[1:] == (
+        [("checkpoint.resume", "out/checkpoints/step-00000010")], True)  # fmt: skip
+
+
+def test_train_resume_and_outputs(make_config, tmp_path, capsys):
+    config = make_config("ct_controlnet", train__max_steps=2, log__progress=True, log__plot=True)
+    config_file = dump_config(config, tmp_path / "c.yaml")
+    assert main(["train", "ct_controlnet", "--config", str(config_file)]) == 0
+    captured = capsys.readouterr()
+    assert "step/s" in captured.err and "loss=" in captured.err  # tqdm: rate, ETA and the loss
+    assert "controlnet:" in captured.out
+    out = tmp_path / "out-ct_controlnet"
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(open(out / "loss.csv")))
+    assert [r["step"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
+    # --resume with a larger --max_steps runs only the missing steps
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--max_steps", "3", "--resume", "log.progress=false"]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["steps_this_run"] == 1
+
+
+def test_help_lists_the_keys(capsys):
+    assert main(["train", "lcd", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "ema_decay = 0.95" in text and "train.lr = 1e-05" in text
+
+
+def test_errors_exit_2_with_the_message(tmp_path, capsys):
+    assert main(["train", "dm_controlnet", "output_dir=o", "model=m", "train.lrr=1"]) == 2
+    assert "unknown key 'train.lrr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "gan"])

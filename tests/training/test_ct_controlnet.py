@@ -1,0 +1,91 @@
+"""CM's ControlNet by consistency training: the loss by hand, where gradients go, learning, output."""
+
+from __future__ import annotations
+
+import ccm_kernels
+import pytest
+import torch
+
+from ccm_sdk.pipeline import CCMPipeline
+from ccm_sdk.training.ct import ConsistencyDraws, consistency_pair
+from ccm_sdk.training.ct_controlnet import CTControlNetTrainer
+
+
+@pytest.fixture()
+def trainer(make_config, controlnet_dir):
+    # start from a tiny ControlNet whose output convolutions are not zero, so control matters
+    trainer = CTControlNetTrainer(make_config("ct_controlnet", controlnet=str(controlnet_dir), consistency__huber_c=0.05))
+    trainer.setup()
+    return trainer
+
+
+def _draws(latents, distance):
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    return ConsistencyDraws(n=torch.tensor([0, 37]), noise=noise, w=torch.tensor([7.0, 2.5]), distance=distance)
+
+
+def _by_hand(trainer, inputs, draws, by_hand):
+    grid = by_hand.grid(50)
+    emb = by_hand.w_embedding(draws.w)
+    controlnet = trainer.unwrapped()
+
+    def f(t):
+        x = by_hand.add_noise(inputs.latents, draws.noise, t)
+        down, mid = controlnet(x, t, encoder_hidden_states=inputs.embeds, controlnet_cond=inputs.control, return_dict=False)
+        eps = trainer.unet(x, t, encoder_hidden_states=inputs.embeds, timestep_cond=emb,
+                           down_block_additional_residuals=down, mid_block_additional_residual=mid).sample  # fmt: skip
+        return by_hand.f(eps, x, t)
+
+    with torch.no_grad():
+        return f(grid[draws.n + 1]), f(grid[draws.n])
+
+
+def test_loss_matches_the_hand_computed_value(trainer, fixed_batches, by_hand):
+    _, (inputs,) = fixed_batches(trainer)
+    draws = _draws(inputs.latents, "l1")
+    high, low = _by_hand(trainer, inputs, draws, by_hand)
+    c = 0.05
+    expected = {"l1": (high - low).abs().mean(), "l2": (high - low).square().mean(),
+                "huber": (((high - low) ** 2 + c * c).sqrt() - c).mean()}  # fmt: skip
+    for name, value in expected.items():
+        got = trainer.compute_loss(inputs, _draws(inputs.latents, name))
+        assert got.item() == pytest.approx(value.item(), rel=1e-4), name
+    assert expected["l1"] > 1e-3  # the two points really differ
+
+
+def test_f_goes_through_the_kernel_op_and_the_target_has_no_gradient(trainer, fixed_batches, monkeypatch):
+    _, (inputs,) = fixed_batches(trainer)
+    calls = []
+    real = ccm_kernels.consistency_step
+    monkeypatch.setattr(ccm_kernels, "consistency_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    denoise = trainer.denoiser(trainer.model, inputs, trainer.base.guidance_cond(trainer.unet, torch.full((2,), 7.0)))
+    online, target = consistency_pair(denoise, denoise, trainer.base.schedule, inputs.latents, _draws(inputs.latents, "l1"), num_points=50)
+    assert len(calls) == 2
+    assert online.requires_grad and not target.requires_grad
+
+
+def test_only_the_controlnet_gets_gradients(trainer, fixed_batches, assert_gradients):
+    _, (inputs,) = fixed_batches(trainer)
+    trainer.compute_loss(inputs, _draws(inputs.latents, "l1")).backward()
+    pipe = trainer.base.pipe
+    assert_gradients(trainer.unwrapped(), [trainer.unet, pipe.vae, pipe.text_encoder])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.unwrapped().controlnet_down_blocks.parameters())
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_the_output_loads(make_config, eval_loss, control_image):
+    trainer = CTControlNetTrainer(make_config("ct_controlnet", train__max_steps=200, train__lr=2e-3, checkpoint__every=1000))
+    trainer.setup()
+    evaluate = eval_loss(trainer)
+    before = evaluate()
+    result = trainer.train()
+    after = evaluate()
+    assert after < 0.85 * before, (before, after)
+    assert [row[0] for row in result.history] == list(range(1, 201))
+    # the ControlNet folder plugs into the consistency model as it is
+    pipe = CCMPipeline.from_pretrained(trainer.config.model, controlnet=result.outputs["controlnet"])
+    pipe.set_progress_bar_config(disable=True)
+    trained = pipe.controlnets[0].state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in trainer.unwrapped().state_dict().items())
+    out = pipe("a red square", control_image[..., :32, :32], num_inference_steps=2, output_type="pt")
+    assert out.images.shape == (1, 3, 32, 32) and torch.isfinite(out.images).all()
