@@ -1,4 +1,5 @@
-"""Training: DM and CM ControlNets, the unified adapter, latent consistency distillation, DreamBooth.
+"""Training: DM and CM ControlNets, the unified adapter, latent consistency distillation, DreamBooth,
+and the models they start from: a KL autoencoder (``vae``) and a text-to-image diffusion UNet (``t2i``).
 
     from ccm_sdk.training import train, load_config
     result = train(load_config("ct_controlnet", "configs/train/ct_controlnet.yaml", [("train.max_steps", 10)]))
@@ -17,6 +18,8 @@ TRAINER_CLASSES = {
     "adapter": ("adapter", "AdapterTrainer"),
     "lcd": ("lcd", "LCDTrainer"),
     "dreambooth": ("dreambooth", "DreamBoothTrainer"),
+    "vae": ("vae", "VAETrainer"),
+    "t2i": ("t2i", "T2ITrainer"),
 }
 TRAINERS = tuple(TRAINER_CLASSES)
 
@@ -24,6 +27,7 @@ _LAZY = {
     "AdapterTrainConfig": "config", "CTControlNetTrainConfig": "config", "DMControlNetTrainConfig": "config",
     "DreamBoothTrainConfig": "config", "LCDTrainConfig": "config", "TrainConfig": "config", "load_config": "config",
     "Trainer": "core", "TrainResult": "core",
+    "VAETrainConfig": "config", "T2ITrainConfig": "config", "build_text_encoder": "text_encoder",
     **{cls: module for module, cls in TRAINER_CLASSES.values()},
 }  # fmt: skip
 

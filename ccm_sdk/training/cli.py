@@ -28,7 +28,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand to ``ccm``'s subparsers."""
     parser = subparsers.add_parser(
         "train",
-        help="train a ControlNet, the unified adapter, an LCM (distillation) or a DreamBooth model",
+        help="train a VAE, a text-to-image diffusion model, a ControlNet, the unified adapter, an LCM (distillation) or a DreamBooth model",
         description="Train with one of the SDK's trainers; see docs/training.md.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -218,12 +218,121 @@ class DreamBoothTrainConfig(TrainConfig):
         return self
 
 
+def _check_levels(section: Section, down: tuple[str, ...] | None, up: tuple[str, ...] | None) -> None:
+    """Block lists that agree with block_out_channels, and channels the group norm can split."""
+    levels = len(section.block_out_channels)
+    for name, types_ in (("down_block_types", down), ("up_block_types", up)):
+        if types_ is not None and len(types_) != levels:
+            raise ValueError(f"expected {levels} {name} (one per block_out_channels entry), got {len(types_)}")
+    odd = [c for c in section.block_out_channels if c % section.norm_num_groups]
+    if odd:
+        raise ValueError(f"block_out_channels {list(odd)} are not divisible by norm_num_groups {section.norm_num_groups}")
+
+
+class VAEArchitecture(Section):
+    """A new diffusers AutoencoderKL; it downsamples by 2 ** (len(block_out_channels) - 1)."""
+
+    block_out_channels: tuple[int, ...] = Field(default=(64, 128, 128), min_length=1, description="channels per level; 3 levels: a 4x VAE")
+    layers_per_block: int = Field(default=2, ge=1)
+    latent_channels: int = Field(default=4, ge=1)
+    norm_num_groups: int = Field(default=32, ge=1)
+    down_block_types: tuple[str, ...] | None = Field(default=None, description="None: DownEncoderBlock2D per level")
+    up_block_types: tuple[str, ...] | None = Field(default=None, description="None: UpDecoderBlock2D per level")
+    sample_size: int | None = Field(default=None, ge=1, description="image size recorded in the config; None: the training images'")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        _check_levels(self, self.down_block_types, self.up_block_types)
+        return self
+
+
+class VAETrainConfig(TrainConfig):
+    """A KL autoencoder: reconstruction (L1 and/or MSE) + kl_weight * KL, then the latent scaling factor."""
+
+    trainer: Literal["vae"] = "vae"
+    model: str | None = Field(
+        default=None, description="continue this AutoencoderKL (a vae folder, or a model folder holding vae/); None: a new one"
+    )
+    architecture: VAEArchitecture | None = Field(default=None, description="the new VAE's shape; None: these defaults (not with model)")
+    l1_weight: float = Field(default=1.0, ge=0.0, description="weight of the mean |x_rec - x| (images in [-1, 1])")
+    mse_weight: float = Field(default=0.0, ge=0.0, description="weight of the mean (x_rec - x)^2")
+    kl_weight: float = Field(default=1e-6, ge=0.0, description="beta: weight of KL(q(z|x) || N(0, I)), summed over latent elements")
+    scaling_factor: float | None = Field(default=None, gt=0.0, description="store this scaling_factor; None: 1 / std of the latents")
+    scaling_samples: int = Field(default=256, ge=2, description="images (seeded random subset) that the scaling factor is measured on")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.model is not None and self.architecture is not None:
+            raise ValueError("set either model (continue a pretrained VAE) or architecture (a new one), not both")
+        if self.l1_weight == 0 and self.mse_weight == 0:
+            raise ValueError("l1_weight and mse_weight are both 0: nothing trains the reconstruction")
+        return self
+
+
+class UNetArchitecture(Section):
+    """A new diffusers UNet2DConditionModel; in/out channels and cross_attention_dim come from the VAE and text encoder."""
+
+    block_out_channels: tuple[int, ...] = Field(default=(64, 128, 256), min_length=1)
+    layers_per_block: int = Field(default=2, ge=1)
+    down_block_types: tuple[str, ...] | None = Field(default=None, description="None: CrossAttnDownBlock2D per level, DownBlock2D last")
+    up_block_types: tuple[str, ...] | None = Field(default=None, description="None: UpBlock2D first, CrossAttnUpBlock2D after")
+    attention_head_dim: int = Field(default=8, ge=1, description="attention heads per transformer block (diffusers' naming)")
+    transformer_layers_per_block: int = Field(default=1, ge=1)
+    norm_num_groups: int = Field(default=32, ge=1)
+    sample_size: int | None = Field(
+        default=None, ge=1, description="latent size; None: data.resolution (else the VAE's sample_size) / the VAE factor"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        _check_levels(self, self.down_block_types, self.up_block_types)
+        return self
+
+
+class NoiseScheduleSection(Section):
+    """The DDPM-family noise schedule written as the model's scheduler config."""
+
+    num_train_timesteps: int = Field(default=1000, ge=2)
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = Field(default=0.00085, gt=0.0, lt=1.0)
+    beta_end: float = Field(default=0.012, gt=0.0, lt=1.0)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+
+class T2ITrainConfig(TrainConfig):
+    """Text-to-image diffusion training of a UNet on a frozen VAE and text encoder."""
+
+    trainer: Literal["t2i"] = "t2i"
+    model: str | None = Field(
+        default=None, description="a diffusers model folder supplying what vae / text_encoder / unet / scheduler leave unset"
+    )
+    vae: str | None = Field(default=None, description="a vae folder (the vae trainer's output) or a model folder holding vae/")
+    text_encoder: str | None = Field(default=None, description="a folder holding text_encoder/ and tokenizer/ (build_text_encoder)")
+    unet: str | None = Field(default=None, description="initial UNet: a unet folder or a model folder holding unet/")
+    architecture: UNetArchitecture | None = Field(default=None, description="a new UNet of this shape (instead of unet / the model's)")
+    scheduler: NoiseScheduleSection | None = Field(default=None, description="None: the model's scheduler, or these defaults")
+    min_snr_gamma: float | None = Field(default=None, gt=0.0, description="min-SNR loss weighting min(SNR, gamma) / SNR (5.0 is usual)")
+    ema_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description="EMA of the UNet weights, exported when > 0; 0: no EMA")
+
+    @model_validator(mode="after")
+    def _sources(self):
+        if self.unet is not None and self.architecture is not None:
+            raise ValueError("set either unet (initial weights) or architecture (a new UNet), not both")
+        given = {"vae": self.vae, "text_encoder": self.text_encoder, "unet or architecture": self.unet or self.architecture}
+        missing = [name for name, value in given.items() if value is None and self.model is None]
+        if missing:
+            raise ValueError(f"no {', no '.join(missing)}: set them, or model (a diffusers model folder supplying them)")
+        return self
+
+
 CONFIG_CLASSES: dict[str, type[TrainConfig]] = {
     "dm_controlnet": DMControlNetTrainConfig,
     "ct_controlnet": CTControlNetTrainConfig,
     "adapter": AdapterTrainConfig,
     "lcd": LCDTrainConfig,
     "dreambooth": DreamBoothTrainConfig,
+    "vae": VAETrainConfig,
+    "t2i": T2ITrainConfig,
 }
 
 

@@ -99,7 +99,7 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class Trainer(ABC):
-    """Base class of the five trainers; ``Trainer(config).train()`` runs one."""
+    """Base class of every trainer; ``Trainer(config).train()`` runs one."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[TrainConfig]]

@@ -1,0 +1,272 @@
+"""Text-to-image diffusion training of a ``UNet2DConditionModel`` on a frozen VAE and text encoder.
+
+    x0 = scaling_factor * z,  z ~ q(z|image),  c = text(caption, or "" with probability data.caption_dropout)
+    t ~ U{0..T-1},  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    loss = E w(t) || target - unet(x_t, t, c) ||^2,   target = eps (or v = sqrt(abar) eps - sqrt(1 - abar) x0)
+    w(t) = 1, or with min_snr_gamma:  min(SNR, gamma) / SNR (epsilon), min(SNR, gamma) / (SNR + 1) (v),
+           SNR = abar / (1 - abar)   (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting")
+
+Caption dropout trains the unconditional branch that classifier-free guidance needs. The UNet is
+new (``architecture``), or starts from ``unet`` or the ``model`` folder's; with ``ema_decay`` > 0
+an EMA of its weights (decay min(ema_decay, (1 + n) / (10 + n)) after n updates, as diffusers'
+EMAModel) is kept, checkpointed and exported. The output is a full diffusers model folder
+(``output_dir/model``: unet, vae, text_encoder, tokenizer, a DDIM scheduler config, model_index.json)
+that ``CCMPipeline.from_pretrained`` loads, the ``lcd`` trainer distils and ``dm_controlnet`` builds on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch.utils.data import Dataset
+
+from ..errors import ImageSizeError, IncompatibleModelsError, InputError, MissingModelError, TrainingError
+from ..models.loading import load_component, read_json, resolve_model_path
+from ..pipeline import CCMPipeline
+from ..schedule import NoiseSchedule
+from .config import NoiseScheduleSection, T2ITrainConfig, UNetArchitecture
+from .core import Trainer
+from .dm_controlnet import DiffusionDraws, diffusion_target
+from .export import _float32_copy, atomic_folder
+from .frozen import FrozenBase, freeze
+from .text_encoder import load_text_encoder
+from .vae import load_vae
+
+SCHEDULER_CLASS = "DDIMScheduler"
+
+
+@dataclass
+class T2IInputs:
+    latents: torch.Tensor
+    embeds: torch.Tensor
+
+
+def scheduler_config(section: NoiseScheduleSection) -> dict[str, Any]:
+    """A DDPM-family scheduler config (Stable Diffusion's fixed settings, the section's schedule)."""
+    return {
+        **section.model_dump(),
+        "clip_sample": False,
+        "set_alpha_to_one": True,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+    }
+
+
+def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma for the schedule's prediction type."""
+    alpha = schedule.alpha(t).double()
+    snr = alpha / (1 - alpha)
+    clipped = snr.clamp(max=gamma)
+    if schedule.prediction_type == "epsilon":
+        weights = clipped / snr
+    elif schedule.prediction_type == "v_prediction":
+        weights = clipped / (snr + 1)
+    else:  # sample (x0) prediction
+        weights = clipped
+    return weights.float()
+
+
+def new_unet(architecture: UNetArchitecture, *, latent_channels: int, cross_attention_dim: int, sample_size: int) -> UNet2DConditionModel:
+    """A UNet2DConditionModel of ``architecture`` (diffusers' initialisation, from the global RNG)."""
+    levels = len(architecture.block_out_channels)
+    down = architecture.down_block_types or ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
+    up = architecture.up_block_types or ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
+    if levels == 1 and architecture.down_block_types is None:
+        down, up = ("CrossAttnDownBlock2D",), ("CrossAttnUpBlock2D",)
+    try:
+        return UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            down_block_types=down,
+            up_block_types=up,
+            block_out_channels=architecture.block_out_channels,
+            layers_per_block=architecture.layers_per_block,
+            attention_head_dim=architecture.attention_head_dim,
+            transformer_layers_per_block=architecture.transformer_layers_per_block,
+            norm_num_groups=architecture.norm_num_groups,
+            cross_attention_dim=cross_attention_dim,
+        )
+    except ValueError as exc:  # an unknown block type, mismatched lists
+        raise InputError(f"architecture: diffusers cannot build this UNet2DConditionModel: {exc}") from None
+
+
+def load_unet(source: str) -> UNet2DConditionModel:
+    """A UNet from a unet folder or a model folder holding ``unet/``."""
+    root = resolve_model_path(source, what="UNet")
+    if (root / "unet" / "config.json").is_file():
+        root = root / "unet"
+    elif not (root / "config.json").is_file():
+        raise MissingModelError(f"UNet {source!r}: expected a unet folder (config.json + safetensors) or a model folder holding unet/")
+    return load_component(UNet2DConditionModel, root, what=f"UNet {source!r}")
+
+
+class T2ITrainer(Trainer):
+    """Trains a text-to-image diffusion UNet; exports a diffusers model folder."""
+
+    name = "t2i"
+    config_class = T2ITrainConfig
+
+    # --- models -------------------------------------------------------------------------
+
+    def load_parts(self) -> dict[str, Any]:
+        """Frozen VAE, tokenizer, text encoder and the scheduler config, fresh from their folders (float32)."""
+        cfg = self.config
+        tokenizer, text_encoder = load_text_encoder(cfg.text_encoder or cfg.model)
+        parts = {"vae": load_vae(cfg.vae or cfg.model), "tokenizer": tokenizer, "text_encoder": text_encoder}
+        if cfg.scheduler is not None:
+            parts["scheduler_config"] = scheduler_config(cfg.scheduler)
+        elif cfg.model is not None:
+            root = resolve_model_path(cfg.model)
+            config = read_json(root / "scheduler" / "scheduler_config.json", what=f"model {cfg.model!r}, scheduler")
+            parts["scheduler_config"] = {k: v for k, v in config.items() if not k.startswith("_")}
+        else:
+            parts["scheduler_config"] = scheduler_config(NoiseScheduleSection())
+        return parts
+
+    def build(self) -> UNet2DConditionModel:
+        cfg = self.config
+        # 1. the frozen parts
+        parts = self.load_parts()
+        vae, text_encoder = parts["vae"], parts["text_encoder"]
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        # 2. the UNet: new, from a folder, or the model's
+        if cfg.architecture is not None:
+            vae_size = vae.config.sample_size
+            vae_size = vae_size[0] if isinstance(vae_size, (list, tuple)) else vae_size
+            size = cfg.architecture.sample_size or (cfg.data.resolution or vae_size) // factor
+            unet = new_unet(
+                cfg.architecture, latent_channels=vae.config.latent_channels,
+                cross_attention_dim=text_encoder.config.hidden_size, sample_size=max(1, size),
+            )  # fmt: skip
+        else:
+            unet = load_unet(cfg.unet or cfg.model)
+        if unet.config.get("time_cond_proj_dim") is not None:
+            raise IncompatibleModelsError(
+                "t2i trains a diffusion model, but this UNet takes a guidance embedding (time_cond_proj_dim): it is a consistency model"
+            )
+        # 3. the pipeline checks that the parts fit together (latent channels, text width)
+        self.pipe = CCMPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=parts["tokenizer"],
+                                scheduler_config=parts["scheduler_config"])  # fmt: skip
+        self.base = FrozenBase(self.pipe, device=self.device, weight_dtype=self.weight_dtype)
+        unet.requires_grad_(True)
+        self.enable_gradient_checkpointing(unet)
+        # 4. the EMA copy
+        self.ema = None
+        if cfg.ema_decay > 0:
+            self.ema = copy.deepcopy(unet)
+            freeze(self.ema)
+            self.ema.to(self.device)
+            self.ema_updates = 0
+        return unet
+
+    # --- data ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """As the base class, then check captions and image size before any step runs."""
+        if self.model is not None:
+            return
+        super().setup()
+        self.check_dataset(self.dataset)
+
+    def check_dataset(self, dataset: Dataset) -> None:
+        """Every image needs a caption (unless data.default_caption) and a size the VAE can encode."""
+        records = getattr(dataset, "records", None)
+        if records is not None and self.config.data.default_caption is None:
+            missing = [i for i, record in enumerate(records) if record.caption is None]
+            if missing:
+                try:
+                    dataset[missing[0]]
+                except TrainingError as exc:
+                    raise TrainingError(
+                        f"t2i learns from captions, but {len(missing)} of {len(records)} images have none: {exc}"
+                    ) from None
+        height, width = dataset[0]["image"].shape[-2:]  # a torch Dataset without captions fails here
+        factor = self.base.vae_scale_factor
+        if height % factor or width % factor:
+            raise ImageSizeError(f"training images are {height}x{width}, not multiples of the VAE factor {factor}; set data.resolution")
+
+    # --- loss ---------------------------------------------------------------------------
+
+    def prepare_inputs(self, batch: dict[str, Any]) -> T2IInputs:
+        return T2IInputs(
+            latents=self.base.encode_images(batch["images"]),
+            embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
+        )
+
+    def sample_draws(self, inputs: T2IInputs) -> DiffusionDraws:
+        t = torch.randint(0, self.base.schedule.num_train_timesteps, (inputs.latents.shape[0],))
+        return DiffusionDraws(t=t, noise=torch.randn_like(inputs.latents))
+
+    def compute_loss(self, inputs: T2IInputs, draws: DiffusionDraws) -> torch.Tensor:
+        schedule = self.base.schedule
+        x_t = schedule.add_noise(inputs.latents, draws.noise, draws.t)
+        prediction = self.model(x_t, draws.t.to(self.device), encoder_hidden_states=inputs.embeds, return_dict=False)[0]
+        target = diffusion_target(schedule, inputs.latents, draws.noise, draws.t)
+        per_sample = (prediction.float() - target.float()).square().flatten(1).mean(1)
+        if self.config.min_snr_gamma is None:
+            return per_sample.mean()
+        weights = min_snr_weights(schedule, draws.t, self.config.min_snr_gamma).to(per_sample.device)
+        return (weights * per_sample).mean()
+
+    # --- EMA ----------------------------------------------------------------------------
+
+    def ema_decay_now(self) -> float:
+        return min(self.config.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.ema_decay_now()
+        online = dict(self.unwrapped().named_parameters())
+        for name, param in self.ema.named_parameters():
+            param.lerp_(online[name].detach(), 1.0 - decay)
+        self.ema_updates += 1
+
+    def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.ema is None:
+            return {}
+        return {"ema": dict(self.ema.named_parameters()), "ema_state": {"updates": torch.tensor([float(self.ema_updates)])}}
+
+    def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.ema is None:
+            return
+        names = {name for name, _ in self.ema.named_parameters()}
+        if "ema" not in weights or set(weights["ema"]) != names or "ema_state" not in weights:
+            raise TrainingError("the checkpoint has no EMA weights matching this run (was ema_decay 0 when it was written?)")
+        self.ema.load_state_dict(weights["ema"], strict=False)
+        self.ema_updates = int(weights["ema_state"]["updates"].item())
+
+    # --- output -------------------------------------------------------------------------
+
+    def save_outputs(self, output_dir: Path) -> dict[str, Path]:
+        """The EMA (or trained) UNet with fresh float32 copies of the frozen parts, in diffusers layout."""
+        parts = self.load_parts()
+        unet = _float32_copy(self.ema if self.ema is not None else self.unwrapped())
+        pipe = CCMPipeline(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                           scheduler_config=parts["scheduler_config"])  # fmt: skip
+        out = output_dir / "model"
+        with atomic_folder(out) as tmp:
+            pipe.save_pretrained(tmp)
+            use_scheduler_class(tmp, SCHEDULER_CLASS)
+        return {"model": out}
+
+
+def use_scheduler_class(folder: Path, name: str) -> None:
+    """Name ``name`` as the folder's scheduler (CCMPipeline writes LCMScheduler; a diffusion model
+    loaded by diffusers' StableDiffusionPipeline should get a diffusion sampler)."""
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["_class_name"] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    index_file = folder / CCMPipeline.model_index_name
+    index = json.loads(index_file.read_text())
+    index["scheduler"] = ["diffusers", name]
+    index_file.write_text(json.dumps(index, indent=2))
