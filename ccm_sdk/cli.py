@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     cond.set_defaults(func=cmd_conditions)
     from .training.cli import add_train_parser
     add_train_parser(sub)
+    from .eval.cli import add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 

@@ -29,3 +29,13 @@ def register_adapters(register):
 @hookspec
 def register_samplers(register):
     """Register sampler functions: ``register(fn, name=...)``, with the shared sampler signature."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register dataset factories: ``register(factory, name=...)``, factory(**options) -> torch Dataset."""
+
+
+@hookspec
+def register_models(register):
+    """Register pretrained-model resolvers: ``register(resolver, name=...)``, resolver(argument) -> local folder."""

@@ -113,6 +113,18 @@ class CCMPipeline:
             controlnet = controlnet.to(device=self.device, dtype=self.dtype)
         self.controlnets.append(controlnet.eval())
 
+    def set_controlnets(self, controlnets: Sequence[ControlNetModel]) -> None:
+        """Replace every ControlNet (each is checked against the UNet and the adapter)."""
+        previous, self.controlnets = self.controlnets, []
+        try:
+            for net in controlnets:
+                self.add_controlnet(net)
+                if self.adapter is not None:
+                    self.adapter.check_compatible(net)
+        except Exception:
+            self.controlnets = previous
+            raise
+
     def set_adapter(self, adapter: Adapter | None) -> None:
         """Install (or remove, with None) the adapter applied to every ControlNet's residuals."""
         if adapter is not None:
@@ -520,9 +532,10 @@ def load_controlnet(source: ControlNetSource, *, torch_dtype: torch.dtype = torc
     if isinstance(source, torch.nn.Module):
         raise InputTypeError(f"expected a diffusers ControlNetModel, got {type(source).__name__}")
     text = str(source)
-    if ":" in text and not Path(text).exists() and not (len(text) > 1 and text[1] == ":"):
-        provider, _, argument = text.partition(":")
+    provider, sep, argument = text.partition(":")
+    if sep and provider in controlnet_providers and not Path(text).exists():
         return controlnet_providers.get(provider)(argument, torch_dtype=torch_dtype, local_files_only=local_files_only)
+    # a folder, a hub id, or "name:argument" of a plugin's model source
     return controlnet_providers.get("diffusers")(text, torch_dtype=torch_dtype, local_files_only=local_files_only)
 
 

@@ -119,10 +119,12 @@ def _registries():
         Registry("ControlNet provider", "register_controlnets", _callable),
         Registry("adapter", "register_adapters", _subclass_of(Adapter)),
         Registry("sampler", "register_samplers", _subclass_of(Sampler)),
+        Registry("dataset", "register_datasets", _callable),
+        Registry("model source", "register_models", _callable),
     )
 
 
-conditions, controlnets, adapters, samplers = _registries()
+conditions, controlnets, adapters, samplers, datasets, models = _registries()
 
 
 def get_condition(name: str, **options: Any):
@@ -133,3 +135,8 @@ def get_condition(name: str, **options: Any):
 def get_sampler(name: str, **options: Any):
     """Instantiate the sampler registered as ``name`` with ``options``."""
     return samplers.get(name)(**options)
+
+
+def get_dataset(name: str, **options: Any):
+    """Build the dataset registered as ``name`` with ``options``."""
+    return datasets.get(name)(**options)

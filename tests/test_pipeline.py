@@ -136,3 +136,21 @@ def test_no_controlnet_is_plain_text_to_image(lcm_dir):
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a cat", height=32, width=48, output_type="pt")
     assert out.images.shape == (1, 3, 32, 48)
+
+
+def test_set_controlnets_replaces_and_checks(pipe, controlnet_dir, lcm_dir, control_image):
+    from diffusers import UNet2DConditionModel
+
+    from ccm_sdk.errors import IncompatibleModelsError
+    from ccm_sdk.pipeline import load_controlnet
+    from ccm_sdk.testing import tiny
+
+    fresh = CCMPipeline.from_pretrained(lcm_dir)
+    fresh.set_progress_bar_config(disable=True)
+    fresh.set_controlnets([load_controlnet(controlnet_dir)])
+    assert torch.equal(_gen(fresh, control_image).images, _gen(pipe, control_image).images)
+    unet = UNet2DConditionModel.from_pretrained(lcm_dir / "unet")
+    wrong = tiny.tiny_controlnet(UNet2DConditionModel(**{**unet.config, "block_out_channels": (16, 32), "time_cond_proj_dim": None}))
+    with pytest.raises(IncompatibleModelsError):
+        fresh.set_controlnets([wrong])
+    assert len(fresh.controlnets) == 1  # unchanged after the refusal

@@ -199,3 +199,25 @@ def test_import_works_without_triton_or_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "consistency"
+
+
+def test_model_sources_resolve_name_colon_argument(lcm_dir, controlnet_dir):
+    from ccm_sdk.pipeline import CCMPipeline
+
+    folders = {"lcm": lcm_dir, "canny": controlnet_dir}
+    plugin = _plugin(register_models=lambda register: register(lambda arg: folders[arg], name="zoo"))
+    with registered(plugin, "zoo-plugin"):
+        pipe = CCMPipeline.from_pretrained("zoo:lcm", controlnet="zoo:canny")
+        assert len(pipe.controlnets) == 1
+    with pytest.raises(Exception, match="does not exist"):
+        CCMPipeline.from_pretrained("zoo:lcm")  # no plugin, no folder of that name
+
+
+def test_datasets_register_and_build_with_options():
+    from ccm_sdk.registry import get_dataset
+
+    plugin = _plugin(register_datasets=lambda register: register(lambda n=2: list(range(n)), name="numbers"))
+    with registered(plugin, "numbers-plugin"):
+        assert get_dataset("numbers", n=3) == [0, 1, 2]
+    with pytest.raises(UnknownNameError, match="unknown dataset 'numbers'"):
+        get_dataset("numbers")

@@ -35,6 +35,12 @@ def resolve_model_path(
     ``local_files_only`` defaults to ``HF_HUB_OFFLINE``; then only the local cache is consulted.
     """
     path = Path(source).expanduser()
+    model_source = _registered_model(source)
+    if model_source is not None:
+        name, argument = model_source
+        from ..registry import models
+
+        return resolve_model_path(models.get(name)(argument), local_files_only=local_files_only, revision=revision, what=what)
     if path.exists():
         if not path.is_dir() and path.suffix != ".safetensors":
             raise MissingModelError(f"{what} {str(source)!r} is a file, expected a model folder")
@@ -60,6 +66,17 @@ def resolve_model_path(
     except (HfHubHTTPError, OSError) as exc:
         raise MissingModelError(f"{what} {text!r} could not be fetched from the hub: {exc}") from None
     return Path(folder)
+
+
+def _registered_model(source) -> tuple[str, str] | None:
+    """``"name:argument"`` where ``name`` is a plugin's model source (not a path, not a drive letter)."""
+    text = str(source)
+    name, sep, argument = text.partition(":")
+    if not sep or len(name) < 2 or "/" in name or "\\" in name or Path(text).exists():
+        return None
+    from ..registry import models
+
+    return (name, argument) if name in models else None
 
 
 def check_safetensors(file: Path) -> None:

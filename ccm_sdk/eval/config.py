@@ -1,0 +1,234 @@
+"""Eval configs (pydantic, ``extra="forbid"``), and the paper's Table 2 methods as named presets.
+
+A method is one way to make controlled images: a model folder, one ControlNet per condition,
+an optional adapter, a sampler, its step counts and guidance. ``methods`` in a config lists
+full ``MethodConfig`` entries or preset names; presets take their models from ``paper``:
+
+| preset | paper row | model | ControlNets | sampler |
+|---|---|---|---|---|
+| ``dm-controlnet+dm`` | DM's ControlNet + DM | dm | dm_controlnets | ddim, CFG (2 NFE a step) |
+| ``dm-controlnet+cm`` | DM's ControlNet + CM | cm | dm_controlnets | consistency |
+| ``dm-controlnet+cm+adapter`` | DM's ControlNet + CM + adapter | cm | dm_controlnets + adapter | consistency |
+| ``cm-controlnet+cm`` | CM's ControlNet + CM | cm | cm_controlnets | consistency |
+| ``cm-controlnet+dm`` | CM's ControlNet + DM (reverse transfer) | dm | cm_controlnets | ddim, CFG |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import InputError, MissingModelError, UnknownNameError
+from .features import FeatureConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(Section):
+    """Where real images, captions (and precomputed control maps) come from: a registered
+    dataset, a factory, or a folder."""
+
+    name: str | None = Field(default=None, description="a dataset registered by a plugin (ccm_sdk.registry.datasets), e.g. 'world'")
+    path: str | None = Field(default=None, description="image folder: a.png + a.txt (+ <key>/a.png control maps)")
+    factory: str | None = Field(default=None, description="'module:callable' returning a torch Dataset, e.g. 'ccm_world:WorldDataset'")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the named dataset or the factory")
+    resolution: int | None = Field(default=None, ge=8, description="folder datasets: resize and center-crop to this square size")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if sum(v is not None for v in (self.name, self.path, self.factory)) != 1:
+            raise ValueError("set exactly one of dataset.name, dataset.path and dataset.factory")
+        if self.options and self.path is not None:
+            raise ValueError("dataset.options only apply to a dataset.name or dataset.factory")
+        return self
+
+
+class ConditionConfig(Section):
+    """A condition to evaluate: the registered condition that makes c (or reads it back as h(y))."""
+
+    name: str = Field(description="a registered condition (ccm conditions lists them)")
+    options: dict[str, Any] = Field(default_factory=dict)
+    control: Literal["extract", "dataset"] = Field(
+        default="extract", description="extract: c = the condition run on the real image; dataset: the dataset's map"
+    )
+    key: str | None = Field(default=None, description="dataset control key (default: the condition's name)")
+    label: str | None = Field(default=None, description="column name in reports and key in a method's controlnets")
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+    @property
+    def dataset_key(self) -> str:
+        return self.key or self.name
+
+
+class MethodConfig(Section):
+    """One row of the results table."""
+
+    name: str
+    model: str = Field(description="model folder (diffusers layout) or hub id")
+    controlnets: dict[str, str] = Field(description="condition label -> ControlNet folder, hub id or 'provider:argument'")
+    adapter: str | None = None
+    lora: str | None = None
+    sampler: str = "consistency"
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
+    steps: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    guidance_scale: float = 8.0
+    controlnet_conditioning_scale: float = 1.0
+
+
+class PaperModels(Section):
+    """The models behind the preset methods."""
+
+    dm: str | None = Field(default=None, description="the diffusion model (the baseline)")
+    cm: str | None = Field(default=None, description="the consistency model (LCM) distilled from it")
+    dm_controlnets: dict[str, str] = Field(default_factory=dict, description="condition -> ControlNet trained for the DM")
+    cm_controlnets: dict[str, str] = Field(default_factory=dict, description="condition -> ControlNet trained for the CM (CT)")
+    adapter: str | None = Field(default=None, description="the unified adapter, trained for the DM ControlNets on the CM")
+    dm_sampler: str = "ddim"
+    dm_steps: list[int] = Field(default_factory=lambda: [50], min_length=1)
+    dm_guidance_scale: float = 7.5
+    cm_steps: list[int] = Field(default_factory=lambda: [4, 1], min_length=1)
+    cm_guidance_scale: float = 8.0
+
+
+# preset -> (paper row, model field, ControlNets field, uses the adapter, diffusion sampling)
+PRESETS: dict[str, tuple[str, str, str, bool, bool]] = {
+    "dm-controlnet+dm": ("DM's ControlNet + DM", "dm", "dm_controlnets", False, True),
+    "dm-controlnet+cm": ("DM's ControlNet + CM", "cm", "dm_controlnets", False, False),
+    "dm-controlnet+cm+adapter": ("DM's ControlNet + CM + adapter", "cm", "dm_controlnets", True, False),
+    "cm-controlnet+cm": ("CM's ControlNet + CM", "cm", "cm_controlnets", False, False),
+    "cm-controlnet+dm": ("CM's ControlNet + DM", "dm", "cm_controlnets", False, True),
+}
+TABLE2_PRESETS = ("dm-controlnet+dm", "dm-controlnet+cm", "dm-controlnet+cm+adapter", "cm-controlnet+cm")
+
+
+class CorrelationConfig(Section):
+    """The residual correlation analysis between two ControlNets (``analysis.py``)."""
+
+    model: str = Field(description="model whose VAE and text encoder make the inputs")
+    controlnet_a: str
+    controlnet_b: str
+    label_a: str = "A"
+    label_b: str = "B"
+    condition: str = Field(description="label of one of the config's conditions: its control maps are the input")
+    timesteps: list[int] = Field(default_factory=lambda: [999, 749, 499, 249], min_length=1)
+    num_samples: int = Field(default=8, ge=1)
+
+
+class EvalConfig(Section):
+    output_dir: str = "outputs/eval"
+    dataset: DatasetConfig
+    num_samples: int = Field(default=32, ge=2, description="real and generated images per condition and method (FID needs 2+)")
+    batch_size: int = Field(default=8, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    conditions: list[ConditionConfig] = Field(min_length=1)
+    methods: list[str | MethodConfig] = Field(min_length=1)
+    paper: PaperModels | None = None
+    show: int = Field(default=4, ge=1, description="samples per method and condition in samples.png")
+    warmup: bool = Field(default=True, description="one untimed generation per method and step count first")
+    correlation: list[CorrelationConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_labels(self):
+        titles = [c.title for c in self.conditions]
+        if len(set(titles)) != len(titles):
+            raise ValueError(f"condition labels must be unique, got {titles}; set 'label' to tell them apart")
+        return self
+
+
+def preset_method(name: str, paper: PaperModels | None) -> MethodConfig:
+    """The ``MethodConfig`` of preset ``name`` with the models of ``paper``."""
+    if name not in PRESETS:
+        raise UnknownNameError("eval method preset", name, PRESETS)
+    title, model_field, controlnets_field, adapter, diffusion = PRESETS[name]
+    if paper is None:
+        raise InputError(f"method preset {name!r} takes its models from the config's 'paper' section, which is missing")
+    model = getattr(paper, model_field)
+    if model is None:
+        raise InputError(f"method preset {name!r} needs paper.{model_field} (a model folder)")
+    if adapter and paper.adapter is None:
+        raise InputError(f"method preset {name!r} needs paper.adapter (a unified-adapter folder)")
+    return MethodConfig(
+        name=title,
+        model=model,
+        controlnets=getattr(paper, controlnets_field),
+        adapter=paper.adapter if adapter else None,
+        sampler=paper.dm_sampler if diffusion else "consistency",
+        steps=paper.dm_steps if diffusion else paper.cm_steps,
+        guidance_scale=paper.dm_guidance_scale if diffusion else paper.cm_guidance_scale,
+    )
+
+
+def expand_methods(config: EvalConfig, only: list[str] | None = None) -> list[MethodConfig]:
+    """Presets resolved, names checked unique, and every method given a ControlNet per condition.
+
+    ``only`` keeps the methods with these preset or method names (unknown ones raise).
+    """
+    entries = [(m, preset_method(m, config.paper)) if isinstance(m, str) else (m.name, m) for m in config.methods]
+    if only is not None:
+        known = {key for key, _ in entries} | {method.name for _, method in entries}
+        for name in only:
+            if name not in known:
+                raise UnknownNameError("eval method", name, known)
+        entries = [(key, method) for key, method in entries if key in only or method.name in only]
+    methods = [method for _, method in entries]
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise InputError(f"method names must be unique, got {names}")
+    for method in methods:
+        missing = [c.title for c in config.conditions if c.title not in method.controlnets]
+        if missing:
+            raise InputError(f"method {method.name!r} has no ControlNet for condition(s) {missing}; add them to its controlnets")
+    return methods
+
+
+def check_names(config: EvalConfig, methods: list[MethodConfig]) -> None:
+    """Raise UnknownNameError for conditions or samplers that nothing registered."""
+    from ..registry import conditions, samplers
+
+    for condition in config.conditions:
+        conditions.get(condition.name)
+    for method in methods:
+        samplers.get(method.sampler)
+    titles = {c.title for c in config.conditions}
+    for analysis in config.correlation:
+        if analysis.condition not in titles:
+            raise UnknownNameError("eval condition", analysis.condition, titles)
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+
+
+def load_eval_config(source: str | os.PathLike | dict[str, Any], overrides: dict[str, Any] | None = None) -> EvalConfig:
+    """An ``EvalConfig`` from a YAML/JSON file or a dict, with top-level ``overrides``; errors are InputErrors."""
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise MissingModelError(f"eval config {str(path)!r} does not exist")
+        text = path.read_text()
+        if path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+        if not isinstance(raw, dict):
+            raise InputError(f"eval config {str(path)!r} should hold a mapping, got {type(raw).__name__}")
+    raw.update(overrides or {})
+    try:
+        return EvalConfig(**raw)
+    except ValidationError as exc:
+        raise InputError(f"invalid eval config: {_problems(exc)}") from None

@@ -1,0 +1,157 @@
+"""Writing an EvalResult: a Table-2-style markdown table, a CSV, JSON, sample grids and bar charts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .runner import EvalResult, EvalRow
+
+
+def _number(value: float, digits: int) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _groups(rows: list[EvalRow]) -> list[tuple[str, int]]:
+    """(method, steps) in the order they were run."""
+    return list(dict.fromkeys((r.method, r.steps) for r in rows))
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def markdown_table(result: EvalResult) -> str:
+    """| method | steps | NFE | time (s) | <condition> FID / Fidelity ... | mean |, plus the real-image floor."""
+    conditions = [c.title for c in result.config.conditions]
+    header = ["method", "steps", "NFE", "time (s)", *conditions, "mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, steps in _groups(result.rows):
+        rows = {r.condition: r for r in result.rows if r.method == method and r.steps == steps}
+        nfes = sorted({r.nfe for r in rows.values()})
+        cells = [method, str(steps), "/".join(map(str, nfes)), _number(_mean([r.seconds_per_image for r in rows.values()]), 3)]
+        for title in conditions:
+            row = rows.get(title)
+            cells.append("" if row is None else f"{_number(row.fid, 2)} / {_number(row.fidelity, 3)}")
+        cells.append(f"{_number(_mean([r.fid for r in rows.values()]), 2)} / {_number(_mean([r.fidelity for r in rows.values()]), 3)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    floor = [f"- / {_number(result.real_fidelity[t], 3)}" for t in conditions]
+    lines.append("| real images (Fidelity floor) | - | - | - | " + " | ".join(floor) + f" | - / {_number(_mean(list(result.real_fidelity.values())), 3)} |")
+    return "\n".join(lines)
+
+
+def _markdown(result: EvalResult) -> str:
+    config = result.config
+    parts = [
+        "# Evaluation results",
+        "",
+        f"FID / Fidelity per condition (lower is better); {config.num_samples} samples per cell, FID in "
+        f"`{result.feature_extractor}` features against the dataset's real images; Fidelity is the mean absolute "
+        "difference between h(y) and the control map, in [0, 1] units (docs/evaluation.md). NFE is network "
+        "evaluations per image; time is wall-clock seconds per image on this machine.",
+        "",
+        markdown_table(result),
+    ]
+    for i, analysis in enumerate(result.correlations):
+        parts += ["", f"## Correlation: {analysis.label_a} vs {analysis.label_b}", "",
+                  "| depth | " + " | ".join(analysis.names) + " |", "|---|" + "---|" * len(analysis.names),
+                  "| cosine | " + " | ".join(_number(v, 3) for v in analysis.cosine_mean) + " |",
+                  "", f"![correlation](correlation_{i}.png)"]  # fmt: skip
+    parts += ["", "![samples](samples.png)", "", "![metrics](metrics.png)", ""]
+    return "\n".join(parts)
+
+
+def _strip(images: torch.Tensor) -> np.ndarray:
+    """[n, C, H, W] -> one [H, n*W, 3] strip; 4-channel mask maps show masked pixels grey."""
+    if images.shape[1] == 4:
+        masked = images[:, 3:]
+        images = images[:, :3] * (1 - masked) + 0.5 * masked
+    elif images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return torch.cat(list(images[:, :3].clamp(0, 1)), dim=-1).permute(1, 2, 0).numpy()
+
+
+def plot_samples(result: EvalResult, path: Path) -> Path:
+    """Rows: control maps, real images, then each (method, steps); columns: conditions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = [c.title for c in result.config.conditions]
+    groups = _groups(result.rows)
+    labels = ["control", "real", *(f"{m}\n{s} steps" for m, s in groups)]
+    show = max(1, result.reals.shape[0])
+    cell_width = 0.65 * show
+    figure, axes = plt.subplots(len(labels), len(conditions), squeeze=False,
+                                figsize=(cell_width * len(conditions) + 2.0, (cell_width / show + 0.3) * len(labels) + 0.4))  # fmt: skip
+    for column, title in enumerate(conditions):
+        panels = [result.controls[title], result.reals, *(result.samples.get((m, s, title)) for m, s in groups)]
+        for row, panel in enumerate(panels):
+            axis = axes[row][column]
+            axis.set_xticks([]), axis.set_yticks([])
+            if panel is not None:
+                axis.imshow(_strip(panel), interpolation="nearest")
+            if row == 0:
+                axis.set_title(title, fontsize=9)
+            if column == 0:
+                axis.set_ylabel(labels[row], fontsize=7, rotation=0, ha="right", va="center")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_metrics(result: EvalResult, path: Path) -> Path:
+    """Two grouped bar charts (FID, Fidelity): conditions on the x axis, one bar per (method, steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = [c.title for c in result.config.conditions]
+    groups = _groups(result.rows)
+    figure, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.4 * len(conditions) * 2) + 2.5, 3.6))
+    width = 0.8 / max(1, len(groups))
+    for axis, metric in zip(axes, ("fid", "fidelity")):
+        for g, (method, steps) in enumerate(groups):
+            values = []
+            for title in conditions:
+                row = next((r for r in result.rows if r.method == method and r.steps == steps and r.condition == title), None)
+                values.append(getattr(row, metric) if row is not None else float("nan"))
+            axis.bar(np.arange(len(conditions)) + (g - (len(groups) - 1) / 2) * width, values, width, label=f"{method} ({steps})")
+        axis.set_xticks(range(len(conditions)), conditions)
+        axis.set_title("FID" if metric == "fid" else "Fidelity (mean |h(y) - c|)")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(result: EvalResult, output_dir) -> dict[str, Any]:
+    """Write every output file; returns their paths by kind."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {"markdown": out / "results.md", "csv": out / "results.csv", "json": out / "results.json"}
+    paths["markdown"].write_text(_markdown(result))
+    with open(paths["csv"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(EvalRow)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in result.rows)
+    paths["json"].write_text(json.dumps(result.to_dict(), indent=2, allow_nan=True))
+    paths["samples"] = plot_samples(result, out / "samples.png")
+    paths["metrics"] = plot_metrics(result, out / "metrics.png")
+    paths["correlation"] = []
+    for i, analysis in enumerate(result.correlations):
+        analysis.save_json(out / f"correlation_{i}.json")
+        paths["correlation"].append(analysis.plot(out / f"correlation_{i}.png"))
+    return paths

@@ -1,0 +1,221 @@
+"""Run an eval config: generate with every method, step count and condition; score FID, Fidelity, NFE, time.
+
+For each condition the control maps c come from the first ``num_samples`` dataset items (the
+condition run on the real image, or the dataset's own maps), and every method generates one
+image per item from its caption and c, with the same seeded noise per item across methods, so
+rows differ only by method. FID compares the generated images with those real images, in the
+features of ``config.features``; with small N it is biased upwards (compare rows of one run).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..conditions.mask import MaskCondition, random_masks
+from ..errors import ChannelMismatchError, InputError
+from ..interfaces import Condition
+from ..registry import get_condition, get_sampler
+from .config import ConditionConfig, EvalConfig, MethodConfig, check_names, expand_methods
+from .features import extract_features, load_extractor
+from .fid import fid_from_features
+from .fidelity import fidelity, fidelity_per_image
+
+
+@dataclass
+class EvalRow:
+    """One method at one step count on one condition."""
+
+    method: str
+    sampler: str
+    steps: int
+    condition: str
+    nfe: int  # network evaluations per image (a CFG step counts two)
+    seconds_per_image: float  # wall time of the pipeline calls (warm-up excluded) / images
+    fid: float
+    fidelity: float
+    num_samples: int
+
+
+@dataclass
+class EvalResult:
+    config: EvalConfig
+    rows: list[EvalRow]
+    real_fidelity: dict[str, float]  # h(x_real) against c: 0 for extracted controls, the floor for dataset maps
+    reals: torch.Tensor  # the first ``show`` real images
+    controls: dict[str, torch.Tensor]  # per condition, the first ``show`` control maps
+    samples: dict[tuple[str, int, str], torch.Tensor] = field(default_factory=dict)  # (method, steps, condition)
+    correlations: list[Any] = field(default_factory=list)  # CorrelationResult per config.correlation entry
+    feature_extractor: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [asdict(r) for r in self.rows],
+            "real_fidelity": self.real_fidelity,
+            "features": self.feature_extractor,
+            "correlation": [c.to_dict() for c in self.correlations],
+            "config": self.config.model_dump(mode="json"),
+        }
+
+    def write(self, output_dir=None) -> dict[str, Any]:
+        """results.md, results.csv, results.json, samples.png, metrics.png (+ correlation_<i>.png/json)."""
+        from .report import write_report
+
+        return write_report(self, output_dir or self.config.output_dir)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but CUDA is not available")
+    return torch.device(name)
+
+
+def build_dataset(config: EvalConfig):
+    """The torch Dataset an eval config names."""
+    source = config.dataset
+    if source.name is not None:
+        from ..registry import get_dataset
+
+        return get_dataset(source.name, **source.options)
+    if source.factory is not None:
+        module_name, _, attribute = source.factory.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise InputError(f"dataset.factory {source.factory!r} is not an importable 'module:callable': {exc}") from None
+        return factory(**source.options)
+    from ..training.data import ImageFolderDataset
+
+    keys = [c.dataset_key for c in config.conditions if c.control == "dataset"]
+    return ImageFolderDataset(source.path, control_keys=keys, resolution=source.resolution)
+
+
+def _fit_channels(control: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+    if control.shape[1] == channels:
+        return control
+    if control.shape[1] == 1 and channels == 3:
+        return control.expand(-1, 3, -1, -1)
+    raise ChannelMismatchError(f"{what} has {control.shape[1]} channels, the condition makes {channels}")
+
+
+def control_maps(spec: ConditionConfig, condition: Condition, images: torch.Tensor, items: list[dict], seed: int) -> torch.Tensor:
+    """c for every real image: the condition's output, or the dataset's map under ``spec.dataset_key``."""
+    if spec.control == "dataset":
+        maps = []
+        for index, item in enumerate(items):
+            control = item.get("controls", {}).get(spec.dataset_key)
+            if control is None:
+                raise InputError(f"dataset item {index} has no control map {spec.dataset_key!r} for condition {spec.title!r}")
+            maps.append(control)
+        return _fit_channels(torch.stack(maps).float(), condition.channels, f"dataset control map {spec.dataset_key!r}")
+    kwargs = {}
+    if isinstance(condition, MaskCondition):
+        kwargs["mask"] = random_masks(images.shape[0], *images.shape[-2:], seed=seed)
+    return condition(images, **kwargs)
+
+
+class _Pipelines:
+    """Loads each model once and swaps ControlNets and adapters into it."""
+
+    def __init__(self, device: torch.device):
+        self.device, self._loaded = device, {}
+
+    def get(self, method: MethodConfig, controlnet: str):
+        from ..models.adapter import load_adapter
+        from ..pipeline import CCMPipeline, load_controlnet
+
+        key = (method.model, method.lora)
+        if key not in self._loaded:
+            self._loaded.clear()  # one model in memory at a time
+            # loading puts models on the CPU; moving them there again would only warn
+            pipe = CCMPipeline.from_pretrained(method.model, lora=method.lora, device=None if self.device.type == "cpu" else self.device)
+            pipe.set_progress_bar_config(disable=True)
+            self._loaded[key] = pipe
+        pipe = self._loaded[key]
+        pipe.set_adapter(None)
+        pipe.set_controlnets([load_controlnet(controlnet)])
+        pipe.set_adapter(None if method.adapter is None else load_adapter(method.adapter))
+        return pipe
+
+
+def _generate(pipe, method: MethodConfig, sampler, steps: int, captions: list[str], controls: torch.Tensor,
+              config: EvalConfig) -> tuple[torch.Tensor, int, float]:  # fmt: skip
+    """All images for one (method, steps, condition): images, NFE per image, seconds per image."""
+    images, nfe, seconds = [], 0, 0.0
+    for start in range(0, len(captions), config.batch_size):
+        stop = min(start + config.batch_size, len(captions))
+        generators = [torch.Generator().manual_seed(config.seed + i) for i in range(start, stop)]
+        output = pipe(
+            captions[start:stop], controls[start:stop], num_inference_steps=steps, guidance_scale=method.guidance_scale,
+            controlnet_conditioning_scale=method.controlnet_conditioning_scale, generator=generators, sampler=sampler,
+            output_type="pt",
+        )  # fmt: skip
+        images.append(output.images.float().cpu())
+        nfe, seconds = output.nfe, seconds + output.timings["total"]
+    return torch.cat(images), nfe, seconds / len(captions)
+
+
+def run_evaluation(config: EvalConfig, *, methods: list[str] | None = None, log: Callable[[str], None] | None = print) -> EvalResult:
+    """Evaluate ``config`` (optionally only the named ``methods``) and return the rows; nothing is written."""
+    say = log or (lambda message: None)
+    # 1. methods, names and device
+    method_configs = expand_methods(config, methods)
+    check_names(config, method_configs)
+    device = resolve_device(config.device)
+    # 2. real images, captions and control maps
+    dataset = build_dataset(config)
+    if len(dataset) < config.num_samples:
+        raise InputError(f"the dataset holds {len(dataset)} samples, fewer than num_samples={config.num_samples}")
+    items = [dataset[i] for i in range(config.num_samples)]
+    images = torch.stack([item["image"] for item in items]).float()
+    captions = [item["caption"] for item in items]
+    conditions = {spec.title: get_condition(spec.name, **spec.options) for spec in config.conditions}
+    controls = {spec.title: control_maps(spec, conditions[spec.title], images, items, config.seed) for spec in config.conditions}
+    real_fidelity = {title: fidelity(conditions[title], images, controls[title]) for title in conditions}
+    # 3. features of the real images
+    extractor = load_extractor(config.features, device=device)
+    real_features = extract_features(extractor, images, batch_size=config.features.batch_size)
+    show = min(config.show, config.num_samples)
+    result = EvalResult(config, [], real_fidelity, images[:show], {t: c[:show] for t, c in controls.items()},
+                        feature_extractor=getattr(extractor, "name", type(extractor).__name__))  # fmt: skip
+    # 4. every method x condition x step count
+    pipelines = _Pipelines(device)
+    for method in method_configs:
+        sampler = get_sampler(method.sampler, **method.sampler_options)
+        for spec in config.conditions:
+            pipe = pipelines.get(method, method.controlnets[spec.title])
+            for steps in method.steps:
+                if config.warmup:
+                    _generate(pipe, method, sampler, steps, captions[:1], controls[spec.title][:1], config)
+                generated, nfe, seconds = _generate(pipe, method, sampler, steps, captions, controls[spec.title], config)
+                fid = fid_from_features(extract_features(extractor, generated, batch_size=config.features.batch_size), real_features)
+                values = fidelity_per_image(conditions[spec.title], generated, controls[spec.title])
+                score = float(values[~torch.isnan(values)].mean()) if (~torch.isnan(values)).any() else float("nan")
+                row = EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples)
+                result.rows.append(row)
+                result.samples[(method.name, steps, spec.title)] = generated[:show]
+                say(f"{method.name} | {steps} steps | {spec.title}: FID {fid:.3f}, Fidelity {score:.4f}, "
+                    f"{nfe} NFE, {seconds:.3f} s/image")  # fmt: skip
+    # 5. the correlation analyses
+    for analysis in config.correlation:
+        from ..pipeline import CCMPipeline
+        from .analysis import correlation_analysis
+
+        pipe = CCMPipeline.from_pretrained(analysis.model, device=None if device.type == "cpu" else device)
+        count = min(analysis.num_samples, config.num_samples)
+        result.correlations.append(
+            correlation_analysis(
+                pipe, analysis.controlnet_a, analysis.controlnet_b, images=images[:count].to(device),
+                captions=captions[:count], controls=controls[analysis.condition][:count], timesteps=analysis.timesteps,
+                seed=config.seed, label_a=analysis.label_a, label_b=analysis.label_b,
+            )
+        )  # fmt: skip
+        say(f"correlation {analysis.label_a} vs {analysis.label_b}: cosine per depth {result.correlations[-1].cosine_mean}")
+    return result

@@ -1,0 +1,95 @@
+"""Conditions that read the world's edge ground truths back from an image, for Fidelity on the world.
+
+The world paints every region in one flat colour (or a slow gradient), and any two colours that
+touch differ by at least 44/255 in some channel (``vocabulary.min_contrast``). So a colour jump
+between neighbouring pixels is a region boundary, and these extractors recover the dataset's
+``canny`` and ``hed`` maps from the pixels alone, up to a pixel of shift at corners and thin
+limbs where anti-aliasing blends a boundary (about 99% of pixels agree exactly). On photographs
+they are crude gradient detectors; use canny and hed there.
+
+Depth (layer order) and pose (the figure's joints) are not recoverable from the pixels by a
+rule like this; the dataset provides them, and no world condition pretends to extract them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ccm_sdk.conditions.opencv import to_uint8_rgb
+from ccm_sdk.interfaces import Condition, ConditionOptions
+
+from . import render
+
+
+class WorldEdgesOptions(ConditionOptions):
+    threshold: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="a channel jump above this between neighbours is an edge"
+    )
+
+
+def _axis_edges(pixels: np.ndarray, axis: int, limit: float) -> np.ndarray:
+    """Pixels whose jump to the next pixel along ``axis`` exceeds ``limit`` and is the largest of its run."""
+    jumps = np.abs(np.diff(pixels, axis=axis)).max(axis=-1).astype(np.float32)  # between i and i + 1
+    padding = [(0, 0), (0, 0)]
+    padding[axis] = (1, 1)
+    padded = np.pad(jumps, padding)
+    count = jumps.shape[axis]
+    previous, current, following = (np.take(padded, range(k, k + count), axis=axis) for k in range(3))
+    keep = (current > limit) & (current >= previous) & (current > following)
+    edges = np.zeros(pixels.shape[:2], bool)
+    index = [slice(None), slice(None)]
+    index[axis] = slice(0, count)
+    edges[tuple(index)] = keep
+    return edges
+
+
+def colour_edges(image: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> float32 [H, W] in {0, 1}: where the colour jumps to the right or lower neighbour.
+
+    A jump counts when some channel changes by more than ``threshold`` (in [0, 1] units) and it
+    is the largest of its run along that axis: an anti-aliased boundary blends one pixel, and
+    the larger of the two jumps around it marks the side that most of the pixel belongs to,
+    which is where the ground truth (majority labels) puts the edge.
+    """
+    pixels = image.astype(np.int16)
+    limit = threshold * 255.0
+    return (_axis_edges(pixels, 1, limit) | _axis_edges(pixels, 0, limit)).astype(np.float32)
+
+
+class WorldEdgesCondition(Condition):
+    """One-pixel colour-boundary edges, white on black: the world's ``canny`` ground truth, read from pixels."""
+
+    name = "world-edges"
+    channels = 3
+    Options = WorldEdgesOptions
+    description = "colour-boundary edges of flat-colour scenes (the world's canny ground truth, from pixels)"
+
+    def preprocess(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
+        maps = [colour_edges(image, self.options.threshold) for image in to_uint8_rgb(images)]
+        return torch.from_numpy(np.stack(maps))[:, None].expand(-1, 3, -1, -1).contiguous().to(images.device)
+
+
+class WorldSoftEdgesOptions(WorldEdgesOptions):
+    sigma: float | None = Field(default=None, gt=0.0, description="blur in pixels; default 1 per 64 pixels of image")
+
+
+class WorldSoftEdgesCondition(Condition):
+    """The colour-boundary edges blurred as the world's ``hed`` ground truth is: HED-like soft edges."""
+
+    name = "world-soft-edges"
+    channels = 3
+    Options = WorldSoftEdgesOptions
+    description = "soft (blurred) colour-boundary edges of flat-colour scenes (the world's hed ground truth)"
+
+    def preprocess(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        sigma = self.options.sigma or render.default_soft_edge_sigma(height, width)
+        maps = [
+            render.soft_edge_map(colour_edges(image, self.options.threshold), sigma) for image in to_uint8_rgb(images)
+        ]
+        return torch.from_numpy(np.stack(maps))[:, None].expand(-1, 3, -1, -1).contiguous().to(images.device)
+
+
+WORLD_CONDITION_CLASSES = (WorldEdgesCondition, WorldSoftEdgesCondition)

@@ -1,0 +1,125 @@
+"""The eval runner and ``ccm eval`` end to end on tiny random models (plumbing, not quality)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ccm_sdk.cli import main
+from ccm_sdk.errors import InputError
+from ccm_sdk.eval.config import load_eval_config
+from ccm_sdk.eval.runner import run_evaluation
+from ccm_sdk.models.adapter import UnifiedAdapter
+from ccm_sdk.testing import tiny
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, lcm_dir, sd_dir, controlnet_dir, sd_controlnet_dir):
+    root = tmp_path_factory.mktemp("eval-models")
+    mask_dm = tiny.save_tiny_controlnet(root / "dm-mask", sd_dir, conditioning_channels=4, seed=5)
+    mask_cm = tiny.save_tiny_controlnet(root / "cm-mask", lcm_dir, conditioning_channels=4, seed=6)
+    adapter = UnifiedAdapter.for_controlnet(tiny.tiny_controlnet(tiny.tiny_unet())).save_pretrained(root / "adapter")
+    return {
+        "dm": str(sd_dir), "cm": str(lcm_dir), "adapter": str(adapter),
+        "dm_controlnets": {"canny": str(sd_controlnet_dir), "mask": str(mask_dm)},
+        "cm_controlnets": {"canny": str(controlnet_dir), "mask": str(mask_cm)},
+        "dm_steps": [2], "cm_steps": [2, 1],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Six 32 px images of a coloured box on a plain background, with captions."""
+    root = tmp_path_factory.mktemp("eval-data")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image = np.full((32, 32, 3), rng.integers(0, 256, 3), np.uint8)
+        top, left = rng.integers(2, 16, 2)
+        image[top : top + 12, left : left + 12] = rng.integers(0, 256, 3)
+        Image.fromarray(image).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"a box number {i}")
+    return root
+
+
+def _config(models, image_folder, tmp_path, **changes):
+    raw = {
+        "output_dir": str(tmp_path / "out"),
+        "dataset": {"path": str(image_folder)},
+        "num_samples": 4, "batch_size": 4, "device": "cpu", "warmup": False, "show": 2,
+        "conditions": [{"name": "canny", "options": {"low_threshold": 50, "high_threshold": 100}}, {"name": "mask"}],
+        "methods": ["dm-controlnet+dm", "dm-controlnet+cm", "dm-controlnet+cm+adapter", "cm-controlnet+cm", "cm-controlnet+dm"],
+        "paper": models,
+    }  # fmt: skip
+    raw.update(changes)
+    return load_eval_config(raw)
+
+
+def test_table2_methods_and_reverse_transfer_end_to_end(models, image_folder, tmp_path):
+    result = run_evaluation(_config(models, image_folder, tmp_path), log=None)
+    by_key = {(r.method, r.steps, r.condition): r for r in result.rows}
+    assert len(result.rows) == 2 * (1 + 2 + 2 + 2 + 1)  # conditions x (method, steps)
+    assert by_key[("DM's ControlNet + DM", 2, "canny")].nfe == 4  # DDIM with CFG: two calls a step
+    assert by_key[("CM's ControlNet + DM", 2, "mask")].nfe == 4
+    assert by_key[("DM's ControlNet + CM", 1, "canny")].nfe == 1
+    assert by_key[("CM's ControlNet + CM", 2, "mask")].nfe == 2
+    for row in result.rows:
+        assert np.isfinite(row.fid) and row.fid >= 0 and 0 <= row.fidelity <= 1 and row.seconds_per_image > 0
+    # a fresh unified adapter is the identity, and every method draws the same noise per sample
+    torch.testing.assert_close(result.samples[("DM's ControlNet + CM + adapter", 2, "canny")],
+                               result.samples[("DM's ControlNet + CM", 2, "canny")])  # fmt: skip
+    assert by_key[("DM's ControlNet + CM + adapter", 1, "mask")].fid == pytest.approx(by_key[("DM's ControlNet + CM", 1, "mask")].fid)
+    assert result.real_fidelity == {"canny": 0.0, "mask": 0.0}  # controls extracted from the real images
+    paths = result.write()
+    table = paths["markdown"].read_text()
+    assert "| DM's ControlNet + DM | 2 | 4 |" in table and "real images (Fidelity floor)" in table
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert len(rows) == len(result.rows) and {"fid", "fidelity", "nfe", "seconds_per_image"} <= set(rows[0])
+    assert json.loads(paths["json"].read_text())["features"] == "pixels-8"
+    for kind in ("samples", "metrics"):
+        assert Image.open(paths[kind]).size[0] > 200
+
+
+def test_dataset_control_maps_and_a_factory_dataset(models, tmp_path, monkeypatch):
+    module = tmp_path / "tiny_eval_data.py"
+    module.write_text(
+        "import torch\n"
+        "def make(n=4):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return [{'image': torch.rand(3, 32, 32, generator=g), 'caption': 'x',\n"
+        "             'controls': {'edges': (torch.rand(1, 32, 32, generator=g) > 0.9).float()}} for _ in range(n)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_eval_config({
+        "output_dir": str(tmp_path / "out"), "dataset": {"factory": "tiny_eval_data:make", "options": {"n": 3}},
+        "num_samples": 3, "device": "cpu", "warmup": False,
+        "conditions": [{"name": "canny", "control": "dataset", "key": "edges"}],
+        "methods": [{"name": "ct", "model": models["cm"], "controlnets": {"canny": models["cm_controlnets"]["canny"]}, "steps": [1]}],
+    })  # fmt: skip
+    result = run_evaluation(config, log=None)
+    assert [(r.method, r.steps, r.nfe) for r in result.rows] == [("ct", 1, 1)]
+    assert result.controls["canny"].shape == (3, 3, 32, 32)  # 1-channel maps widened to the condition's 3
+    assert result.real_fidelity["canny"] > 0  # random maps are not canny's output: the floor shows it
+    with pytest.raises(InputError, match="fewer than num_samples=5"):
+        run_evaluation(config.model_copy(update={"num_samples": 5}), log=None)
+    bad = config.model_copy(update={"dataset": config.dataset.model_copy(update={"factory": "no_such_module:make"})})
+    with pytest.raises(InputError, match="not an importable"):
+        run_evaluation(bad, log=None)
+
+
+def test_ccm_eval_command(models, image_folder, tmp_path, capsys):
+    config = _config(models, image_folder, tmp_path, methods=["cm-controlnet+cm"], conditions=[{"name": "canny"}])
+    path = tmp_path / "eval.json"
+    path.write_text(config.model_dump_json())
+    assert main(["eval", "--config", str(path), "--validate"]) == 0
+    assert "valid (1 methods x 1 conditions)" in capsys.readouterr().out
+    out = tmp_path / "cli-out"
+    assert main(["eval", "--config", str(path), "--output-dir", str(out), "--num-samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| CM's ControlNet + CM | 2 |" in printed and (out / "results.md").is_file()
+    assert main(["eval", "--config", str(path), "--methods", "dm-controlnet+gan", "--validate"]) == 2
+    assert "unknown eval method 'dm-controlnet+gan'" in capsys.readouterr().err
