@@ -302,10 +302,21 @@ class CCMPipeline:
         return embeds, self._encode_text(negatives, max_length=embeds.shape[1])
 
     def _encode_text(self, texts: list[str], *, max_length: int) -> torch.Tensor:
-        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        mask = tokens.attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        input_ids, attention_mask = self._tokenize(tuple(texts), max_length)
+        mask = attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        hidden = self.text_encoder(input_ids.to(self.device), attention_mask=mask)[0]
         return hidden.to(device=self.device)
+
+    def _tokenize(self, texts: tuple[str, ...], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask; the last few prompts are remembered (interactive use repeats them)."""
+        key = (texts, max_length)
+        cache = self.__dict__.setdefault("_token_cache", {})
+        if key not in cache:
+            tokens = self.tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+            if len(cache) >= 32:
+                cache.pop(next(iter(cache)))
+            cache[key] = (tokens.input_ids, tokens.attention_mask)
+        return cache[key]
 
     def prepare_prompt(
         self, prompt, *, negative_prompt=None, guidance_scale: float, num_images_per_prompt: int, do_cfg: bool
@@ -550,7 +561,17 @@ def _image_size(image) -> tuple[int, int]:
     return tuple(image_utils.to_tensor(image).shape[-2:])
 
 
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, *, enabled: bool):
+    if not enabled or total < 2:
+        return _NoProgress()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="sampling", unit="step", disable=not enabled or total < 2, leave=False)
+    return tqdm(total=total, desc="sampling", unit="step", leave=False)
