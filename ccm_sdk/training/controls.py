@@ -11,10 +11,10 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 
 from ..conditions.mask import MaskCondition, random_masks
 from ..errors import ChannelMismatchError
-from ..interfaces import Condition
+from ..interfaces import Condition, build_options
 from ..models.controlnet import check_controlnet_fits, controlnet_from_unet
 from ..pipeline import CCMPipeline, load_controlnet
-from ..registry import get_condition
+from ..registry import conditions
 from .config import ControlNetTrainConfig
 from .core import Trainer
 from .export import atomic_folder
@@ -23,15 +23,36 @@ from .frozen import FrozenBase, freeze, place
 
 class ControlSource:
     """The control maps of one condition for a batch: the dataset's precomputed maps under ``key``
-    where a sample has one, the condition plugin's output for the others."""
+    where a sample has one, the condition plugin's output for the others.
+
+    A condition named by a string is built on first use, so data that brings every map (e.g. the
+    world's exact depth and pose) needs no detector model; its options are validated at once.
+    """
 
     def __init__(self, condition: str | Condition, *, key: str, options: dict[str, Any] | None = None):
-        self.condition = get_condition(condition, **(options or {})) if isinstance(condition, str) else condition
+        if isinstance(condition, str):
+            self.condition_class = conditions.get(condition)
+            self.options = dict(options or {})
+            build_options(self.condition_class.Options, f"condition {condition!r}", self.options)
+            self._condition: Condition | None = None
+        else:
+            self.condition_class, self.options, self._condition = type(condition), {}, condition
         self.key = key
 
     @property
+    def condition(self) -> Condition:
+        """The condition plugin (built now if it was named and not used yet)."""
+        if self._condition is None:
+            self._condition = self.condition_class(**self.options)
+        return self._condition
+
+    @property
+    def name(self) -> str:
+        return self.condition_class.name
+
+    @property
     def channels(self) -> int:
-        return self.condition.channels
+        return self.condition_class.channels
 
     def _fit_channels(self, control: torch.Tensor, index: int) -> torch.Tensor:
         if control.shape[0] == self.channels:
@@ -40,7 +61,7 @@ class ControlSource:
             return control.expand(3, -1, -1)
         raise ChannelMismatchError(
             f"precomputed control map {self.key!r} of sample {index} has {control.shape[0]} channels, "
-            f"but condition {self.condition.name!r} makes {self.channels}"
+            f"but condition {self.name!r} makes {self.channels}"
         )
 
     def maps(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -66,7 +87,7 @@ def check_condition_fits(controlnet: ControlNetModel, source: ControlSource, *, 
     expected = controlnet.config.conditioning_channels
     if expected != source.channels:
         raise ChannelMismatchError(
-            f"{label} takes {expected} conditioning channels but condition {source.condition.name!r} makes {source.channels}; "
+            f"{label} takes {expected} conditioning channels but condition {source.name!r} makes {source.channels}; "
             f"train a ControlNet with conditioning_channels={source.channels} (leave 'controlnet' unset) or pick a matching condition"
         )
 

@@ -1,0 +1,415 @@
+"""Rebuild the world's whole model stack from scratch with the SDK's own trainers, stage by stage.
+
+    ccm-world build [--preset full|tiny|FILE] [--stage NAME | --until NAME] [--work-dir outputs/world]
+    python -m ccm_world.build [same options]
+
+Stages, in order (docs/world.md): ``text-encoder``, ``vae``, ``teacher`` (t2i), ``lcm`` (lcd),
+``dm-controlnets`` (one unit per condition, ``dm-controlnet-<c>``), ``cm-controlnets``
+(``cm-controlnet-<c>``), ``adapter``, ``feature-net``, ``pack`` (into ``ccm_world/models``),
+and ``eval`` when the preset has one. Every unit writes into ``<work-dir>/<unit>/`` and ends
+with a done-marker (``build-done.json``, written atomically after its outputs), so a rerun
+skips it; an interrupted training unit resumes from its trainer's last checkpoint. Each unit's
+fingerprint (its resolved config and its inputs' fingerprints) is recorded, so outputs of a
+different preset are never mixed in silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .build_config import BuildError, Preset, load_preset
+from .build_stages import (
+    GROUPS,
+    Log,
+    Unit,
+    eval_config,
+    plan_units,
+    run_eval,
+    run_feature_net,
+    run_text_encoder,
+    run_trainer,
+    stage_seconds,
+    trainer_config,
+    unit_conditions,
+)
+from .vocabulary import WORLD_VOCABULARY
+
+DONE, STARTED = "build-done.json", "build-started.json"
+
+
+@dataclass
+class StageReport:
+    """What happened to one unit in a run."""
+
+    unit: str
+    status: str  # built, resumed, skipped, installed
+    seconds: float
+    output: str
+    seconds_per_step: float | None = None
+    steps: int | None = None
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write, fsync, then rename into place: the file is either complete or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+class WorldBuild:
+    """One preset built into one work directory; ``run`` does (or resumes) the selected stages."""
+
+    def __init__(self, preset: Preset, work_dir: str | os.PathLike = "outputs/world", *,
+                 models_dir: str | os.PathLike | None = None, log: Log = _print):  # fmt: skip
+        self.preset, self.log = preset, log
+        self.work_dir = Path(work_dir).resolve()  # trainer configs hold these paths
+        self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
+        self.units = plan_units(preset)
+        self.by_name = {unit.name: unit for unit in self.units}
+        # every trainer and eval config is validated now, not hours into the build
+        self.configs = {u.name: trainer_config(preset, u, self.work_dir) for u in self.units if u.kind == "trainer"}
+        if preset.eval is not None:
+            eval_config(preset, self.installed_dir, self.folder(self.by_name["eval"]))
+        self._fingerprints: dict[str, str] = {}
+
+    # --- where things are -----------------------------------------------------------------
+
+    @property
+    def installed_dir(self) -> Path:
+        """Where ``pack`` installs: ``models_dir``, else the plugin's ``ccm_world/models`` (read now)."""
+        import ccm_world
+
+        return self.models_dir or Path(ccm_world.MODELS_DIR)
+
+    def folder(self, unit: Unit) -> Path:
+        return self.work_dir / unit.name
+
+    def output(self, unit: Unit) -> Path:
+        if unit.kind == "pack":
+            return self.installed_dir
+        return (self.folder(unit) / unit.product).resolve()
+
+    @staticmethod
+    def _relative(path: Path) -> str:
+        """``path`` relative to the current directory when it lies below it."""
+        try:
+            return str(Path(path).resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return str(path)
+
+    # --- identity and state ---------------------------------------------------------------
+
+    def spec(self, unit: Unit) -> dict[str, Any]:
+        """What a unit's result depends on (not how it is logged, checkpointed or threaded)."""
+        p = self.preset
+        if unit.kind == "trainer":
+            config = self.configs[unit.name].model_dump(mode="json")
+            for key in ("log", "checkpoint", "hub"):
+                config.pop(key, None)
+            config["train"].pop("num_threads", None)
+            config["data"].pop("num_workers", None)
+            return {"config": config, "data": p.data.model_dump(), "conditions": list(unit_conditions(p, unit))}
+        if unit.kind == "text-encoder":
+            return {**p.text_encoder.model_dump(), "vocabulary": list(WORLD_VOCABULARY)}
+        if unit.kind == "feature-net":
+            return {**p.feature_net.model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
+        if unit.kind == "pack":
+            return p.pack.model_dump()
+        return {**p.eval.model_dump(), "data": p.data.model_dump()}
+
+    def fingerprint(self, unit: Unit) -> str:
+        if unit.name not in self._fingerprints:
+            needs = {name: self.fingerprint(self.by_name[name]) for name in unit.needs}
+            text = json.dumps({"unit": unit.name, "spec": self.spec(unit), "needs": needs}, sort_keys=True)
+            text = text.replace(str(self.work_dir), "<work>")
+            self._fingerprints[unit.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._fingerprints[unit.name]
+
+    def marker(self, unit: Unit, name: str) -> dict[str, Any] | None:
+        path = self.folder(unit) / name
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except json.JSONDecodeError:
+            return None
+
+    def state(self, unit: Unit) -> str:
+        """``done``, ``partial`` (started, or packed but not installed), ``stale`` (another config) or ``pending``."""
+        from .pack import installed
+
+        fingerprint = self.fingerprint(unit)
+        done = self.marker(unit, DONE)
+        if done is not None:
+            if done.get("fingerprint") != fingerprint:
+                return "stale"
+            product = self.folder(unit) / ("models" if unit.kind == "pack" else unit.product)
+            if not product.exists():
+                return "pending"
+            if unit.kind == "pack" and not installed(self.installed_dir, fingerprint):
+                return "partial"
+            return "done"
+        started = self.marker(unit, STARTED)
+        if started is not None:
+            return "partial" if started.get("fingerprint") == fingerprint else "stale"
+        return "pending"
+
+    def checkpoint_step(self, unit: Unit) -> int:
+        from ccm_sdk.training.checkpoint import list_checkpoints
+
+        found = list_checkpoints(self.folder(unit) / "checkpoints") if unit.kind == "trainer" else []
+        return found[-1][0] if found else 0
+
+    # --- selection and plan ---------------------------------------------------------------
+
+    def select(self, stage: str | None = None, until: str | None = None) -> list[Unit]:
+        """The units of ``stage`` (a unit or a group), or every unit up to ``until``, or all."""
+        if stage is not None and until is not None:
+            raise BuildError("give --stage or --until, not both")
+        name = (stage or until or "").replace("_", "-")
+        if not name:
+            return list(self.units)
+        matches = [i for i, u in enumerate(self.units) if name in (u.name, u.group)]
+        if not matches:
+            names = list(dict.fromkeys([g for g in GROUPS if any(u.group == g for u in self.units)] + [u.name for u in self.units]))
+            raise BuildError(f"unknown stage {name!r}; stages: {', '.join(names)}")
+        return [self.units[i] for i in matches] if stage else self.units[: matches[-1] + 1]
+
+    def estimate(self, unit: Unit) -> float | None:
+        """Seconds left for a unit by the preset's measured s/step (None when not measured)."""
+        seconds_per_step, steps = stage_seconds(self.preset, unit)
+        if seconds_per_step is None or steps is None:
+            return None
+        return seconds_per_step * max(0, steps - self.checkpoint_step(unit))
+
+    def plan(self, units: list[Unit]) -> str:
+        rows = [("stage", "trainer", "steps", "s/step", "estimate", "status")]
+        total, measured = 0.0, False
+        for unit in units:
+            seconds_per_step, steps = stage_seconds(self.preset, unit)
+            state = self.state(unit)
+            if state == "partial" and unit.kind == "trainer":
+                state = f"partial (step {self.checkpoint_step(unit)})"
+            estimate = self.estimate(unit) if state != "done" else None
+            total, measured = total + (estimate or 0.0), measured or seconds_per_step is not None
+            shown = f"{seconds_per_step:.2f}" if seconds_per_step else "-"
+            rows.append((unit.name, unit.trainer or unit.kind, str(steps or "-"), shown, duration(estimate), state))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        if measured:
+            lines.append(f"  estimated training time left: {duration(total)} (measured s/step x steps; loading and saving add a little)")
+        return "\n".join(lines)
+
+    # --- running --------------------------------------------------------------------------
+
+    def run(self, *, stage: str | None = None, until: str | None = None, force: bool = False) -> list[StageReport]:
+        """Build (or resume, or skip) the selected units in order; print a summary."""
+        units = self.select(stage, until)
+        self.log(f"World build, preset {self.preset.name!r}: work dir {self._relative(self.work_dir)}, "
+                 f"models -> {self._relative(self.installed_dir)}")  # fmt: skip
+        self.log(self.plan(units))
+        reports = []
+        for position, unit in enumerate(units, start=1):
+            reports.append(self.run_unit(unit, force=force, position=f"[{position}/{len(units)}]"))
+        self.log(self.summary(reports))
+        return reports
+
+    def run_unit(self, unit: Unit, *, force: bool = False, position: str = "") -> StageReport:
+        from .pack import install, stage_pack, verify_installed
+
+        folder, fingerprint = self.folder(unit), self.fingerprint(unit)
+        state = self.state(unit)
+        output = self._relative(self.output(unit))
+        # 1. done, stale or forced
+        if force and state != "pending":
+            shutil.rmtree(folder, ignore_errors=True)
+            state = "pending"
+        if state == "stale":
+            raise BuildError(
+                f"stage {unit.name!r} in {self._relative(folder)} was built from another preset or config; "
+                f"use another --work-dir, or rebuild it with --force --stage {unit.name} (later stages that used it too)"
+            )
+        if state == "done":
+            self.log(f"==> {position} {unit.name}: done, skipped ({output})")
+            return StageReport(unit.name, "skipped", 0.0, output)
+        # 2. its inputs must be built
+        for name in unit.needs:
+            if self.state(self.by_name[name]) != "done":
+                raise BuildError(f"stage {unit.name!r} needs {name!r}, which is not built in {self._relative(self.work_dir)}; "
+                                 f"run with --until {unit.name}")  # fmt: skip
+        started = time.perf_counter()
+        seconds_per_step, steps = stage_seconds(self.preset, unit)
+        detail = f"{unit.trainer}, {steps} steps" if unit.trainer else unit.kind
+        self.log(f"==> {position} {unit.name} ({detail}; estimate {duration(self.estimate(unit))}) -> {output}")
+        # 3. packed already, only not installed: install again
+        if unit.kind == "pack" and self.marker(unit, DONE) is not None:
+            install(folder / "models", self.installed_dir)
+            verify_installed(self.preset, self.installed_dir, self.log)
+            return StageReport(unit.name, "installed", time.perf_counter() - started, output)
+        # 4. the work, between the started and the done markers
+        folder.mkdir(parents=True, exist_ok=True)
+        resumed = self.checkpoint_step(unit)
+        write_json_atomic(folder / STARTED, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name})
+        if unit.kind == "trainer":
+            info = run_trainer(self.preset, unit, self.work_dir, self.log)
+        elif unit.kind == "text-encoder":
+            info = run_text_encoder(self.preset, unit, self.work_dir, self.log)
+        elif unit.kind == "feature-net":
+            info = run_feature_net(self.preset, unit, self.work_dir, self.log)
+        elif unit.kind == "pack":
+            info = stage_pack(self.preset, self.work_dir, folder / "models", fingerprint, self.log)
+        else:
+            info = run_eval(self.preset, unit, self.work_dir, self.installed_dir, self.log)
+        seconds = time.perf_counter() - started
+        write_json_atomic(folder / DONE, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name,
+                                          "seconds": seconds, **info})  # fmt: skip
+        if unit.kind == "pack":
+            install(folder / "models", self.installed_dir)
+            verify_installed(self.preset, self.installed_dir, self.log)
+        status = f"resumed@{resumed}" if resumed else "built"
+        self.log(f"    {unit.name}: {status} in {duration(seconds)}")
+        return StageReport(unit.name, status, seconds, output, info.get("seconds_per_step"), info.get("steps"))
+
+    def summary(self, reports: list[StageReport]) -> str:
+        rows = [("stage", "status", "time", "s/step", "output")]
+        for r in reports:
+            rows.append((r.unit, r.status, duration(r.seconds) if r.status != "skipped" else "-",
+                         f"{r.seconds_per_step:.3f}" if r.seconds_per_step else "-", r.output))  # fmt: skip
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["Summary:"] + ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        lines.append(f"  {sum(r.status != 'skipped' for r in reports)} stage(s) run, {sum(r.status == 'skipped' for r in reports)} "
+                     f"skipped, {duration(sum(r.seconds for r in reports))} in all")  # fmt: skip
+        return "\n".join(lines)
+
+
+# --- measuring the stages --------------------------------------------------------------
+
+
+def measure_preset(preset: Preset, steps: int) -> Preset:
+    """The preset with every training stage cut to ``steps`` timed steps (plus one warm-up and one last)."""
+    raw = preset.model_dump()
+    for name in ("vae", "teacher", "lcm", "dm_controlnets", "cm_controlnets", "adapter"):
+        config = raw[name]["config"]
+        config["train"] = {**config.get("train", {}), "max_steps": steps + 2}
+        config["checkpoint"] = {**config.get("checkpoint", {}), "every": steps + 2}
+    raw["feature_net"]["steps"] = steps + 2
+    return Preset(**raw)
+
+
+def measure(
+    preset: Preset, steps: int, work_dir: str | os.PathLike, *, until: str = "feature-net", log: Log = _print
+) -> list[dict[str, Any]]:
+    """Run every stage up to ``until`` for a few steps at full size; s/step per unit and the implied stage times."""
+    build = WorldBuild(measure_preset(preset, steps), work_dir, models_dir=Path(work_dir) / "models", log=log)
+    reports = {r.unit: r for r in build.run(until=until)}
+    rows = []
+    for unit in build.select(until=until):
+        seconds_per_step, max_steps = stage_seconds(preset, unit)
+        measured = reports[unit.name].seconds_per_step if unit.name in reports else None
+        estimate = measured * max_steps if measured and max_steps else None
+        rows.append({"stage": unit.name, "measured_seconds_per_step": measured, "preset_seconds_per_step": seconds_per_step,
+                     "steps": max_steps, "estimate_seconds": estimate})  # fmt: skip
+    lines = ["Measured (full-size steps on this machine):", "  stage                  s/step  preset  steps   estimate"]
+    for row in rows:
+        m, p = row["measured_seconds_per_step"], row["preset_seconds_per_step"]
+        lines.append(f"  {row['stage']:<22} {f'{m:.3f}' if m else '-':>6}  {f'{p:.2f}' if p else '-':>6}  "
+                     f"{row['steps'] or '-':>6}  {duration(row['estimate_seconds']):>9}")  # fmt: skip
+    total = sum(r["estimate_seconds"] or 0 for r in rows)
+    lines.append(f"  total training time at the preset's steps: {duration(total)}")
+    log("\n".join(lines))
+    write_json_atomic(Path(work_dir) / "measure.json", {"preset": preset.name, "steps": steps, "rows": rows})
+    return rows
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def build_parser(prog: str = "ccm-world build") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Rebuild the world's models with the SDK's trainers, stage by stage.")
+    parser.add_argument("--preset", default="full", help="full, tiny (configs/world/<name>.yaml) or a YAML file")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--stage", help="build only this stage (a unit like dm-controlnet-sketch, or a group like dm-controlnets)")
+    which.add_argument("--until", help="build every stage up to and including this one")
+    parser.add_argument("--work-dir", default="outputs/world", help="where every stage's outputs and checkpoints go")
+    parser.add_argument("--models-dir", help="where pack installs the models (default: the plugin's ccm_world/models)")
+    parser.add_argument("--force", action="store_true", help="rebuild the selected stages even if done (their outputs are deleted)")
+    parser.add_argument("--plan", action="store_true", help="print the stages, their estimates and states; run nothing")
+    parser.add_argument("--measure", type=int, metavar="N", help="time N full-size steps of every training stage in --work-dir")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset key (dotted), e.g. vae.seed=3")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m ccm_world.build") -> int:
+    from transformers.utils import logging as transformers_logging
+
+    from ccm_sdk.training.config import parse_value
+
+    args = build_parser(prog).parse_args(argv)
+    try:
+        overrides = []
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise BuildError(f"--set expects KEY=VALUE, got {item!r}")
+            overrides.append((key.strip(), parse_value(value)))
+        preset = load_preset(args.preset, overrides)
+        transformers_logging.disable_progress_bar()  # one bar per weight file read or written: dozens per stage
+        if args.force and not (args.stage or args.until):
+            raise BuildError("--force deletes the outputs of the stages it rebuilds: name them with --stage or --until")
+        if args.measure is not None:
+            if args.measure < 1 or args.stage or args.force:
+                raise BuildError(f"--measure N (N >= 1, got {args.measure}) runs every stage up to --until; not with --stage or --force")
+            measure(preset, args.measure, args.work_dir, until=args.until or "feature-net")
+            return 0
+        build = WorldBuild(preset, args.work_dir, models_dir=args.models_dir)
+        if args.plan:
+            print(build.plan(build.select(args.stage, args.until)))
+            return 0
+        build.run(stage=args.stage, until=args.until, force=args.force)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``ccm-world build ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: ccm-world build [--preset full|tiny|FILE] [--stage NAME | --until NAME] [--work-dir DIR] ...\n\n"
+              "commands:\n  build   rebuild the world's models stage by stage (ccm-world build --help)")  # fmt: skip
+        return 0 if argv else 2
+    if argv[0] != "build":
+        print(f"error: unknown command {argv[0]!r}; commands: build", file=sys.stderr)
+        return 2
+    return main(argv[1:], prog="ccm-world build")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

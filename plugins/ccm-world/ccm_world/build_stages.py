@@ -1,0 +1,296 @@
+"""The stages of the world build: what each one trains, from which inputs, with which config.
+
+A stage unit is one resumable piece of work with one output folder under the work directory;
+the ControlNet stages expand to one unit per condition (``dm-controlnet-sketch``, ...), so every
+unit fits in about an hour of a 2-core CPU. ``run_*`` functions do a unit's work and return what
+its done-marker records.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ccm_sdk.errors import InputError
+
+from .build_config import BuildError, Preset, find_file
+from .dataset import ATTRIBUTE_NAMES, WorldDataset
+from .vocabulary import WORLD_VOCABULARY
+
+Log = Callable[[str], None]
+
+GROUPS = ("text-encoder", "vae", "teacher", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net", "pack", "eval")
+# where each kind of unit leaves its product, relative to the unit's folder
+PRODUCT = {
+    "text-encoder": ".", "vae": "vae", "t2i": "model", "lcd": "lcm", "dm_controlnet": "controlnet",
+    "ct_controlnet": "controlnet", "adapter": "adapter", "feature-net": "feature-net", "eval": ".",
+}  # fmt: skip
+# keys the build sets itself; a preset setting them would silently unhook a stage from its inputs
+RESERVED = (
+    "output_dir", "model", "vae", "text_encoder", "unet", "condition", "condition_options", "controlnet", "controlnets",
+    "data.path", "data.control_key", "train.seed", "checkpoint.resume",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One resumable piece of the build."""
+
+    name: str  # e.g. "dm-controlnet-sketch"
+    group: str  # e.g. "dm-controlnets" (a name of GROUPS)
+    kind: str  # "text-encoder", "trainer", "feature-net", "pack" or "eval"
+    trainer: str | None = None
+    condition: str | None = None
+    needs: tuple[str, ...] = ()
+
+    @property
+    def section(self) -> str:
+        """The preset field describing this unit."""
+        return self.group.replace("-", "_")
+
+    @property
+    def product(self) -> str:
+        return PRODUCT.get(self.trainer or self.kind, ".")
+
+
+def plan_units(preset: Preset) -> list[Unit]:
+    """Every unit of the preset, in build order, with what each needs."""
+    units = [
+        Unit("text-encoder", "text-encoder", "text-encoder"),
+        Unit("vae", "vae", "trainer", "vae"),
+        Unit("teacher", "teacher", "trainer", "t2i", needs=("text-encoder", "vae")),
+        Unit("lcm", "lcm", "trainer", "lcd", needs=("teacher",)),
+    ]
+    for c in preset.dm_controlnets.conditions:
+        units.append(Unit(f"dm-controlnet-{c}", "dm-controlnets", "trainer", "dm_controlnet", c, needs=("teacher",)))
+    from_dm = preset.cm_controlnets.init == "dm-controlnet"
+    for c in preset.cm_controlnets.conditions:
+        needs = ("lcm", f"dm-controlnet-{c}") if from_dm else ("lcm",)
+        units.append(Unit(f"cm-controlnet-{c}", "cm-controlnets", "trainer", "ct_controlnet", c, needs=needs))
+    adapter_needs = ("lcm", *(f"dm-controlnet-{c}" for c in preset.adapter.conditions))
+    units.append(Unit("adapter", "adapter", "trainer", "adapter", needs=adapter_needs))
+    units.append(Unit("feature-net", "feature-net", "feature-net"))
+    packed = tuple(u.name for u in units if u.name not in ("text-encoder", "vae"))
+    units.append(Unit("pack", "pack", "pack", needs=packed))
+    if preset.eval is not None:
+        units.append(Unit("eval", "eval", "eval", needs=("pack",)))
+    return units
+
+
+def stage_seconds(preset: Preset, unit: Unit) -> tuple[float | None, int | None]:
+    """(measured s/step, steps) of a training unit from the preset; (None, None) for the others."""
+    section = getattr(preset, unit.section, None)
+    if unit.kind not in ("trainer", "feature-net") or section is None:
+        return None, None
+    return section.seconds_per_step, section.max_steps
+
+
+# --- trainer units ---------------------------------------------------------------------
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def _has_key(mapping: dict[str, Any], dotted: str) -> bool:
+    node: Any = mapping
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def condition_options(preset: Preset, condition: str) -> dict[str, Any]:
+    return {"factor": preset.data.sr_factor} if condition == "sr" else {}
+
+
+def trainer_config(preset: Preset, unit: Unit, work_dir: Path):
+    """The validated trainer config of a training unit: the build's keys, then the preset's."""
+    from ccm_sdk.training.config import config_class, validate_config
+
+    stage = getattr(preset, unit.section)
+    where = f"{unit.section}.config"
+    for key in RESERVED:
+        if _has_key(stage.config, key):
+            raise BuildError(f"{where}.{key} is set by the build (it wires the stage to its inputs); remove it from the preset")
+    folder = work_dir / unit.name
+    base: dict[str, Any] = {
+        "output_dir": str(folder),
+        "train": {"seed": stage.seed, **({"num_threads": preset.threads} if preset.threads else {})},
+        "checkpoint": {"resume": True},
+        "log": {"progress": preset.progress},
+    }
+    teacher, lcm = work_dir / "teacher" / "model", work_dir / "lcm" / "lcm"
+    if unit.trainer == "t2i":
+        base.update(vae=str(work_dir / "vae" / "vae"), text_encoder=str(work_dir / "text-encoder"))
+    elif unit.trainer == "lcd":
+        base["model"] = str(teacher)
+    elif unit.trainer in ("dm_controlnet", "ct_controlnet"):
+        c = unit.condition
+        base.update(model=str(teacher if unit.trainer == "dm_controlnet" else lcm), condition=c,
+                    condition_options=condition_options(preset, c), data={"control_key": c})  # fmt: skip
+        if unit.trainer == "ct_controlnet" and preset.cm_controlnets.init == "dm-controlnet":
+            base["controlnet"] = str(work_dir / f"dm-controlnet-{c}" / "controlnet")
+    elif unit.trainer == "adapter":
+        base["model"] = str(lcm)
+        base["controlnets"] = [
+            {"path": str(work_dir / f"dm-controlnet-{c}" / "controlnet"), "condition": c, "control_key": c,
+             "condition_options": condition_options(preset, c)}
+            for c in preset.adapter.conditions
+        ]  # fmt: skip
+    raw = _merge(base, stage.config)
+    raw["trainer"] = unit.trainer
+    try:
+        return validate_config(config_class(unit.trainer), raw)
+    except InputError as exc:
+        raise BuildError(f"stage {unit.name!r} ({where} in the preset): {exc}") from None
+
+
+def unit_conditions(preset: Preset, unit: Unit) -> tuple[str, ...]:
+    """The control maps a unit's training data must carry."""
+    if unit.condition is not None:
+        return (unit.condition,)
+    if unit.trainer == "adapter":
+        return tuple(preset.adapter.conditions)
+    return ()
+
+
+def world_data(preset: Preset, conditions: tuple[str, ...] = (), *, seed_offset: int = 0, length: int | None = None) -> WorldDataset:
+    d = preset.data
+    return WorldDataset(size=d.size, length=length or d.length, seed=d.seed + seed_offset, conditions=conditions, sr_factor=d.sr_factor)
+
+
+def _intervals(starts: list[float]) -> float | None:
+    """Median seconds between consecutive step starts, the first (warm-up) interval left out."""
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = gaps[1:] if len(gaps) > 1 else gaps
+    return statistics.median(gaps) if gaps else None
+
+
+def run_trainer(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
+    """Train (or resume) one unit with its SDK trainer; time its steps."""
+    from ccm_sdk.training import get_trainer
+    from ccm_sdk.training.checkpoint import list_checkpoints
+
+    config = trainer_config(preset, unit, work_dir)
+    found = list_checkpoints(Path(config.output_dir) / "checkpoints")
+    resumed = found[-1][0] if found else 0
+    if resumed:
+        log(f"    resuming {unit.name} from its checkpoint at step {resumed} of {config.train.max_steps}")
+    trainer = get_trainer(unit.trainer)(config, dataset=world_data(preset, unit_conditions(preset, unit)))
+    starts: list[float] = []
+    step = trainer.training_step
+
+    def timed(*args, **kwargs):
+        starts.append(time.perf_counter())
+        return step(*args, **kwargs)
+
+    trainer.training_step = timed  # the loop looks the method up on the instance
+    result = trainer.train()
+    return {
+        "steps": config.train.max_steps,
+        "resumed_from": resumed,
+        "final_loss": result.final_loss,
+        "seconds_per_step": _intervals(starts),
+    }
+
+
+# --- the other units -------------------------------------------------------------------
+
+
+def run_text_encoder(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
+    from ccm_sdk.training.text_encoder import build_text_encoder
+
+    s = preset.text_encoder
+    build_text_encoder(list(WORLD_VOCABULARY), work_dir / unit.name, hidden_size=s.hidden_size, layers=s.layers,
+                       heads=s.heads, max_length=s.max_length, seed=s.seed)  # fmt: skip
+    return {"words": len(WORLD_VOCABULARY)}
+
+
+def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
+    import torch
+
+    from ccm_sdk.eval.feature_net import train_feature_net
+
+    s = preset.feature_net
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    starts: list[float] = []
+    every = max(1, s.steps // 10)
+
+    def progress(entry: dict[str, Any]) -> None:
+        starts.append(time.perf_counter())
+        if preset.progress and (entry["step"] + 1) % every == 0:
+            log(f"    feature-net step {entry['step'] + 1}/{s.steps}: loss {entry['loss']:.4f}")
+
+    result = train_feature_net(
+        world_data(preset), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
+        num_workers=s.num_workers, label_names=ATTRIBUTE_NAMES, output_dir=work_dir / unit.name / unit.product,
+        log=progress, widths=s.widths, feature_dim=s.feature_dim,
+    )  # fmt: skip
+    return {"steps": s.steps, "heldout_accuracy": result.accuracy, "final_loss": result.losses[-1],
+            "seconds_per_step": _intervals(starts)}  # fmt: skip
+
+
+def eval_config(preset: Preset, models_dir: Path, output_dir: Path):
+    """The preset's eval config with the packed models as the paper's models."""
+    import yaml
+
+    from ccm_sdk.eval import load_eval_config
+
+    s = preset.eval
+    path = find_file(s.config)
+    if not path.is_file():
+        raise BuildError(f"eval.config {s.config!r} does not exist")
+    raw = yaml.safe_load(path.read_text())
+    dataset = dict(raw.get("dataset") or {})
+    if dataset.get("path") is None:  # the world, by name or factory: scenes at the models' size
+        dataset["options"] = {**(dataset.get("options") or {}), "size": preset.data.size, "sr_factor": preset.data.sr_factor}
+    raw["dataset"] = dataset
+    raw["features"] = {**(raw.get("features") or {}), "kind": "feature-net", "path": str(models_dir / "feature-net")}
+    dm, cm = {}, {}
+    for condition in raw.get("conditions") or []:
+        label = condition.get("label") or condition["name"]
+        key = condition.get("key") or condition["name"]
+        dm[label], cm[label] = str(models_dir / f"dm-controlnet-{key}"), str(models_dir / f"cm-controlnet-{key}")
+        stages = (("dm_controlnets", preset.dm_controlnets), ("cm_controlnets", preset.cm_controlnets))
+        missing = [name for name, stage in stages if key not in stage.conditions]
+        if missing:
+            raise BuildError(f"the eval config's condition {label!r} needs a {key!r} ControlNet in {' and '.join(missing)}.conditions")
+    raw["paper"] = {**(raw.get("paper") or {}), "dm": str(models_dir / "teacher"), "cm": str(models_dir / "lcm"),
+                    "dm_controlnets": dm, "cm_controlnets": cm, "adapter": str(models_dir / "adapter"), **s.paper}  # fmt: skip
+    raw.update(s.overrides)
+    raw["output_dir"] = str(output_dir)
+    try:
+        return load_eval_config(raw)
+    except InputError as exc:
+        raise BuildError(f"eval stage: {exc}") from None
+
+
+def run_eval(preset: Preset, unit: Unit, work_dir: Path, models_dir: Path, log: Log) -> dict[str, Any]:
+    from ccm_sdk.eval import run_evaluation
+
+    folder = work_dir / unit.name
+    config = eval_config(preset, models_dir, folder)
+    result = run_evaluation(config, log=lambda message: log(f"    {message}"))
+    written = result.write(folder)
+    if preset.eval.results:
+        target = Path(preset.eval.results)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        header = (
+            f"# Results: CCM's Table 2 on the world\n\nMade by `ccm-world build --preset {preset.name}` (stage `eval`) from the "
+            f"models packed in `ccm_world/models`, with `{preset.eval.config}`: {config.num_samples} scenes of world seed "
+            f"{config.dataset.options.get('seed')} per condition, FID in the world feature net's features. "
+            "Regenerate with `ccm-world build --preset full --stage eval --force`.\n\n"
+        )
+        target.write_text(header + Path(written["markdown"]).read_text())
+    return {"rows": len(result.rows), "results": str(written["markdown"])}

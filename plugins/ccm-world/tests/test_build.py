@@ -1,0 +1,183 @@
+"""The world build: presets, the tiny preset end to end (every stage, pack into a patched MODELS_DIR,
+generation through ``world:<name>``), skipping and resuming, stale outputs, the size limit, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+import ccm_world
+from ccm_sdk.pipeline import CCMPipeline
+from ccm_sdk.training.core import Trainer
+from ccm_world import WorldDataset
+from ccm_world.build import DONE, WorldBuild, cli, main
+from ccm_world.build_config import BuildError, PackSizeError, load_preset
+from ccm_world.build_stages import stage_seconds
+from ccm_world.pack import MANIFEST, check_size
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The tiny preset built once, every stage, with ``ccm_world.MODELS_DIR`` pointed at a temporary folder."""
+    root = tmp_path_factory.mktemp("world-build")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ccm_world, "MODELS_DIR", root / "models")
+        lines: list[str] = []
+        build = WorldBuild(load_preset("tiny"), root / "work", log=lines.append)
+        reports = build.run()
+        yield build, reports, lines
+
+
+# --- presets ---------------------------------------------------------------------------
+
+
+def test_shipped_presets_validate_and_fit_an_hour_per_stage():
+    for name in ("full", "tiny"):
+        build = WorldBuild(load_preset(name), "/tmp/unused-world-build")  # validates every trainer and eval config
+        assert [u.name for u in build.units][:4] == ["text-encoder", "vae", "teacher", "lcm"]
+    full = WorldBuild(load_preset("full"), "/tmp/unused-world-build")
+    trained = [u for u in full.units if u.kind in ("trainer", "feature-net")]
+    assert len(trained) == 17
+    for unit in trained:
+        seconds_per_step, steps = stage_seconds(full.preset, unit)
+        assert seconds_per_step * steps < 3600, unit.name
+
+
+def test_bad_preset_keys_error_clearly():
+    with pytest.raises(BuildError, match=r"unknown key 'vae.confg' \(did you mean 'config'\?\)"):
+        load_preset("tiny", [("vae.confg", {})])
+    with pytest.raises(BuildError, match=r"unknown key 'pack.max_mb'.*accepted there: max_megabytes"):
+        load_preset("tiny", [("pack.max_mb", 1)])
+    with pytest.raises(BuildError, match="adapter.conditions .*'hed'.* have no DM ControlNet"):
+        load_preset("tiny", [("dm_controlnets.conditions", ["sketch"]), ("adapter.conditions", ["hed"])])
+    with pytest.raises(BuildError, match=r"stage 'teacher' \(teacher.config in the preset\).*unknown key 'train.max_step'"):
+        WorldBuild(load_preset("tiny", [("teacher.config.train.max_step", 3)]), "/tmp/unused-world-build")
+    with pytest.raises(BuildError, match="lcm.config.model is set by the build"):
+        WorldBuild(load_preset("tiny", [("lcm.config.model", "elsewhere")]), "/tmp/unused-world-build")
+    with pytest.raises(BuildError, match="no world build preset 'huge'"):
+        load_preset("huge")
+    with pytest.raises(BuildError, match="unknown stage 'vea'; stages: text-encoder, vae"):
+        WorldBuild(load_preset("tiny"), "/tmp/unused-world-build").select(stage="vea")
+
+
+# --- the tiny build end to end ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_stage_builds_and_the_pack_loads_as_world_models(built, tmp_path):
+    build, reports, lines = built
+    assert [r.unit for r in reports] == [u.name for u in build.units] and {r.status for r in reports} == {"built"}
+    assert all((build.folder(u) / DONE).is_file() for u in build.units)
+    assert "dm-controlnet-depth" in [r.unit for r in reports]  # exact maps from the data: no depth model needed
+    assert any(line.startswith("Summary:") for line in lines)
+    # the pack went to the (patched) MODELS_DIR, float16 where the output check held
+    models = ccm_world.MODELS_DIR
+    manifest = json.loads((models / MANIFEST).read_text())
+    expected = {"lcm", "teacher", "adapter", "feature-net", *(f"dm-controlnet-{c}" for c in build.preset.dm_controlnets.conditions),
+                *(f"cm-controlnet-{c}" for c in build.preset.cm_controlnets.conditions)}  # fmt: skip
+    assert set(manifest["models"]) == expected and sorted(p.name for p in models.iterdir() if p.is_dir()) == sorted(expected)
+    assert manifest["models"]["lcm"]["dtypes"]["unet"] == "float16" and manifest["models"]["feature-net"]["dtypes"] == {"model": "float32"}
+    assert manifest["total_bytes"] < 60e6
+    assert ccm_world.world_model("lcm") == models / "lcm"
+    # CCMPipeline.from_pretrained("world:lcm", controlnet="world:cm-controlnet-sketch") generates offline
+    pipe = CCMPipeline.from_pretrained("world:lcm", controlnet="world:cm-controlnet-sketch")
+    assert pipe.is_lcm and pipe.dtype == torch.float32
+    item = WorldDataset(size=32, length=1, seed=5, conditions=("sketch",))[0]
+    image = pipe(item["caption"], item["controls"]["sketch"][None], num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    assert not CCMPipeline.from_pretrained("world:teacher", adapter="world:adapter", controlnet="world:dm-controlnet-mask").is_lcm
+    assert (build.folder(build.by_name["eval"]) / "results.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_rerun_skips_everything_and_a_lost_models_dir_is_reinstalled(built, tmp_path):
+    build, _, _ = built
+    lines: list[str] = []
+    again = WorldBuild(build.preset, build.work_dir, models_dir=tmp_path / "models", log=lines.append)
+    reports = {r.unit: r.status for r in again.run(until="pack")}
+    assert set(reports.values()) == {"skipped", "installed"} and reports["pack"] == "installed"
+    manifests = [json.loads((folder / MANIFEST).read_text()) for folder in (tmp_path / "models", ccm_world.MODELS_DIR)]
+    assert manifests[0]["files"] == manifests[1]["files"]
+    assert again.run(stage="pack")[0].status == "skipped"
+
+
+@pytest.mark.slow
+def test_stale_outputs_are_refused(built):
+    build, _, _ = built
+    other = WorldBuild(load_preset("tiny", [("vae.seed", 9)]), build.work_dir)
+    assert other.state(other.by_name["text-encoder"]) == "done" and other.state(other.by_name["vae"]) == "stale"
+    with pytest.raises(BuildError, match="'vae' .* was built from another preset or config.*--force --stage vae"):
+        other.run(until="vae")
+    with pytest.raises(BuildError, match="'teacher' .* built from another preset"):
+        other.run(stage="teacher")  # its input changed, so its fingerprint did too
+
+
+@pytest.mark.slow
+def test_fp16_is_kept_only_within_tolerance_and_an_oversized_pack_fails_loudly(built, tmp_path):
+    build, _, _ = built
+    work = tmp_path / "work"
+    shutil.copytree(build.work_dir, work)  # fingerprints hold no absolute paths: the copy is as built
+    strict = WorldBuild(load_preset("tiny", [("pack.fp16_tolerance", 0.0)]), work, models_dir=tmp_path / "models", log=lambda m: None)
+    strict.run(stage="pack", force=True)
+    manifest = json.loads((tmp_path / "models" / MANIFEST).read_text())
+    assert {d for m in manifest["models"].values() for d in m["dtypes"].values()} == {"float32"}
+    assert manifest["total_bytes"] > json.loads((ccm_world.MODELS_DIR / MANIFEST).read_text())["total_bytes"]
+    before = _digest(tmp_path / "models" / MANIFEST)
+    small = WorldBuild(load_preset("tiny", [("pack.max_megabytes", 1.0)]), work, models_dir=tmp_path / "models", log=lambda m: None)
+    with pytest.raises(PackSizeError, match=r"the packed world models take \d+\.\d+ MB, over the limit of 1 MB.*largest: "):
+        small.run(stage="pack", force=True)
+    assert _digest(tmp_path / "models" / MANIFEST) == before  # the installed pack is untouched
+    # the full preset's 60 MB limit itself
+    (tmp_path / "big" / "lcm").mkdir(parents=True)
+    with open(tmp_path / "big" / "lcm" / "weights.safetensors", "wb") as handle:
+        handle.truncate(61_000_000)  # sparse: 61 MB on paper, nothing on disk
+    with pytest.raises(PackSizeError, match="take 61.00 MB, over the limit of 60 MB.*largest: lcm 61.0 MB"):
+        check_size(tmp_path / "big", load_preset("full").pack.max_megabytes)
+
+
+@pytest.mark.slow
+def test_an_interrupted_build_skips_finished_stages_and_resumes_the_stage_it_was_in(built, tmp_path, monkeypatch):
+    reference, _, _ = built
+    original = Trainer.training_step
+
+    def interrupted(self, *args, step, **kwargs):
+        if self.name == "t2i" and step == 2:  # killed after the teacher's step-1 checkpoint
+            raise KeyboardInterrupt
+        return original(self, *args, step=step, **kwargs)
+
+    work, models = tmp_path / "work", tmp_path / "models"
+    monkeypatch.setattr(Trainer, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        WorldBuild(load_preset("tiny"), work, models_dir=models, log=lambda m: None).run(until="lcm")
+    monkeypatch.setattr(Trainer, "training_step", original)
+    lines: list[str] = []
+    build = WorldBuild(load_preset("tiny"), work, models_dir=models, log=lines.append)
+    assert "partial (step 1)" in build.plan(build.units)
+    reports = {r.unit: r.status for r in build.run(until="lcm")}
+    assert reports == {"text-encoder": "skipped", "vae": "skipped", "teacher": "resumed@1", "lcm": "built"}
+    assert any("resuming teacher from its checkpoint at step 1" in line for line in lines)
+    # deterministic: the resumed teacher is bit-identical to the uninterrupted build's
+    for path in ("teacher/model/unet/diffusion_pytorch_model.safetensors", "vae/vae/diffusion_pytorch_model.safetensors"):
+        assert _digest(work / path) == _digest(reference.work_dir / path), path
+
+
+@pytest.mark.slow
+def test_command_line(built, capsys):
+    build, _, _ = built
+    assert main(["--preset", "tiny", "--work-dir", str(build.work_dir), "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert "dm-controlnet-mask" in plan and "done" in plan and "pending" not in plan
+    assert cli(["build", "--preset", "huge"]) == 2
+    assert "error: no world build preset 'huge'" in capsys.readouterr().err
+    assert cli(["build", "--preset", "tiny", "--set", "vae.seeed=1", "--plan"]) == 2
+    assert "unknown key 'vae.seeed'" in capsys.readouterr().err
+    assert cli(["frobnicate"]) == 2
