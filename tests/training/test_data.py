@@ -183,3 +183,31 @@ def test_single_channel_maps_feed_three_channel_conditions(squares):
     item = ImageFolderDataset(squares)[0]
     item["controls"] = {"control": torch.ones(1, 32, 32)}
     assert ControlSource("canny", key="control").maps(collate([item])).shape == (1, 3, 32, 32)
+
+
+def test_named_conditions_are_built_only_when_a_map_is_missing(squares, monkeypatch):
+    """Data that brings every map needs no detector model (e.g. the world's exact depth maps)."""
+    from ccm_sdk.errors import InputError
+    from ccm_sdk.interfaces import Condition
+
+    built = []
+
+    class NeedsWeights(Condition):
+        name = "needs-weights"
+
+        def __init__(self, **options):
+            built.append(options)
+            super().__init__(**options)
+
+        def preprocess(self, images, **kwargs):
+            return images
+
+    monkeypatch.setattr("ccm_sdk.training.controls.conditions.get", lambda name: NeedsWeights)
+    dataset = ImageFolderDataset(squares, control_keys=["control"])
+    source = ControlSource("needs-weights", key="control")
+    assert source.maps(collate([dataset[0], dataset[1]])).shape == (2, 3, 32, 32)
+    assert built == []  # every map came from the data
+    source.maps(collate([{**dataset[0], "controls": {}}]))
+    assert len(built) == 1
+    with pytest.raises(InputError, match="Accepted options"):
+        ControlSource("needs-weights", key="control", options={"no_such_option": 1})  # still checked up front
