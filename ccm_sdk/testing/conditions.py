@@ -70,7 +70,7 @@ class ConditionTestBase:
     def create_condition(self, workdir: Path, **options: Any) -> Condition:
         """The condition under test with ``options`` on top of ``condition_options``."""
         if self.condition_name is None:
-            raise NotImplementedError("set condition_name or override create_condition")
+            raise TypeError(f"{type(self).__name__}: set condition_name or override create_condition")
         return get_condition(self.condition_name, **{**self.condition_options, **options})
 
     def sample_images(self) -> torch.Tensor:
