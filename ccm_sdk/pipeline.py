@@ -562,11 +562,13 @@ def _image_size(image) -> tuple[int, int]:
 
 
 class _NoProgress:
+    """Stands in for a tqdm bar when progress is off: updates are ignored."""
+
     def update(self, n: int = 1) -> None:
-        pass
+        """Ignore the update."""
 
     def close(self) -> None:
-        pass
+        """Nothing to close."""
 
 
 def _progress(total: int, *, enabled: bool):
