@@ -154,3 +154,15 @@ def test_set_controlnets_replaces_and_checks(pipe, controlnet_dir, lcm_dir, cont
     with pytest.raises(IncompatibleModelsError):
         fresh.set_controlnets([wrong])
     assert len(fresh.controlnets) == 1  # unchanged after the refusal
+
+
+def test_fast_path_stays_close_to_the_exact_path(lcm_dir, controlnet_dir, control_image):
+    exact = CCMPipeline.from_pretrained(lcm_dir, controlnet=controlnet_dir)
+    fast = CCMPipeline.from_pretrained(lcm_dir, controlnet=controlnet_dir).enable_fast_path()
+    for p in (exact, fast):
+        p.set_progress_bar_config(disable=True)
+    has_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert fast.dtype == (torch.bfloat16 if has_bf16 else torch.float32)
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = _gen(exact, control_image).images, _gen(fast, control_image).images.float()
+    assert b.shape == a.shape and (a - b).abs().mean() < 0.02
