@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def demo_model_dir() -> Path:
     """Where the tiny demo model is built: $CCM_CACHE/tiny-demo (default ~/.cache/ccm-sdk)."""
     return Path(os.environ.get("CCM_CACHE", Path.home() / ".cache" / "ccm-sdk")) / "tiny-demo"
@@ -42,38 +41,81 @@ def _tiny_demo_model() -> tuple[Path, Path]:
     return model, controlnet
 
 
+EMBEDDED_MODEL = "world:lcm"  # the embedded default: ccm-world's consistency model (docs/world.md)
+
+
+def embedded_default(condition: str) -> tuple[str, str] | None:
+    """``(model, controlnet)`` of the embedded default for ``condition``, or None when it is not installed.
+
+    The ControlNet is the world's consistency-trained one for the condition, else its DM ControlNet.
+    """
+    from .errors import MissingModelError, UnknownNameError
+    from .models.loading import resolve_model_path
+
+    try:
+        resolve_model_path(EMBEDDED_MODEL)
+    except (MissingModelError, UnknownNameError):
+        return None
+    for kind in ("cm", "dm"):
+        controlnet = f"world:{kind}-controlnet-{condition}"
+        try:
+            resolve_model_path(controlnet)
+        except MissingModelError:
+            continue
+        return EMBEDDED_MODEL, controlnet
+    raise MissingModelError(f"the embedded default model has no ControlNet for the condition {condition!r}; pass --controlnet")
+
+
+def _default_models(args: argparse.Namespace) -> tuple[str | Path, list[str]]:
+    condition = args.condition or "sketch"
+    found = embedded_default(condition)
+    if found is not None:
+        model, controlnet = found
+        return model, args.controlnet or [controlnet]
+    print(
+        "ccm: no --model given and the embedded default model (ccm-world) is not installed: using a tiny model\n"
+        "     with UNTRAINED random weights (built locally, no download). The output shows the pipeline working,\n"
+        "     not a meaningful picture; pass --model for a real one.",
+        file=sys.stderr,
+    )
+    model, default_controlnet = _tiny_demo_model()
+    return model, args.controlnet or [str(default_controlnet)]
+
+
+def _control_images(args: argparse.Namespace, count: int) -> list:
+    """The control map(s): ``--control`` as it is, or ``--image`` run through ``--condition`` (or as it is)."""
+    from PIL import Image
+
+    from . import get_condition
+
+    if args.control is not None and args.image is not None:
+        raise SystemExit("ccm: give --image (to preprocess) or --control (a ready control map), not both")
+    source_path = args.control or args.image
+    if source_path is None:
+        raise SystemExit("ccm: --image or --control is required when a ControlNet is used")
+    source = Image.open(source_path)
+    if args.size:
+        source = source.convert("RGBA" if source.mode == "RGBA" else "RGB").resize((args.size, args.size))
+    if args.image is not None and args.condition:
+        control = get_condition(args.condition, **_options(args.option))(source, output_type="pil")[0]
+    else:
+        control = source if source.mode == "RGBA" else source.convert("RGB")  # RGBA: a 4-channel mask map
+    return [control] * count
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from . import get_condition
     from .images import make_grid
     from .pipeline import CCMPipeline
 
     if args.model is None:
-        print(
-            "ccm: no --model given: using a tiny model with UNTRAINED random weights (built locally, no download).\n"
-            "     The output shows the pipeline working, not a meaningful picture; pass --model for a real one.",
-            file=sys.stderr,
-        )
-        model, default_controlnet = _tiny_demo_model()
-        controlnets = args.controlnet or [str(default_controlnet)]
+        model, controlnets = _default_models(args)
     else:
         model, controlnets = args.model, args.controlnet or []
     pipe = CCMPipeline.from_pretrained(model, controlnet=controlnets or None, adapter=args.adapter, lora=args.lora)
-    control_images = []
-    if controlnets:
-        if args.image is None:
-            raise SystemExit("ccm: --image is required when a ControlNet is used")
-        source = Image.open(args.image)
-        if args.size:
-            source = source.convert("RGB").resize((args.size, args.size))
-        if args.condition:
-            condition = get_condition(args.condition, **_options(args.option))
-            control_images = [condition(source, output_type="pil")[0]]
-        else:
-            control_images = [source.convert("RGB")]
-        control_images = control_images * len(controlnets)
+    control_images = _control_images(args, len(controlnets)) if controlnets else []
     generator = torch.Generator().manual_seed(args.seed)
     output = pipe(
         args.prompt,
@@ -86,13 +128,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    output.images[0].save(out)
+    image = output.images[0]
+    image.save(out)
     if control_images:
         control_path = out.with_name(out.stem + "_control" + out.suffix)
         control_images[0].save(control_path)
-        make_grid([control_images[0], output.images[0]]).save(out.with_name(out.stem + "_grid" + out.suffix))
+        scale = max(1, 256 // max(image.width, image.height))  # small models' images, enlarged to look at
+        tiles = [im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST) for im in (control_images[0], image)]
+        make_grid(tiles).save(out.with_name(out.stem + "_grid" + out.suffix))
         print(f"control map: {control_path}")
-    print(f"image: {out}  ({output.nfe} network evaluations, {output.timings['total']:.2f} s)")
+    print(f"image: {out}  ({output.nfe} network evaluations, {output.timings['total']:.2f} s, model {model})")
     return 0
 
 
@@ -137,13 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a controlled image")
-    gen.add_argument("--model", help="model folder or hub id (default: a tiny untrained demo model)")
+    gen.add_argument("--model", help=f"model folder, hub id or source:name (default: the embedded {EMBEDDED_MODEL} with its "
+                     "ControlNet for --condition; a tiny untrained demo model when that is not installed)")
     gen.add_argument("--controlnet", action="append", help="ControlNet folder/hub id (repeatable)")
     gen.add_argument("--adapter", help="adapter folder or hub id")
     gen.add_argument("--lora", help="LoRA file or folder (e.g. LCM-LoRA)")
     gen.add_argument("--condition", help="condition that turns --image into the control map (e.g. canny)")
     gen.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
-    gen.add_argument("--image", help="input image (the control map itself if no --condition)")
+    gen.add_argument("--image", help="input image, turned into the control map by --condition (as it is without one)")
+    gen.add_argument("--control", help="a ready control map (not preprocessed; --condition still picks the default ControlNet)")
     gen.add_argument("--size", type=int, help="resize the input image to SIZE x SIZE first")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--steps", type=int, default=4)

@@ -7,6 +7,7 @@ import json
 import pytest
 from PIL import Image
 
+from ccm_sdk import cli
 from ccm_sdk.cli import main
 
 
@@ -33,9 +34,24 @@ def test_generate_with_models_and_condition(tmp_path, lcm_dir, controlnet_dir, p
 
 def test_generate_without_model_uses_tiny_demo_and_says_so(tmp_path, monkeypatch, photo, capsys):
     monkeypatch.setenv("CCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "EMBEDDED_MODEL", "world:not-installed")  # as on a machine without the world's models
     assert main(["generate", "--image", str(photo), "--condition", "canny", "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 0
     assert "UNTRAINED random weights" in capsys.readouterr().err
     assert (tmp_path / "cache" / "tiny-demo" / "model" / "model_index.json").is_file()
+
+
+def test_generate_takes_a_ready_control_map(tmp_path, lcm_dir, controlnet_dir, photo, capsys):
+    out = tmp_path / "img.png"
+    args = ["generate", "--model", str(lcm_dir), "--controlnet", str(controlnet_dir), "--prompt", "a cat", "--steps", "1"]
+    assert main([*args, "--condition", "canny", "--control", str(photo), "--out", str(out)]) == 0
+    # --control is used as it is: the saved control map is the input, not its canny edges
+    assert Image.open(tmp_path / "img_control.png").tobytes() == Image.open(photo).convert("RGB").tobytes()
+    grid = Image.open(tmp_path / "img_grid.png")
+    assert grid.height >= 256  # 64-pixel images are enlarged in the grid
+    with pytest.raises(SystemExit, match="not both"):
+        main([*args, "--image", str(photo), "--control", str(photo)])
+    with pytest.raises(SystemExit, match="--image or --control is required"):
+        main(args)
 
 
 def test_generate_reports_typed_errors(tmp_path, lcm_dir, capsys):

@@ -181,3 +181,23 @@ def test_command_line(built, capsys):
     assert cli(["build", "--preset", "tiny", "--set", "vae.seeed=1", "--plan"]) == 2
     assert "unknown key 'vae.seeed'" in capsys.readouterr().err
     assert cli(["frobnicate"]) == 2
+
+
+@pytest.mark.slow
+def test_ccm_generate_defaults_to_the_installed_world_models(built, tmp_path, capsys):
+    from PIL import Image
+
+    from ccm_sdk.cli import embedded_default
+    from ccm_sdk.cli import main as ccm
+
+    assert embedded_default("sketch") == ("world:lcm", "world:cm-controlnet-sketch")
+    assert embedded_default("pose") == ("world:lcm", "world:dm-controlnet-pose")  # no CM ControlNet for pose: the DM one
+    item = WorldDataset(size=32, length=1, seed=5, conditions=("sketch",))[0]
+    control = tmp_path / "sketch.png"
+    Image.fromarray((item["controls"]["sketch"].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(control)
+    out = tmp_path / "out.png"
+    assert ccm(["generate", "--condition", "sketch", "--control", str(control), "--prompt", item["caption"],
+                "--steps", "2", "--out", str(out)]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert "UNTRAINED" not in captured.err and "model world:lcm" in captured.out
+    assert Image.open(out).size == (32, 32) and Image.open(tmp_path / "out_grid.png").height >= 256
