@@ -117,6 +117,18 @@ class AdapterTrainer(Trainer):
         )
         return distance(draws.consistency.distance, f_online, f_target, huber_c=cfg.huber_c)
 
+    def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+        """For each ControlNet: its control maps, then images from the consistency model through the adapter."""
+        pipe, rows = self.base.pipe, []
+        for spec, source, controlnet in zip(self.config.controlnets, self.sources, self.controlnets):
+            current = CCMPipeline(unet=self.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                  scheduler_config=pipe.schedule.scheduler_config, controlnets=[controlnet],
+                                  adapter=self.unwrapped())  # fmt: skip
+            control = source.maps(batch).to(self.device)
+            images = self.sample_images(current, batch, control=control, consistency=True, guidance_scale=self.config.consistency.w + 1.0)
+            rows += [(spec.condition, control), ("generated", images)]
+        return rows + [("data", batch["images"])]
+
     def save_outputs(self, output_dir: Path) -> dict[str, Path]:
         path = output_dir / "adapter"
         with atomic_folder(path) as tmp:

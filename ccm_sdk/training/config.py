@@ -77,6 +77,17 @@ class LogConfig(Section):
     plot: bool = Field(default=True, description="write loss.png at the end (loss.csv is always written)")
 
 
+class ValidationConfig(Section):
+    """Sample images from the current weights during training (``samples/step-XXXXXXXX.png`` in output_dir)."""
+
+    every: int | None = Field(default=None, ge=1, description="render a grid every this many steps and at the end; None: never")
+    num_images: int = Field(default=4, ge=1, le=64, description="the first this many items of the training data")
+    prompts: list[str] | None = Field(default=None, max_length=64, description="captions to sample instead of the items' own")
+    steps: int | None = Field(default=None, ge=1, le=1000, description="sampling steps; None: 4 for consistency models, 25 for DDIM")
+    guidance_scale: float | None = Field(default=None, ge=1.0, description="None: the trainer's own (its w + 1), 7.5 for DDIM")
+    seed: int = 0
+
+
 class HubConfig(Section):
     push: bool = Field(default=False, description="upload the outputs with huggingface_hub.upload_folder at the end")
     repo_id: str | None = None
@@ -122,6 +133,7 @@ class TrainConfig(Section):
     train: OptimConfig = Field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
 
 

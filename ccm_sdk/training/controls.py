@@ -166,6 +166,19 @@ class ControlNetTrainer(Trainer):
             control=self.control.maps(batch).to(self.device),
         )
 
+    validation_sampler: dict[str, Any] = {"consistency": False, "guidance_scale": 7.5}
+
+    def validation_pipeline(self) -> CCMPipeline:
+        """The frozen base model with the ControlNet being trained."""
+        pipe = self.base.pipe
+        return CCMPipeline(unet=self.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                           scheduler_config=pipe.schedule.scheduler_config, controlnets=[self.unwrapped()])  # fmt: skip
+
+    def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+        control = self.control.maps(batch).to(self.device)
+        images = self.sample_images(self.validation_pipeline(), batch, control=control, **self.validation_sampler)
+        return [("control", control), ("generated", images), ("data", batch["images"])]
+
     def save_outputs(self, output_dir: Path) -> dict[str, Path]:
         path = output_dir / "controlnet"
         with atomic_folder(path) as tmp:

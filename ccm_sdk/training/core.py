@@ -115,6 +115,7 @@ class Trainer(ABC):
         self.model: torch.nn.Module | None = None  # the trainable module (wrapped for DDP once training starts)
         self.dataset: Dataset | None = None
         self._params: list[torch.nn.Parameter] = []
+        self._validation_batch: dict[str, Any] | None = None
 
     # --- what a trainer supplies ----------------------------------------------------------
 
@@ -151,6 +152,45 @@ class Trainer(ABC):
 
     def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         """Restore what :meth:`extra_weights` saved."""
+
+    def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+        """Labelled rows of images ([B, C, H, W] in [0, 1]) from the current weights for a collated batch.
+
+        Called under ``torch.no_grad`` with the trained modules in eval mode; the default has none.
+        """
+        return []
+
+    def sample_images(self, pipe, batch: dict[str, Any], *, consistency: bool, guidance_scale: float, control=None,
+                      sampler: str | None = None) -> torch.Tensor:  # fmt: skip
+        """Generate one image per caption of ``batch`` with ``pipe`` as the validation config asks (seeded)."""
+        v = self.config.validation
+        pipe.set_progress_bar_config(disable=True)
+        output = pipe(
+            list(batch["captions"]), control,
+            num_inference_steps=v.steps or (4 if consistency else 25),
+            guidance_scale=v.guidance_scale or guidance_scale,
+            sampler=sampler or ("consistency" if consistency else "ddim"),
+            generator=torch.Generator().manual_seed(v.seed), output_type="pt",
+        )  # fmt: skip
+        return output.images
+
+    def validate(self, step: int, output_dir: Path) -> Path | None:
+        """Render and save the validation grid of ``step`` (main process); returns its path, None when there is none."""
+        from .validation import eval_mode, isolated_rng, save_samples, validation_batch
+
+        if not self.accelerator.is_main_process:
+            return None
+        v = self.config.validation
+        if self._validation_batch is None:
+            self._validation_batch = validation_batch(self.dataset, len(v.prompts) if v.prompts else v.num_images)
+            if v.prompts:
+                self._validation_batch["captions"] = list(v.prompts)[: len(self._validation_batch["images"])]
+        batch = self._validation_batch
+        with isolated_rng(), eval_mode(self.unwrapped()), torch.no_grad(), self.accelerator.autocast():
+            rows = self.validation_rows(batch)
+        if not rows:
+            return None
+        return save_samples(rows, batch.get("captions", []), output_dir / "samples", step)
 
     def build_dataset(self) -> Dataset:
         data = self.config.data
@@ -330,6 +370,9 @@ class Trainer(ABC):
                 if step % cfg.checkpoint.every == 0 or step == t.max_steps:
                     state = self._checkpoint(step, optimizer, scheduler, history)
                     last_saved = save_checkpoint(acc, checkpoints, state, keep_last=cfg.checkpoint.keep_last)
+                every = cfg.validation.every
+                if every is not None and (step % every == 0 or step == t.max_steps):
+                    self.validate(step, output_dir)
         finally:
             bar.close()
         # 6. outputs, loss curve, summary (and the hub)

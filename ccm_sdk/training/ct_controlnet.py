@@ -10,6 +10,8 @@ The consistency model's UNet is frozen; only the ControlNet psi trains, with
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -38,6 +40,10 @@ class CTControlNetTrainer(ControlNetTrainer):
 
     def sample_draws(self, inputs: ControlInputs) -> ConsistencyDraws:
         return sample_draws(inputs.latents, self.config.consistency)
+
+    @property
+    def validation_sampler(self) -> dict[str, Any]:
+        return {"consistency": True, "guidance_scale": self.config.consistency.w + 1.0}
 
     def denoiser(self, controlnet: nn.Module, inputs: ControlInputs, timestep_cond: torch.Tensor | None) -> Denoise:
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,10 @@ class DreamBoothTrainer(Trainer):
         self.enable_gradient_checkpointing(unet)
         return unet
 
+    def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+        images = self.sample_images(self.pipe, batch, consistency=True, guidance_scale=self.config.consistency.w + 1.0)
+        return [("generated", images), ("data", batch["images"])]
+
     # --- data: subject images (+ class images) ------------------------------------------
 
     def build_dataset(self) -> Dataset:

@@ -141,6 +141,16 @@ class LCDTrainer(Trainer):
             return pseudo_huber(f_student, f_target, cfg.huber_c)
         return l2(f_student, f_target)
 
+    def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+        cfg, pipe = self.config, self.base.pipe
+        student = self.target if self.target is not None else self.unwrapped()
+        current = CCMPipeline(unet=student, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                              scheduler_config=pipe.schedule.scheduler_config)  # fmt: skip
+        # an LCM-LoRA student has no w-embedding: the consistency sampler with plain CFG
+        guidance = (cfg.w_min + cfg.w_max) / 2 + 1.0
+        images = self.sample_images(current, batch, consistency=True, guidance_scale=guidance)
+        return [("generated", images), ("data", batch["images"])]
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         if self.target is None:

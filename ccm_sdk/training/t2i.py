@@ -215,6 +215,14 @@ class T2ITrainer(Trainer):
         weights = min_snr_weights(schedule, draws.t, self.config.min_snr_gamma).to(per_sample.device)
         return (weights * per_sample).mean()
 
+    def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+        pipe = self.pipe
+        unet = self.ema if self.ema is not None else self.unwrapped()
+        current = CCMPipeline(unet=unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                              scheduler_config=pipe.schedule.scheduler_config)  # fmt: skip
+        images = self.sample_images(current, batch, consistency=False, guidance_scale=7.5)
+        return [("generated", images), ("data", batch["images"])]
+
     # --- EMA ----------------------------------------------------------------------------
 
     def ema_decay_now(self) -> float:

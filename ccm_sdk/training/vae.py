@@ -191,6 +191,12 @@ class VAETrainer(Trainer):
         channels = self.model_vae().config.latent_channels
         return VAEDraws(noise=torch.randn(batch, channels, height // self.factor, width // self.factor))
 
+    def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+        vae = self.model_vae()
+        images = batch["images"].to(self.device, torch.float32)
+        reconstruction = vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample
+        return [("image", images), ("reconstruction", (reconstruction.float() + 1) / 2)]
+
     def compute_loss(self, inputs: VAEInputs, draws: VAEDraws) -> torch.Tensor:
         cfg = self.config
         reconstruction, mean, logvar = self.model(inputs.images, draws.noise.to(self.device))

@@ -247,3 +247,20 @@ def test_bad_input(t2i_config, tmp_path, make_squares):
         t2i_config(unet="some/unet")
     with pytest.raises(InputError, match="architecture.*expected 2 up_block_types"):
         t2i_config(architecture__up_block_types=["UpBlock2D"])
+
+
+def test_validation_samples_come_from_the_ema_unet_with_ddim(t2i_config, monkeypatch):
+    from ccm_sdk.training.validation import sample_name
+
+    trainer = T2ITrainer(t2i_config(ema_decay=0.9, train__max_steps=2, validation__every=2, validation__num_images=2, validation__steps=3))
+    calls = []
+    original = CCMPipeline.__call__
+
+    def spy(pipe, prompt, *args, **kwargs):
+        calls.append((pipe.unet, kwargs["sampler"], kwargs["num_inference_steps"], kwargs["guidance_scale"]))
+        return original(pipe, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(CCMPipeline, "__call__", spy)
+    result = trainer.train()
+    assert calls == [(trainer.ema, "ddim", 3, 7.5)]
+    assert (result.output_dir / "samples" / sample_name(2)).is_file()

@@ -156,3 +156,14 @@ def test_bad_input(vae_config, tmp_path):
         vae_config(architecture__down_block_types=["DownEncoderBlock2D"])
     with pytest.raises(InputError, match="not divisible by norm_num_groups 8"):
         vae_config(architecture__block_out_channels=[8, 12])
+
+
+def test_validation_grid_shows_images_over_their_reconstructions(vae_config):
+    from ccm_sdk.training.validation import MIN_CELL, sample_name
+
+    result = VAETrainer(vae_config(train__max_steps=2, validation__every=2, validation__num_images=3)).train()
+    grid = Image.open(result.output_dir / "samples" / sample_name(2)).convert("RGB")
+    assert grid.height == 14 + 2 * (MIN_CELL + 2) + 2
+    # the top row is the data itself: the first square image's dark background (30/255) shows in its corner
+    left = 8 + 7 * len("reconstruction") + 2
+    assert grid.getpixel((left + 3, 14 + 2 + 3)) == (30, 30, 30)

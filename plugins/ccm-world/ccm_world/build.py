@@ -128,11 +128,11 @@ class WorldBuild:
     # --- identity and state ---------------------------------------------------------------
 
     def spec(self, unit: Unit) -> dict[str, Any]:
-        """What a unit's result depends on (not how it is logged, checkpointed or threaded)."""
+        """What a unit's result depends on (not how it is logged, checkpointed, validated or threaded)."""
         p = self.preset
         if unit.kind == "trainer":
             config = self.configs[unit.name].model_dump(mode="json")
-            for key in ("log", "checkpoint", "hub"):
+            for key in ("log", "checkpoint", "hub", "validation"):
                 config.pop(key, None)
             config["train"].pop("num_threads", None)
             config["data"].pop("num_workers", None)

@@ -68,6 +68,17 @@ def test_bad_preset_keys_error_clearly():
         WorldBuild(load_preset("tiny"), "/tmp/unused-world-build").select(stage="vea")
 
 
+def test_fingerprints_ignore_what_does_not_change_the_weights():
+    plain = WorldBuild(load_preset("tiny"), "/tmp/unused-world-build")
+    logged = WorldBuild(load_preset("tiny", [("teacher.config.validation", {"every": 5}), ("teacher.config.log.plot", True)]),
+                        "/tmp/unused-world-build")  # fmt: skip
+    seeded = WorldBuild(load_preset("tiny", [("teacher.seed", 9)]), "/tmp/unused-world-build")
+    teacher = plain.by_name["teacher"]
+    assert logged.fingerprint(teacher) == plain.fingerprint(teacher)
+    assert seeded.fingerprint(teacher) != plain.fingerprint(teacher)
+    assert seeded.fingerprint(plain.by_name["lcm"]) != plain.fingerprint(plain.by_name["lcm"])  # a changed input changes its users
+
+
 # --- the tiny build end to end ---------------------------------------------------------
 
 
