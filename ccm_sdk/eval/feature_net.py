@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -94,7 +95,7 @@ class SmallFeatureNet(nn.Module):
             state = load_file(str(folder / WEIGHTS_NAME))
             net = cls(config)
             net.load_state_dict(state)
-        except (ValidationError, json.JSONDecodeError, RuntimeError, OSError) as exc:
+        except (ValidationError, json.JSONDecodeError, SafetensorError, RuntimeError, OSError) as exc:
             raise CorruptWeightsError(f"cannot load the feature net at {str(folder)!r}: {exc}") from None
         return net.eval()
 

@@ -65,3 +65,7 @@ def test_bad_folders_raise(tmp_path):
     (tmp_path / "config.json").write_text('{"num_labels": 5, "widths": [4], "feature_dim": 3}')
     with pytest.raises(CorruptWeightsError):
         SmallFeatureNet.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")  # an unreadable weights file is corrupt, not a crash
+    (tmp_path / "config.json").write_text('{"num_labels": 2, "widths": [4], "feature_dim": 3}')
+    with pytest.raises(CorruptWeightsError, match="cannot load the feature net"):
+        SmallFeatureNet.from_pretrained(tmp_path)

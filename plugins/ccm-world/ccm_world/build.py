@@ -5,7 +5,7 @@
 
 Stages, in order (docs/world.md): ``text-encoder``, ``vae``, ``teacher`` (t2i), ``lcm`` (lcd),
 ``dm-controlnets`` (one unit per condition, ``dm-controlnet-<c>``), ``cm-controlnets``
-(``cm-controlnet-<c>``), ``adapter``, ``feature-net``, ``pack`` (into ``ccm_world/models``),
+(``cm-controlnet-<c>``), ``adapter``, ``feature-net``, ``depth-net``, ``pack`` (into ``ccm_world/models``),
 and ``eval`` when the preset has one. Every unit writes into ``<work-dir>/<unit>/`` and ends
 with a done-marker (``build-done.json``, written atomically after its outputs), so a rerun
 skips it; an interrupted training unit resumes from its trainer's last checkpoint. Each unit's
@@ -34,6 +34,7 @@ from .build_stages import (
     eval_config,
     plan_units,
     run_eval,
+    run_depth_net,
     run_feature_net,
     run_text_encoder,
     run_trainer,
@@ -141,6 +142,8 @@ class WorldBuild:
             return {**p.text_encoder.model_dump(), "vocabulary": list(WORLD_VOCABULARY)}
         if unit.kind == "feature-net":
             return {**p.feature_net.model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
+        if unit.kind == "depth-net":
+            return {**p.depth_net.model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
         if unit.kind == "pack":
             return p.pack.model_dump()
         return {**p.eval.model_dump(), "data": p.data.model_dump()}
@@ -282,6 +285,8 @@ class WorldBuild:
             info = run_text_encoder(self.preset, unit, self.work_dir, self.log)
         elif unit.kind == "feature-net":
             info = run_feature_net(self.preset, unit, self.work_dir, self.log)
+        elif unit.kind == "depth-net":
+            info = run_depth_net(self.preset, unit, self.work_dir, self.log)
         elif unit.kind == "pack":
             info = stage_pack(self.preset, self.work_dir, folder / "models", fingerprint, self.log)
         else:
@@ -319,6 +324,8 @@ def measure_preset(preset: Preset, steps: int) -> Preset:
         config["train"] = {**config.get("train", {}), "max_steps": steps + 2}
         config["checkpoint"] = {**config.get("checkpoint", {}), "every": steps + 2}
     raw["feature_net"]["steps"] = steps + 2
+    if raw.get("depth_net") is not None:
+        raw["depth_net"]["steps"] = steps + 2
     return Preset(**raw)
 
 

@@ -116,6 +116,23 @@ class FeatureNetStage(Section):
         return self.steps
 
 
+class DepthNetStage(Section):
+    """``ccm_world.depth_net.train_depth_net``: h for depth Fidelity (no checkpoints: minutes)."""
+
+    seed: int
+    steps: int = Field(default=3000, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    holdout: int = Field(default=256, ge=0)
+    widths: tuple[int, ...] = (32, 64, 128)
+    num_workers: int = Field(default=0, ge=0)
+    seconds_per_step: float | None = Field(default=None, gt=0)
+
+    @property
+    def max_steps(self) -> int:
+        return self.steps
+
+
 class PackStage(Section):
     """Copy the models into ``ccm_world/models`` (hub layout), float16 where outputs hold."""
 
@@ -152,6 +169,7 @@ class Preset(Section):
     cm_controlnets: CMControlNetStage
     adapter: AdapterStage
     feature_net: FeatureNetStage
+    depth_net: DepthNetStage | None = Field(default=None, description="the world's depth estimator; None: no depth Fidelity")
     pack: PackStage = Field(default_factory=PackStage)
     eval: EvalStage | None = None
 

@@ -24,11 +24,11 @@ from .vocabulary import WORLD_VOCABULARY
 
 Log = Callable[[str], None]
 
-GROUPS = ("text-encoder", "vae", "teacher", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net", "pack", "eval")
+GROUPS = ("text-encoder", "vae", "teacher", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net", "depth-net", "pack", "eval")
 # where each kind of unit leaves its product, relative to the unit's folder
 PRODUCT = {
     "text-encoder": ".", "vae": "vae", "t2i": "model", "lcd": "lcm", "dm_controlnet": "controlnet",
-    "ct_controlnet": "controlnet", "adapter": "adapter", "feature-net": "feature-net", "eval": ".",
+    "ct_controlnet": "controlnet", "adapter": "adapter", "feature-net": "feature-net", "depth-net": "depth-net", "eval": ".",
 }  # fmt: skip
 # keys the build sets itself; a preset setting them would silently unhook a stage from its inputs
 RESERVED = (
@@ -43,7 +43,7 @@ class Unit:
 
     name: str  # e.g. "dm-controlnet-sketch"
     group: str  # e.g. "dm-controlnets" (a name of GROUPS)
-    kind: str  # "text-encoder", "trainer", "feature-net", "pack" or "eval"
+    kind: str  # "text-encoder", "trainer", "feature-net", "depth-net", "pack" or "eval"
     trainer: str | None = None
     condition: str | None = None
     needs: tuple[str, ...] = ()
@@ -75,6 +75,8 @@ def plan_units(preset: Preset) -> list[Unit]:
     adapter_needs = ("lcm", *(f"dm-controlnet-{c}" for c in preset.adapter.conditions))
     units.append(Unit("adapter", "adapter", "trainer", "adapter", needs=adapter_needs))
     units.append(Unit("feature-net", "feature-net", "feature-net"))
+    if preset.depth_net is not None:
+        units.append(Unit("depth-net", "depth-net", "depth-net"))
     packed = tuple(u.name for u in units if u.name not in ("text-encoder", "vae"))
     units.append(Unit("pack", "pack", "pack", needs=packed))
     if preset.eval is not None:
@@ -85,7 +87,7 @@ def plan_units(preset: Preset) -> list[Unit]:
 def stage_seconds(preset: Preset, unit: Unit) -> tuple[float | None, int | None]:
     """(measured s/step, steps) of a training unit from the preset; (None, None) for the others."""
     section = getattr(preset, unit.section, None)
-    if unit.kind not in ("trainer", "feature-net") or section is None:
+    if unit.kind not in ("trainer", "feature-net", "depth-net") or section is None:
         return None, None
     return section.seconds_per_step, section.max_steps
 
@@ -241,6 +243,29 @@ def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dic
             "seconds_per_step": _intervals(starts)}  # fmt: skip
 
 
+def run_depth_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
+    import torch
+
+    from .depth_net import train_depth_net
+
+    s = preset.depth_net
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    starts: list[float] = []
+    every = max(1, s.steps // 10)
+
+    def progress(entry: dict[str, Any]) -> None:
+        starts.append(time.perf_counter())
+        if preset.progress and (entry["step"] + 1) % every == 0:
+            log(f"    depth-net step {entry['step'] + 1}/{s.steps}: loss {entry['loss']:.4f}")
+
+    result = train_depth_net(
+        world_data(preset, ("depth",)), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
+        num_workers=s.num_workers, output_dir=work_dir / unit.name / unit.product, log=progress, widths=s.widths,
+    )  # fmt: skip
+    return {"steps": s.steps, "heldout_l1": result.holdout_l1, "final_loss": result.losses[-1], "seconds_per_step": _intervals(starts)}
+
+
 def eval_config(preset: Preset, models_dir: Path, output_dir: Path):
     """The preset's eval config with the packed models as the paper's models."""
     import yaml
@@ -259,6 +284,10 @@ def eval_config(preset: Preset, models_dir: Path, output_dir: Path):
     raw["features"] = {**(raw.get("features") or {}), "kind": "feature-net", "path": str(models_dir / "feature-net")}
     dm, cm = {}, {}
     for condition in raw.get("conditions") or []:
+        if condition["name"] == "world-depth":  # h is the packed depth net, wherever the pack went
+            if preset.depth_net is None:
+                raise BuildError("the eval config's world-depth condition needs the depth-net stage (depth_net in the preset)")
+            condition["options"] = {"model": str(models_dir / "depth-net"), **(condition.get("options") or {})}
         label = condition.get("label") or condition["name"]
         key = condition.get("key") or condition["name"]
         dm[label], cm[label] = str(models_dir / f"dm-controlnet-{key}"), str(models_dir / f"cm-controlnet-{key}")

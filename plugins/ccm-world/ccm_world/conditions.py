@@ -7,8 +7,9 @@ between neighbouring pixels is a region boundary, and these extractors recover t
 limbs where anti-aliasing blends a boundary (about 99% of pixels agree exactly). On photographs
 they are crude gradient detectors; use canny and hed there.
 
-Depth (layer order) and pose (the figure's joints) are not recoverable from the pixels by a
-rule like this; the dataset provides them, and no world condition pretends to extract them.
+Depth (layer order) is not recoverable from the pixels by a rule like this: ``world-depth`` runs
+a small network trained on the world to predict it (``ccm_world.depth_net``). Pose (the
+figure's joints) is left to the dataset; no world condition pretends to extract it.
 """
 
 from __future__ import annotations
@@ -92,4 +93,35 @@ class WorldSoftEdgesCondition(Condition):
         return torch.from_numpy(np.stack(maps))[:, None].expand(-1, 3, -1, -1).contiguous().to(images.device)
 
 
-WORLD_CONDITION_CLASSES = (WorldEdgesCondition, WorldSoftEdgesCondition)
+class WorldDepthOptions(ConditionOptions):
+    model: str = Field(default="world:depth-net", description="a depth-net folder, or world:<name> for a shipped one")
+
+
+class WorldDepthCondition(Condition):
+    """The world's relative depth (layer order, near = bright), predicted by the world's trained depth net."""
+
+    name = "world-depth"
+    channels = 3
+    Options = WorldDepthOptions
+    description = "layer-order depth of world scenes, from the world's trained depth net (h for depth Fidelity)"
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        from ccm_sdk.models.loading import resolve_model_path
+
+        from .depth_net import WorldDepthNet
+
+        self.net = WorldDepthNet.from_pretrained(resolve_model_path(self.options.model, what="world depth net"))
+
+    def to(self, device: torch.device | str) -> WorldDepthCondition:
+        self.net.to(device)
+        return self
+
+    @torch.no_grad()
+    def preprocess(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
+        parameter = next(self.net.parameters())
+        depth = self.net(images.to(parameter.device, parameter.dtype)).float().clamp(0, 1)
+        return depth.expand(-1, 3, -1, -1).contiguous().to(images.device)
+
+
+WORLD_CONDITION_CLASSES = (WorldEdgesCondition, WorldSoftEdgesCondition, WorldDepthCondition)

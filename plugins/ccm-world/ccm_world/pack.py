@@ -3,8 +3,8 @@
 Each weight component is tried in float16 (weights rounded to float16, computed in float32, as
 the SDK loads them): the images it makes are compared with the float32 ones on a few seeded
 world scenes, and it is stored in float16 only if the mean absolute difference stays within
-``pack.fp16_tolerance``. The feature net stays float32 (FID depends on its features directly,
-and it is small). The packed folder is staged, checked against ``pack.max_megabytes``, loaded
+``pack.fp16_tolerance``. The feature and depth nets stay float32 (FID and Fidelity read them directly,
+and they are small). The packed folder is staged, checked against ``pack.max_megabytes``, loaded
 back, and swapped into place in one rename, so a failed pack never touches the installed one.
 """
 
@@ -35,7 +35,7 @@ class PackedModel:
     """One folder of the pack and how its weights are stored."""
 
     name: str
-    kind: str  # "pipeline", "controlnet", "adapter" or "feature-net"
+    kind: str  # "pipeline", "controlnet", "adapter", "feature-net" or "depth-net"
     source: Path
     condition: str | None = None
     dtypes: dict[str, str] = field(default_factory=dict)  # component ("model" for single-model folders) -> dtype
@@ -53,6 +53,8 @@ def pack_plan(preset: Preset, work_dir: Path) -> list[PackedModel]:
             models.append(PackedModel(f"{group}-controlnet-{c}", "controlnet", work_dir / f"{group}-controlnet-{c}" / "controlnet", c))
     models.append(PackedModel("adapter", "adapter", work_dir / "adapter" / "adapter"))
     models.append(PackedModel("feature-net", "feature-net", work_dir / "feature-net" / "feature-net"))
+    if preset.depth_net is not None:
+        models.append(PackedModel("depth-net", "depth-net", work_dir / "depth-net" / "depth-net"))
     return models
 
 
@@ -107,7 +109,7 @@ class OutputCheck:
             pipe = self.lcm if model.name == "lcm" else self.teacher
             reference = self.images(pipe)
             return {c: self.difference(getattr(pipe, c), lambda: self.images(pipe), reference) for c in PIPELINE_COMPONENTS}
-        if model.kind == "feature-net":
+        if model.kind in ("feature-net", "depth-net"):  # measuring instruments: kept exact
             return {}
         pipe = self.lcm
         condition = model.condition or preset.adapter.conditions[0]
@@ -229,10 +231,14 @@ def load_model(kind: str, source: str | os.PathLike):
         return load_controlnet(str(source))
     if kind == "adapter":
         return load_adapter(source)
-    if kind != "feature-net":
-        raise BuildError(f"unknown packed model kind {kind!r}")
     from ccm_sdk.models.loading import resolve_model_path
 
+    if kind == "depth-net":
+        from .depth_net import WorldDepthNet
+
+        return WorldDepthNet.from_pretrained(resolve_model_path(source, what="depth net"))
+    if kind != "feature-net":
+        raise BuildError(f"unknown packed model kind {kind!r}")
     return SmallFeatureNet.from_pretrained(resolve_model_path(source, what="feature net"))  # a folder or "world:<name>"
 
 

@@ -44,8 +44,8 @@ def test_shipped_presets_validate_and_fit_an_hour_per_stage():
         build = WorldBuild(load_preset(name), "/tmp/unused-world-build")  # validates every trainer and eval config
         assert [u.name for u in build.units][:4] == ["text-encoder", "vae", "teacher", "lcm"]
     full = WorldBuild(load_preset("full"), "/tmp/unused-world-build")
-    trained = [u for u in full.units if u.kind in ("trainer", "feature-net")]
-    assert len(trained) == 17
+    trained = [u for u in full.units if u.kind in ("trainer", "feature-net", "depth-net")]
+    assert len(trained) == 18
     for unit in trained:
         seconds_per_step, steps = stage_seconds(full.preset, unit)
         assert seconds_per_step * steps < 3600, unit.name
@@ -92,10 +92,11 @@ def test_every_stage_builds_and_the_pack_loads_as_world_models(built, tmp_path):
     # the pack went to the (patched) MODELS_DIR, float16 where the output check held
     models = ccm_world.MODELS_DIR
     manifest = json.loads((models / MANIFEST).read_text())
-    expected = {"lcm", "teacher", "adapter", "feature-net", *(f"dm-controlnet-{c}" for c in build.preset.dm_controlnets.conditions),
+    expected = {"lcm", "teacher", "adapter", "feature-net", "depth-net", *(f"dm-controlnet-{c}" for c in build.preset.dm_controlnets.conditions),
                 *(f"cm-controlnet-{c}" for c in build.preset.cm_controlnets.conditions)}  # fmt: skip
     assert set(manifest["models"]) == expected and sorted(p.name for p in models.iterdir() if p.is_dir()) == sorted(expected)
     assert manifest["models"]["lcm"]["dtypes"]["unet"] == "float16" and manifest["models"]["feature-net"]["dtypes"] == {"model": "float32"}
+    assert manifest["models"]["depth-net"]["dtypes"] == {"model": "float32"}
     assert manifest["total_bytes"] < 60e6
     assert ccm_world.world_model("lcm") == models / "lcm"
     # CCMPipeline.from_pretrained("world:lcm", controlnet="world:cm-controlnet-sketch") generates offline
