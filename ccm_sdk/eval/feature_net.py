@@ -8,8 +8,6 @@ uses its penultimate features (as FID uses Inception's pool3 rather than its log
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,15 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CorruptWeightsError, InputError, MissingModelError, TrainingError
+from ..errors import InputError
 from ..interfaces import Options
-
-WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
-
+from ..models.small_net import fit, load_net, save_net, split_sizes
 
 class FeatureNetConfig(Options):
     """Round-trips through config.json."""
@@ -79,25 +73,11 @@ class SmallFeatureNet(nn.Module):
         return self.head(F.silu(self.embed(images)))
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_NAME))
-        (folder / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
-        return folder
+        return save_net(self, self.config, folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> SmallFeatureNet:
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-            raise MissingModelError(f"expected a feature-net folder with {CONFIG_NAME} and {WEIGHTS_NAME} at {str(folder)!r}")
-        try:
-            config = FeatureNetConfig(**json.loads((folder / CONFIG_NAME).read_text()))
-            state = load_file(str(folder / WEIGHTS_NAME))
-            net = cls(config)
-            net.load_state_dict(state)
-        except (ValidationError, json.JSONDecodeError, SafetensorError, RuntimeError, OSError) as exc:
-            raise CorruptWeightsError(f"cannot load the feature net at {str(folder)!r}: {exc}") from None
-        return net.eval()
+        return load_net(cls, FeatureNetConfig, folder, what="feature net")
 
 
 class FeatureNetExtractor:
@@ -172,13 +152,8 @@ def train_feature_net(
     ``num_workers`` DataLoader processes. ``config`` sets ``FeatureNetConfig`` fields
     (``image_size``, ``widths``, ``feature_dim``). Saves to ``output_dir`` when given.
     """
-    if steps < 1 or batch_size < 1:
-        raise InputError(f"expected steps >= 1 and batch_size >= 1, got {steps} and {batch_size}")
     size = len(dataset)
-    holdout = min(holdout, size // 4)
-    train_size = size - holdout
-    if train_size < 1:
-        raise InputError(f"the dataset holds {size} samples; at least 1 is needed to train")
+    train_size, holdout = split_sizes(size, holdout, steps, batch_size)
     # 1. the network, sized by the first sample's labels and image
     first_images, first_labels = _stack(dataset, [0], labels_key)
     config.setdefault("image_size", first_images.shape[-1])
@@ -187,29 +162,13 @@ def train_feature_net(
     except ValidationError as exc:
         raise InputError(f"invalid feature-net config: {exc}") from None
     torch.manual_seed(seed)
-    net = SmallFeatureNet(net_config).to(device).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    sampler = torch.utils.data.RandomSampler(
-        range(train_size), replacement=True, num_samples=steps * batch_size, generator=torch.Generator().manual_seed(seed)
-    )
-    loader = torch.utils.data.DataLoader(
-        _Examples(dataset, train_size, labels_key), batch_size=batch_size, sampler=sampler, num_workers=num_workers
-    )
-    result = FeatureNetTraining(net)
+    net = SmallFeatureNet(net_config)
     # 2. train
-    for step, (images, labels) in enumerate(loader):
-        loss = F.binary_cross_entropy_with_logits(net(images.to(device)), labels.to(device))
-        if not torch.isfinite(loss):
-            raise TrainingError(f"feature-net loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        result.losses.append(loss.item())
-        if log is not None:
-            log({"step": step, "loss": result.losses[-1], "lr": schedule.get_last_lr()[0]})
-    net.eval()
+    result = FeatureNetTraining(net)
+    result.losses = fit(
+        net, _Examples(dataset, train_size, labels_key), F.binary_cross_entropy_with_logits, steps=steps, batch_size=batch_size,
+        lr=lr, seed=seed, num_workers=num_workers, device=device, what="feature-net", log=log,
+    )  # fmt: skip
     # 3. held-out accuracy
     if holdout:
         with torch.no_grad():

@@ -218,22 +218,28 @@ def run_text_encoder(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> di
     return {"words": len(WORLD_VOCABULARY)}
 
 
-def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
+def _step_log(preset: Preset, name: str, steps: int, log: Log) -> tuple[Callable[[dict[str, Any]], None], list[float]]:
+    """A per-step callback for the small nets' training loops: a log line every tenth of the run, and step start times."""
     import torch
 
-    from ccm_sdk.eval.feature_net import train_feature_net
-
-    s = preset.feature_net
     if preset.threads:
         torch.set_num_threads(preset.threads)
     starts: list[float] = []
-    every = max(1, s.steps // 10)
+    every = max(1, steps // 10)
 
     def progress(entry: dict[str, Any]) -> None:
         starts.append(time.perf_counter())
         if preset.progress and (entry["step"] + 1) % every == 0:
-            log(f"    feature-net step {entry['step'] + 1}/{s.steps}: loss {entry['loss']:.4f}")
+            log(f"    {name} step {entry['step'] + 1}/{steps}: loss {entry['loss']:.4f}")
 
+    return progress, starts
+
+
+def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
+    from ccm_sdk.eval.feature_net import train_feature_net
+
+    s = preset.feature_net
+    progress, starts = _step_log(preset, unit.name, s.steps, log)
     result = train_feature_net(
         world_data(preset), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
         num_workers=s.num_workers, label_names=ATTRIBUTE_NAMES, output_dir=work_dir / unit.name / unit.product,
@@ -244,21 +250,10 @@ def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dic
 
 
 def run_depth_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
-    import torch
-
     from .depth_net import train_depth_net
 
     s = preset.depth_net
-    if preset.threads:
-        torch.set_num_threads(preset.threads)
-    starts: list[float] = []
-    every = max(1, s.steps // 10)
-
-    def progress(entry: dict[str, Any]) -> None:
-        starts.append(time.perf_counter())
-        if preset.progress and (entry["step"] + 1) % every == 0:
-            log(f"    depth-net step {entry['step'] + 1}/{s.steps}: loss {entry['loss']:.4f}")
-
+    progress, starts = _step_log(preset, unit.name, s.steps, log)
     result = train_depth_net(
         world_data(preset, ("depth",)), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
         num_workers=s.num_workers, output_dir=work_dir / unit.name / unit.product, log=progress, widths=s.widths,

@@ -10,8 +10,6 @@ something there.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,14 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ccm_sdk.errors import CorruptWeightsError, InputError, MissingModelError, TrainingError
+from ccm_sdk.errors import InputError
 from ccm_sdk.interfaces import Options
-
-WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+from ccm_sdk.models.small_net import fit, load_net, save_net, split_sizes
 
 
 class DepthNetConfig(Options):
@@ -81,23 +76,11 @@ class WorldDepthNet(nn.Module):
         return torch.sigmoid(self.head(hidden))
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_NAME))
-        (folder / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2))
-        return folder
+        return save_net(self, self.config, folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> WorldDepthNet:
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-            raise MissingModelError(f"expected a depth-net folder with {CONFIG_NAME} and {WEIGHTS_NAME} at {str(folder)!r}")
-        try:
-            net = cls(DepthNetConfig(**json.loads((folder / CONFIG_NAME).read_text())))
-            net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
-        except (ValidationError, json.JSONDecodeError, SafetensorError, RuntimeError, OSError, InputError) as exc:
-            raise CorruptWeightsError(f"cannot load the depth net at {str(folder)!r}: {exc}") from None
-        return net.eval()
+        return load_net(cls, DepthNetConfig, folder, what="depth net")
 
 
 @dataclass
@@ -145,38 +128,19 @@ def train_depth_net(
     batches (with replacement) from the rest, under a cosine learning-rate decay. ``config`` sets
     ``DepthNetConfig`` fields. Saves to ``output_dir`` when given.
     """
-    if steps < 1 or batch_size < 1:
-        raise InputError(f"expected steps >= 1 and batch_size >= 1, got {steps} and {batch_size}")
     size = len(dataset)
-    holdout = min(holdout, size // 4)
-    train_size = size - holdout
-    if train_size < 1:
-        raise InputError(f"the dataset holds {size} samples; at least 1 is needed to train")
+    train_size, holdout = split_sizes(size, holdout, steps, batch_size)
     try:
         net_config = DepthNetConfig(**config)
     except ValidationError as exc:
         raise InputError(f"invalid depth-net config: {exc}") from None
     torch.manual_seed(seed)
-    net = WorldDepthNet(net_config).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    sampler = torch.utils.data.RandomSampler(
-        range(train_size), replacement=True, num_samples=steps * batch_size, generator=torch.Generator().manual_seed(seed)
-    )
-    loader = torch.utils.data.DataLoader(_Pairs(dataset, train_size), batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    net = WorldDepthNet(net_config)
     result = DepthNetTraining(net)
-    for step, (images, depth) in enumerate(loader):
-        loss = (net(images) - depth).abs().mean()
-        if not torch.isfinite(loss):
-            raise TrainingError(f"depth-net loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        result.losses.append(loss.item())
-        if log is not None:
-            log({"step": step, "loss": result.losses[-1], "lr": schedule.get_last_lr()[0]})
-    net.eval()
+    result.losses = fit(
+        net, _Pairs(dataset, train_size), lambda predicted, depth: (predicted - depth).abs().mean(), steps=steps,
+        batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers, what="depth-net", log=log,
+    )  # fmt: skip
     if holdout:
         pairs = _Pairs(dataset, size)
         errors = []

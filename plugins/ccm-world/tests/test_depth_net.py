@@ -54,7 +54,7 @@ def test_bad_input_and_missing_or_corrupt_folders(trained, tmp_path):
         result.net(torch.rand(1, 4, 32, 32))
     with pytest.raises(InputError, match="multiples of 2"):
         result.net(torch.rand(1, 3, 31, 32))
-    with pytest.raises(MissingModelError, match="depth-net folder"):
+    with pytest.raises(MissingModelError, match="depth net folder"):
         WorldDepthNet.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
