@@ -80,12 +80,12 @@ class LogConfig(Section):
 class ValidationConfig(Section):
     """Sample images from the current weights during training (``samples/step-XXXXXXXX.png`` in output_dir)."""
 
-    every: int | None = Field(default=None, ge=1, description="render a grid every this many steps and at the end; None: never")
+    interval: int | None = Field(default=None, ge=1, description="render a grid every this many steps and at the end; None: never")
     num_images: int = Field(default=4, ge=1, le=64, description="the first this many items of the training data")
     prompts: list[str] | None = Field(default=None, max_length=64, description="captions to sample instead of the items' own")
-    steps: int | None = Field(default=None, ge=1, le=1000, description="sampling steps; None: 4 for consistency models, 25 for DDIM")
+    sample_steps: int | None = Field(default=None, ge=1, le=1000, description="sampling steps; None: 4 for consistency models, 25 for DDIM")
     guidance_scale: float | None = Field(default=None, ge=1.0, description="None: the trainer's own (its w + 1), 7.5 for DDIM")
-    seed: int = 0
+    sample_seed: int = Field(default=0, description="seed of the sampled images (names differ from checkpoint.every and train.seed so bare keys stay unique)")
 
 
 class HubConfig(Section):

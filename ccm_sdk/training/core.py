@@ -167,10 +167,10 @@ class Trainer(ABC):
         pipe.set_progress_bar_config(disable=True)
         output = pipe(
             list(batch["captions"]), control,
-            num_inference_steps=v.steps or (4 if consistency else 25),
+            num_inference_steps=v.sample_steps or (4 if consistency else 25),
             guidance_scale=v.guidance_scale or guidance_scale,
             sampler=sampler or ("consistency" if consistency else "ddim"),
-            generator=torch.Generator().manual_seed(v.seed), output_type="pt",
+            generator=torch.Generator().manual_seed(v.sample_seed), output_type="pt",
         )  # fmt: skip
         return output.images
 
@@ -370,8 +370,8 @@ class Trainer(ABC):
                 if step % cfg.checkpoint.every == 0 or step == t.max_steps:
                     state = self._checkpoint(step, optimizer, scheduler, history)
                     last_saved = save_checkpoint(acc, checkpoints, state, keep_last=cfg.checkpoint.keep_last)
-                every = cfg.validation.every
-                if every is not None and (step % every == 0 or step == t.max_steps):
+                interval = cfg.validation.interval
+                if interval is not None and (step % interval == 0 or step == t.max_steps):
                     self.validate(step, output_dir)
         finally:
             bar.close()

@@ -1,4 +1,4 @@
-"""Validation samples while training: images from the current weights, as a grid every ``validation.every`` steps.
+"""Validation samples while training: images from the current weights, as a grid every ``validation.interval`` steps.
 
 The samples come from the first ``validation.num_images`` items of the training data (their
 captions, control maps and images), with a fixed seed, so grids of successive steps compare

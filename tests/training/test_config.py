@@ -106,6 +106,8 @@ def test_trainer_name_checks(tmp_path):
 
 def test_bare_keys_resolve_to_their_section_unless_two_sections_share_them():
     assert resolve_key(CTControlNetTrainConfig, "every") == ["checkpoint", "every"]
+    assert resolve_key(CTControlNetTrainConfig, "seed") == ["train", "seed"]  # validation's own is sample_seed
+    assert resolve_key(CTControlNetTrainConfig, "interval") == ["validation", "interval"]
     assert resolve_key(CTControlNetTrainConfig, "distance") == ["consistency", "distance"]
 
     class Both(TrainConfig):

@@ -252,7 +252,7 @@ def test_bad_input(t2i_config, tmp_path, make_squares):
 def test_validation_samples_come_from_the_ema_unet_with_ddim(t2i_config, monkeypatch):
     from ccm_sdk.training.validation import sample_name
 
-    trainer = T2ITrainer(t2i_config(ema_decay=0.9, train__max_steps=2, validation__every=2, validation__num_images=2, validation__steps=3))
+    trainer = T2ITrainer(t2i_config(ema_decay=0.9, train__max_steps=2, validation__interval=2, validation__num_images=2, validation__sample_steps=3))
     calls = []
     original = CCMPipeline.__call__
 

@@ -161,7 +161,7 @@ def test_bad_input(vae_config, tmp_path):
 def test_validation_grid_shows_images_over_their_reconstructions(vae_config):
     from ccm_sdk.training.validation import MIN_CELL, sample_name
 
-    result = VAETrainer(vae_config(train__max_steps=2, validation__every=2, validation__num_images=3)).train()
+    result = VAETrainer(vae_config(train__max_steps=2, validation__interval=2, validation__num_images=3)).train()
     grid = Image.open(result.output_dir / "samples" / sample_name(2)).convert("RGB")
     assert grid.height == 14 + 2 * (MIN_CELL + 2) + 2
     # the top row is the data itself: the first square image's dark background (30/255) shows in its corner

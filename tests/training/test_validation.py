@@ -25,7 +25,7 @@ def _grid_rows(path, cell: int = MIN_CELL, pad: int = 2) -> int:
 
 @pytest.mark.parametrize("trainer", sorted(ROWS))
 def test_each_trainer_renders_a_grid_at_every_and_at_the_end(trainer, make_config):
-    result = _train(trainer, make_config, train__max_steps=3, validation__every=2, validation__num_images=2, validation__steps=2)
+    result = _train(trainer, make_config, train__max_steps=3, validation__interval=2, validation__num_images=2, validation__sample_steps=2)
     samples = result.output_dir / "samples"
     assert sorted(p.name for p in samples.glob("*.png")) == [sample_name(2), sample_name(3)]
     grid = Image.open(samples / sample_name(3))
@@ -37,14 +37,14 @@ def test_each_trainer_renders_a_grid_at_every_and_at_the_end(trainer, make_confi
 
 def test_validation_leaves_the_training_random_streams_alone(make_config, tmp_path):
     plain = _train("ct_controlnet", make_config, output_dir=str(tmp_path / "plain"))
-    validated = _train("ct_controlnet", make_config, output_dir=str(tmp_path / "validated"), validation__every=1,
-                       validation__num_images=2, validation__steps=1)  # fmt: skip
+    validated = _train("ct_controlnet", make_config, output_dir=str(tmp_path / "validated"), validation__interval=1,
+                       validation__num_images=2, validation__sample_steps=1)  # fmt: skip
     assert validated.summary["ranks"][0]["weights_sha256"] == plain.summary["ranks"][0]["weights_sha256"]
     assert (validated.output_dir / "samples" / sample_name(4)).is_file() and not (plain.output_dir / "samples").exists()
 
 
 def test_prompts_replace_the_captions(make_config):
-    result = _train("lcd", make_config, train__max_steps=1, validation__every=1, validation__prompts=["a red square", "a blue square", "x"])
+    result = _train("lcd", make_config, train__max_steps=1, validation__interval=1, validation__prompts=["a red square", "a blue square", "x"])
     captions = (result.output_dir / "samples" / "captions.txt").read_text().splitlines()
     assert captions == ["0: a red square", "1: a blue square", "2: x"]
 

@@ -70,7 +70,7 @@ def test_bad_preset_keys_error_clearly():
 
 def test_fingerprints_ignore_what_does_not_change_the_weights():
     plain = WorldBuild(load_preset("tiny"), "/tmp/unused-world-build")
-    logged = WorldBuild(load_preset("tiny", [("teacher.config.validation", {"every": 5}), ("teacher.config.log.plot", True)]),
+    logged = WorldBuild(load_preset("tiny", [("teacher.config.validation", {"interval": 5}), ("teacher.config.log.plot", True)]),
                         "/tmp/unused-world-build")  # fmt: skip
     seeded = WorldBuild(load_preset("tiny", [("teacher.seed", 9)]), "/tmp/unused-world-build")
     teacher = plain.by_name["teacher"]
