@@ -30,7 +30,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, hook_name: str, validate: Callable[[Any, str], None]):
         self.kind, self.hook_name, self._validate = kind, hook_name, validate
         self._entries: dict[str, Entry[T]] = {}
-        self._snapshot: frozenset[int] | None = None
+        self._snapshot: frozenset[object] | None = None
 
     def _collect(self) -> None:
         entries: dict[str, Entry[T]] = {}
@@ -67,7 +67,8 @@ class Registry(Generic[T]):
 
     def _ensure(self) -> None:
         plugins.load_plugins()
-        snapshot = frozenset(map(id, plugins.pm.get_plugins()))
+        # the plugin objects themselves, not their ids: a freed plugin's id can be reused by a new one
+        snapshot = frozenset(plugins.pm.get_plugins())
         if snapshot != self._snapshot:
             self._collect()
             self._snapshot = snapshot

@@ -221,3 +221,23 @@ def test_datasets_register_and_build_with_options():
         assert get_dataset("numbers", n=3) == [0, 1, 2]
     with pytest.raises(UnknownNameError, match="unknown dataset 'numbers'"):
         get_dataset("numbers")
+
+
+def test_a_new_plugin_is_seen_even_where_a_removed_one_was():
+    # the registry notices plugins by object, so a new module that happens to reuse a freed
+    # module's id (CPython reuses addresses) is still collected
+    class Gone(InvertCondition):
+        name = "test-gone"
+
+    class Fresh(InvertCondition):
+        name = "test-fresh"
+
+    with registered(_plugin(register_conditions=lambda register: register(Gone)), "first"):
+        assert "test-gone" in conditions.names()
+    second = _plugin(register_conditions=lambda register: register(Fresh))
+    plugins.pm.register(second, name="second")
+    try:
+        names = conditions.names()
+        assert "test-fresh" in names and "test-gone" not in names
+    finally:
+        plugins.pm.unregister(second)
