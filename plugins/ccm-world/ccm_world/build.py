@@ -128,14 +128,19 @@ class WorldBuild:
 
     # --- identity and state ---------------------------------------------------------------
 
-    def spec(self, unit: Unit) -> dict[str, Any]:
-        """What a unit's result depends on (not how it is logged, checkpointed, validated or threaded)."""
+    def spec(self, unit: Unit, steps: int | None = None) -> dict[str, Any]:
+        """What a unit's result depends on (not how it is logged, checkpointed, validated or threaded).
+
+        ``steps`` replaces a trainer unit's ``max_steps``: the spec of the same run stopped there.
+        """
         p = self.preset
         if unit.kind == "trainer":
             config = self.configs[unit.name].model_dump(mode="json")
             for key in ("log", "checkpoint", "hub", "validation"):
                 config.pop(key, None)
             config["train"].pop("num_threads", None)
+            if steps is not None:
+                config["train"]["max_steps"] = steps
             config["data"].pop("num_workers", None)
             return {"config": config, "data": p.data.model_dump(), "conditions": list(unit_conditions(p, unit))}
         if unit.kind == "text-encoder":
@@ -148,13 +153,26 @@ class WorldBuild:
             return p.pack.model_dump()
         return {**p.eval.model_dump(), "data": p.data.model_dump()}
 
-    def fingerprint(self, unit: Unit) -> str:
-        if unit.name not in self._fingerprints:
+    def fingerprint(self, unit: Unit, steps: int | None = None) -> str:
+        """A hash of the unit's spec and its inputs' fingerprints; ``steps``: as if it stopped after that many."""
+        key = (unit.name, steps)
+        if key not in self._fingerprints:
             needs = {name: self.fingerprint(self.by_name[name]) for name in unit.needs}
-            text = json.dumps({"unit": unit.name, "spec": self.spec(unit), "needs": needs}, sort_keys=True)
+            text = json.dumps({"unit": unit.name, "spec": self.spec(unit, steps), "needs": needs}, sort_keys=True)
             text = text.replace(str(self.work_dir), "<work>")
-            self._fingerprints[unit.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return self._fingerprints[unit.name]
+            self._fingerprints[key] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._fingerprints[key]
+
+    def extendable(self, unit: Unit, marker: dict[str, Any]) -> bool:
+        """True when ``marker`` records this very run stopped at fewer steps, under a learning rate that
+        does not depend on max_steps: training on from its last checkpoint is then exactly the longer run
+        (the data order is a function of the step)."""
+        if unit.kind != "trainer" or self.configs[unit.name].train.lr_scheduler not in ("constant", "constant_with_warmup"):
+            return False
+        steps = marker.get("steps")
+        if not isinstance(steps, int) or steps >= self.configs[unit.name].train.max_steps:
+            return False
+        return marker.get("fingerprint") == self.fingerprint(unit, steps) and self.checkpoint_step(unit) == steps
 
     def marker(self, unit: Unit, name: str) -> dict[str, Any] | None:
         path = self.folder(unit) / name
@@ -171,7 +189,7 @@ class WorldBuild:
         done = self.marker(unit, DONE)
         if done is not None:
             if done.get("fingerprint") != fingerprint:
-                return "stale"
+                return "partial" if self.extendable(unit, done) else "stale"
             product = self.folder(unit) / ("models" if unit.kind == "pack" else unit.product)
             if not product.exists():
                 return "pending"
@@ -256,7 +274,8 @@ class WorldBuild:
         if state == "stale":
             raise BuildError(
                 f"stage {unit.name!r} in {self._relative(folder)} was built from another preset or config; "
-                f"use another --work-dir, or rebuild it with --force --stage {unit.name} (later stages that used it too)"
+                f"use another --work-dir, or rebuild it with --force --stage {unit.name} (later stages that used it too). "
+                "Only raising max_steps under a constant learning rate continues a built stage"
             )
         if state == "done":
             self.log(f"==> {position} {unit.name}: done, skipped ({output})")
@@ -278,6 +297,7 @@ class WorldBuild:
         # 4. the work, between the started and the done markers
         folder.mkdir(parents=True, exist_ok=True)
         resumed = self.checkpoint_step(unit)
+        (folder / DONE).unlink(missing_ok=True)  # a shorter run's marker, when this one extends it
         write_json_atomic(folder / STARTED, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name})
         if unit.kind == "trainer":
             info = run_trainer(self.preset, unit, self.work_dir, self.log)

@@ -213,3 +213,30 @@ def test_ccm_generate_defaults_to_the_installed_world_models(built, tmp_path, ca
     captured = capsys.readouterr()
     assert "UNTRAINED" not in captured.err and "model world:lcm" in captured.out
     assert Image.open(out).size == (32, 32) and Image.open(tmp_path / "out_grid.png").height >= 256
+
+
+@pytest.mark.slow
+def test_raising_max_steps_continues_a_built_stage_exactly(built, tmp_path):
+    reference, _, _ = built
+    work = tmp_path / "work"
+    for name in ("text-encoder", "vae", "teacher", "lcm"):
+        shutil.copytree(reference.work_dir / name, work / name)
+    longer = [("teacher.config.train.max_steps", 3)]
+    lines: list[str] = []
+    build = WorldBuild(load_preset("tiny", longer), work, models_dir=tmp_path / "models", log=lines.append)
+    teacher = build.by_name["teacher"]
+    assert build.state(teacher) == "partial" and build.state(build.by_name["lcm"]) == "stale"  # built on the shorter teacher
+    assert {r.unit: r.status for r in build.run(until="teacher")}["teacher"] == "resumed@2"
+    assert any("resuming teacher from its checkpoint at step 2 of 3" in line for line in lines)
+    assert build.state(teacher) == "done"
+    # the same weights as a run of 3 steps from scratch
+    fresh = WorldBuild(load_preset("tiny", longer), tmp_path / "fresh", models_dir=tmp_path / "models", log=lambda m: None)
+    fresh.run(until="teacher")
+    path = "teacher/model/unet/diffusion_pytorch_model.safetensors"
+    assert _digest(work / path) == _digest(fresh.work_dir / path)
+    # shorter is not a continuation, and neither is a schedule that depends on max_steps
+    shorter = WorldBuild(load_preset("tiny", [("teacher.config.train.max_steps", 1)]), work, log=lambda m: None)
+    assert shorter.state(shorter.by_name["teacher"]) == "stale"
+    cosine = WorldBuild(load_preset("tiny", [("teacher.config.train.max_steps", 4), ("teacher.config.train.lr_scheduler", "cosine")]),
+                        work, log=lambda m: None)  # fmt: skip
+    assert cosine.state(cosine.by_name["teacher"]) == "stale"
