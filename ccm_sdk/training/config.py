@@ -78,7 +78,7 @@ class LogConfig(Section):
 
 
 class ValidationConfig(Section):
-    """Sample images from the current weights during training (``samples/step-XXXXXXXX.png`` in output_dir)."""
+    """Sample images from the current weights during training (``samples/step-<8-digit step>.png`` in output_dir)."""
 
     interval: int | None = Field(default=None, ge=1, description="render a grid every this many steps and at the end; None: never")
     num_images: int = Field(default=4, ge=1, le=64, description="the first this many items of the training data")

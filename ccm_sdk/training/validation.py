@@ -80,7 +80,7 @@ def grid_image(rows: Rows, *, pad: int = 2) -> Image.Image:
 
 
 def save_samples(rows: Rows, captions: Sequence[str], folder: Path, step: int) -> Path:
-    """Write ``samples/step-XXXXXXXX.png`` (and ``captions.txt`` once); returns the grid's path."""
+    """Write ``samples/step-<8-digit step>.png`` (and ``captions.txt`` once); returns the grid's path."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / sample_name(step)
     tmp = path.with_name(f".{path.name}.tmp.png")
