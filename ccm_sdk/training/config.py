@@ -309,6 +309,23 @@ class NoiseScheduleSection(Section):
     beta_start: float = Field(default=0.00085, gt=0.0, lt=1.0)
     beta_end: float = Field(default=0.012, gt=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    rescale_betas_zero_snr: bool = Field(
+        default=False,
+        description="rescale to zero terminal SNR (Lin et al. 2024) so that no image statistics survive at the last "
+        "timestep; needs v_prediction",
+    )
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = Field(
+        default="leading", description="sampling timesteps; 'trailing' starts at the last timestep (use it with zero SNR)"
+    )
+
+    @model_validator(mode="after")
+    def _zero_snr_needs_v(self):
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise ValueError(
+                f"rescale_betas_zero_snr needs prediction_type 'v_prediction' (epsilon cannot give x0 at zero SNR), "
+                f"got {self.prediction_type!r}"
+            )
+        return self
 
 
 class T2ITrainConfig(TrainConfig):

@@ -54,7 +54,6 @@ def scheduler_config(section: NoiseScheduleSection) -> dict[str, Any]:
         "clip_sample": False,
         "set_alpha_to_one": True,
         "steps_offset": 1,
-        "timestep_spacing": "leading",
     }
 
 

@@ -5,9 +5,11 @@ through ``ccm train``, where the parts come from, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 from ccm_sdk.cli import main
@@ -16,7 +18,7 @@ from ccm_sdk.pipeline import CCMPipeline
 from ccm_sdk.schedule import NoiseSchedule
 from ccm_sdk.training.config import NoiseScheduleSection, T2ITrainConfig, dump_config, resolve_key, set_path, validate_config
 from ccm_sdk.training.data import collate
-from ccm_sdk.training.dm_controlnet import DiffusionDraws, DMControlNetTrainer
+from ccm_sdk.training.dm_controlnet import DiffusionDraws, DMControlNetTrainer, diffusion_target
 from ccm_sdk.training.lcd import LCDTrainer
 from ccm_sdk.training.t2i import T2ITrainer, min_snr_weights, scheduler_config
 from ccm_sdk.training.text_encoder import build_text_encoder
@@ -212,6 +214,41 @@ def test_parts_from_a_model_folder(t2i_config, sd_dir, lcm_dir, tmp_path):
     wide = build_text_encoder(WORDS, tmp_path / "wide", hidden_size=48, layers=1, max_length=8)
     with pytest.raises(IncompatibleModelsError, match="hidden size 48 does not match the UNet's cross_attention_dim 32"):
         T2ITrainer(t2i_config(model=str(sd_dir), text_encoder=str(wide), architecture=None)).setup()
+
+
+ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def test_zero_terminal_snr_teacher(t2i_config, make_config, tmp_path):
+    config = t2i_config(scheduler=dict(ZERO_SNR), train__max_steps=2)
+    trainer = T2ITrainer(config)
+    trainer.setup()
+    schedule = trainer.base.schedule
+    assert schedule.alpha(999).item() == 0.0 and schedule.alpha(998).item() > 0.0
+    latents = torch.randn(2, 4, 4, 4)
+    noise = torch.randn_like(latents)
+    t = torch.tensor([999, 999])
+    # no trace of the image at the last timestep: the input is the noise, the v target is -x0
+    assert torch.equal(schedule.add_noise(latents, noise, t), noise)
+    assert torch.allclose(diffusion_target(schedule, latents, noise, t), -latents)
+    result = trainer.train()
+    assert len(result.history) == 2 and all(math.isfinite(loss) for _, loss, _ in result.history)
+    written = json.loads((result.outputs["model"] / "scheduler" / "scheduler_config.json").read_text())
+    assert {k: written[k] for k in ZERO_SNR} == ZERO_SNR
+    pipe = CCMPipeline.from_pretrained(result.outputs["model"])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.schedule.alpha(999).item() == 0.0
+    assert pipe.schedule.scheduler_timesteps(DDIMScheduler, 4)[0] == 999  # trailing: sampling starts from pure noise
+    images = pipe("a red square", sampler="ddim", num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="pt").images
+    assert torch.isfinite(images).all()
+    # the LCM distilled from it keeps the schedule and samples one step from t = 999
+    lcd = LCDTrainer(make_config("lcd", model=str(result.outputs["model"]), train__max_steps=2, output_dir=str(tmp_path / "lcd"))).train()
+    lcm = CCMPipeline.from_pretrained(lcd.outputs["lcm"])
+    lcm.set_progress_bar_config(disable=True)
+    assert lcm.schedule.alpha(999).item() == 0.0 and lcm.schedule.lcm_timesteps(1).tolist() == [999]
+    assert torch.isfinite(lcm("a red square", num_inference_steps=1, height=32, width=32, output_type="pt").images).all()
+    with pytest.raises(InputError, match="rescale_betas_zero_snr needs prediction_type 'v_prediction'"):
+        t2i_config(scheduler={"rescale_betas_zero_snr": True})
 
 
 def test_bad_input(t2i_config, tmp_path, make_squares):
