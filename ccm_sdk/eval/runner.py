@@ -10,7 +10,6 @@ features of ``config.features``; with small N it is biased upwards (compare rows
 from __future__ import annotations
 
 import importlib
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any

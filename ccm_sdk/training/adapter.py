@@ -82,7 +82,7 @@ class AdapterTrainer(Trainer):
 
     def prepare_inputs(self, batch: dict[str, Any]) -> AdapterInputs:
         return AdapterInputs(
-            latents=self.base.encode_images(batch["images"]),
+            latents=self.base.encode_batch(batch),
             embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
             batch=batch,
         )

@@ -161,7 +161,7 @@ class ControlNetTrainer(Trainer):
 
     def prepare_inputs(self, batch: dict[str, Any]) -> ControlInputs:
         return ControlInputs(
-            latents=self.base.encode_images(batch["images"]),
+            latents=self.base.encode_batch(batch),
             embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
             control=self.control.maps(batch).to(self.device),
         )

@@ -276,11 +276,25 @@ class TorchDataset(Dataset):
         controls = dict(item.get("controls") or {})
         if item.get("control") is not None:
             controls[self.control_key] = item["control"]
-        return {
+        out = {
             "image": image,
             "caption": str(item["caption"]),
             "controls": {k: self._tensor(v, f"control {k!r} of dataset item {index}") for k, v in controls.items()},
         }
+        parameters = item.get("latent_parameters")
+        if parameters is not None:
+            out["latent_parameters"] = self._latent_parameters(parameters, index)
+        return out
+
+    def _latent_parameters(self, value: Any, index: int) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.ndim != 3:
+            got = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TrainingError(f"latent_parameters of dataset item {index} should be a float tensor [2C, h, w], got {got}")
+        if self.resolution is not None:
+            raise TrainingError("data.resolution resizes the images, so precomputed latent_parameters would not match them")
+        if not torch.isfinite(value).all():
+            raise TrainingError(f"latent_parameters of dataset item {index} contain NaN or infinite values")
+        return value.float()
 
 
 class RecaptionedDataset(Dataset):
@@ -326,8 +340,14 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         channels = {m.shape[0] for m in maps if m is not None}
         if len(channels) > 1:
             raise ChannelMismatchError(f"control maps {key!r} in one batch have different channel counts {sorted(channels)}")
-    return {
+    batch = {
         "images": torch.stack([item["image"] for item in items]),
         "captions": [item["caption"] for item in items],
         "controls": controls,
     }
+    with_latents = sum(item.get("latent_parameters") is not None for item in items)
+    if with_latents:
+        if with_latents != len(items):
+            raise TrainingError(f"{len(items) - with_latents} of {len(items)} items in one batch have no latent_parameters; give all or none")
+        batch["latent_parameters"] = torch.stack([item["latent_parameters"] for item in items])
+    return batch

@@ -113,7 +113,7 @@ class DreamBoothTrainer(Trainer):
         num = len(batch["captions"])
         num_instance = num // 2 if self.config.with_prior_preservation else num
         return DreamBoothInputs(
-            latents=self.base.encode_images(batch["images"]),
+            latents=self.base.encode_batch(batch),
             embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
             num_instance=num_instance,
         )

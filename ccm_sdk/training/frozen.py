@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ImageSizeError
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from ..errors import ImageSizeError, ShapeError
 from ..pipeline import CCMPipeline
 from ..schedule import guidance_embedding
 
@@ -61,6 +63,27 @@ class FrozenBase:
             keep = torch.rand(len(captions)) >= dropout
             captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
         return self.encode_text(captions)
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict) -> torch.Tensor:
+        """Scaled latents of a collated batch: sampled from its precomputed ``latent_parameters`` when
+        the dataset supplies them (the VAE posterior's ``parameters``, mean and log-variance stacked
+        on channels), else from encoding ``images``."""
+        parameters = batch.get("latent_parameters")
+        if parameters is None:
+            return self.encode_images(batch["images"])
+        vae = self.pipe.vae
+        images = batch["images"]
+        factor = self.vae_scale_factor
+        expected = (images.shape[0], 2 * vae.config.latent_channels, images.shape[-2] // factor, images.shape[-1] // factor)
+        if tuple(parameters.shape) != expected:
+            raise ShapeError(
+                f"expected latent_parameters of shape {expected} (mean and log-variance of this VAE for "
+                f"{images.shape[-2]}x{images.shape[-1]} images), got {tuple(parameters.shape)}"
+            )
+        posterior = DiagonalGaussianDistribution(parameters.to(self.device, torch.float32))
+        shift = vae.config.get("shift_factor") or 0.0
+        return (posterior.sample() - shift) * vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ class LCDTrainer(Trainer):
     def prepare_inputs(self, batch: dict[str, Any]) -> LCDInputs:
         captions = batch["captions"]
         return LCDInputs(
-            latents=self.base.encode_images(batch["images"]),
+            latents=self.base.encode_batch(batch),
             embeds=self.base.encode_captions(captions, dropout=self.config.data.caption_dropout),
             uncond_embeds=self.base.encode_text([self.config.negative_prompt] * len(captions)),
         )

@@ -195,7 +195,7 @@ class T2ITrainer(Trainer):
 
     def prepare_inputs(self, batch: dict[str, Any]) -> T2IInputs:
         return T2IInputs(
-            latents=self.base.encode_images(batch["images"]),
+            latents=self.base.encode_batch(batch),
             embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
         )
 

@@ -32,7 +32,9 @@ from .build_stages import (
     Log,
     Unit,
     eval_config,
+    cache_conditions,
     plan_units,
+    run_data_cache,
     run_eval,
     run_depth_net,
     run_feature_net,
@@ -149,6 +151,8 @@ class WorldBuild:
             return {**p.feature_net.model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
         if unit.kind == "depth-net":
             return {**p.depth_net.model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
+        if unit.kind == "data-cache":
+            return {**p.data_cache.model_dump(exclude={"seconds_per_scene"}), "data": p.data.model_dump(), "conditions": list(cache_conditions(p))}
         if unit.kind == "pack":
             return p.pack.model_dump()
         return {**p.eval.model_dump(), "data": p.data.model_dump()}
@@ -303,6 +307,8 @@ class WorldBuild:
             info = run_trainer(self.preset, unit, self.work_dir, self.log)
         elif unit.kind == "text-encoder":
             info = run_text_encoder(self.preset, unit, self.work_dir, self.log)
+        elif unit.kind == "data-cache":
+            info = run_data_cache(self.preset, unit, self.work_dir, self.log)
         elif unit.kind == "feature-net":
             info = run_feature_net(self.preset, unit, self.work_dir, self.log)
         elif unit.kind == "depth-net":
@@ -344,6 +350,8 @@ def measure_preset(preset: Preset, steps: int) -> Preset:
         config["train"] = {**config.get("train", {}), "max_steps": steps + 2}
         config["checkpoint"] = {**config.get("checkpoint", {}), "every": steps + 2}
     raw["feature_net"]["steps"] = steps + 2
+    if raw.get("data_cache") is not None:  # cache enough scenes for the timed steps, not the whole world
+        raw["data"]["length"] = min(raw["data"]["length"], max(1024, 64 * (steps + 2)))
     if raw.get("depth_net") is not None:
         raw["depth_net"]["steps"] = steps + 2
     return Preset(**raw)

@@ -133,6 +133,14 @@ class DepthNetStage(Section):
         return self.steps
 
 
+class DataCacheStage(Section):
+    """The scenes rendered once with their VAE posteriors (``ccm_world.data_cache``), for the ControlNet and adapter stages."""
+
+    chunk: int = Field(default=5000, ge=1, description="scenes per chunk (the unit an interrupted build resumes at)")
+    batch_size: int = Field(default=64, ge=1, description="scenes per VAE batch")
+    seconds_per_scene: float | None = Field(default=None, gt=0, description="measured render + encode time, for the plan")
+
+
 class PackStage(Section):
     """Copy the models into ``ccm_world/models`` (hub layout), float16 where outputs hold."""
 
@@ -170,6 +178,9 @@ class Preset(Section):
     adapter: AdapterStage
     feature_net: FeatureNetStage
     depth_net: DepthNetStage | None = Field(default=None, description="the world's depth estimator; None: no depth Fidelity")
+    data_cache: DataCacheStage | None = Field(
+        default=None, description="render and encode the scenes once for the ControlNet and adapter stages; None: every step renders"
+    )
     pack: PackStage = Field(default_factory=PackStage)
     eval: EvalStage | None = None
 

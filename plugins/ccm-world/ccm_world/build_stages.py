@@ -24,11 +24,12 @@ from .vocabulary import WORLD_VOCABULARY
 
 Log = Callable[[str], None]
 
-GROUPS = ("text-encoder", "vae", "teacher", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net", "depth-net", "pack", "eval")
+GROUPS = ("text-encoder", "vae", "teacher", "lcm", "data-cache", "dm-controlnets", "cm-controlnets", "adapter", "feature-net", "depth-net", "pack", "eval")
 # where each kind of unit leaves its product, relative to the unit's folder
 PRODUCT = {
     "text-encoder": ".", "vae": "vae", "t2i": "model", "lcd": "lcm", "dm_controlnet": "controlnet",
     "ct_controlnet": "controlnet", "adapter": "adapter", "feature-net": "feature-net", "depth-net": "depth-net", "eval": ".",
+    "data-cache": "cache",
 }  # fmt: skip
 # keys the build sets itself; a preset setting them would silently unhook a stage from its inputs
 RESERVED = (
@@ -43,7 +44,7 @@ class Unit:
 
     name: str  # e.g. "dm-controlnet-sketch"
     group: str  # e.g. "dm-controlnets" (a name of GROUPS)
-    kind: str  # "text-encoder", "trainer", "feature-net", "depth-net", "pack" or "eval"
+    kind: str  # "text-encoder", "trainer", "data-cache", "feature-net", "depth-net", "pack" or "eval"
     trainer: str | None = None
     condition: str | None = None
     needs: tuple[str, ...] = ()
@@ -66,18 +67,22 @@ def plan_units(preset: Preset) -> list[Unit]:
         Unit("teacher", "teacher", "trainer", "t2i", needs=("text-encoder", "vae")),
         Unit("lcm", "lcm", "trainer", "lcd", needs=("teacher",)),
     ]
+    cache: tuple[str, ...] = ()
+    if preset.data_cache is not None:
+        units.append(Unit("data-cache", "data-cache", "data-cache", needs=("vae",)))
+        cache = ("data-cache",)
     for c in preset.dm_controlnets.conditions:
-        units.append(Unit(f"dm-controlnet-{c}", "dm-controlnets", "trainer", "dm_controlnet", c, needs=("teacher",)))
+        units.append(Unit(f"dm-controlnet-{c}", "dm-controlnets", "trainer", "dm_controlnet", c, needs=("teacher", *cache)))
     from_dm = preset.cm_controlnets.init == "dm-controlnet"
     for c in preset.cm_controlnets.conditions:
         needs = ("lcm", f"dm-controlnet-{c}") if from_dm else ("lcm",)
-        units.append(Unit(f"cm-controlnet-{c}", "cm-controlnets", "trainer", "ct_controlnet", c, needs=needs))
-    adapter_needs = ("lcm", *(f"dm-controlnet-{c}" for c in preset.adapter.conditions))
+        units.append(Unit(f"cm-controlnet-{c}", "cm-controlnets", "trainer", "ct_controlnet", c, needs=(*needs, *cache)))
+    adapter_needs = ("lcm", *(f"dm-controlnet-{c}" for c in preset.adapter.conditions), *cache)
     units.append(Unit("adapter", "adapter", "trainer", "adapter", needs=adapter_needs))
     units.append(Unit("feature-net", "feature-net", "feature-net"))
     if preset.depth_net is not None:
         units.append(Unit("depth-net", "depth-net", "depth-net"))
-    packed = tuple(u.name for u in units if u.name not in ("text-encoder", "vae"))
+    packed = tuple(u.name for u in units if u.name not in ("text-encoder", "vae", "data-cache"))
     units.append(Unit("pack", "pack", "pack", needs=packed))
     if preset.eval is not None:
         units.append(Unit("eval", "eval", "eval", needs=("pack",)))
@@ -87,6 +92,8 @@ def plan_units(preset: Preset) -> list[Unit]:
 def stage_seconds(preset: Preset, unit: Unit) -> tuple[float | None, int | None]:
     """(measured s/step, steps) of a training unit from the preset; (None, None) for the others."""
     section = getattr(preset, unit.section, None)
+    if unit.kind == "data-cache" and section is not None:
+        return section.seconds_per_scene, preset.data.length  # a "step" is one scene
     if unit.kind not in ("trainer", "feature-net", "depth-net") or section is None:
         return None, None
     return section.seconds_per_step, section.max_steps
@@ -171,6 +178,21 @@ def world_data(preset: Preset, conditions: tuple[str, ...] = (), *, seed_offset:
     return WorldDataset(size=d.size, length=length or d.length, seed=d.seed + seed_offset, conditions=conditions, sr_factor=d.sr_factor)
 
 
+def cache_conditions(preset: Preset) -> tuple[str, ...]:
+    """Every control map a stage reading the data cache needs."""
+    return tuple(dict.fromkeys([*preset.dm_controlnets.conditions, *preset.cm_controlnets.conditions, *preset.adapter.conditions]))
+
+
+def training_data(preset: Preset, unit: Unit, work_dir: Path):
+    """A training unit's scenes: from the data cache when the unit reads it, else rendered at each step."""
+    conditions = unit_conditions(preset, unit)
+    if "data-cache" in unit.needs:
+        from .data_cache import CachedWorldDataset
+
+        return CachedWorldDataset(work_dir / "data-cache" / "cache", conditions)
+    return world_data(preset, conditions)
+
+
 def _intervals(starts: list[float]) -> float | None:
     """Median seconds between consecutive step starts, the first (warm-up) interval left out."""
     gaps = [b - a for a, b in zip(starts, starts[1:])]
@@ -188,7 +210,7 @@ def run_trainer(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[st
     resumed = found[-1][0] if found else 0
     if resumed:
         log(f"    resuming {unit.name} from its checkpoint at step {resumed} of {config.train.max_steps}")
-    trainer = get_trainer(unit.trainer)(config, dataset=world_data(preset, unit_conditions(preset, unit)))
+    trainer = get_trainer(unit.trainer)(config, dataset=training_data(preset, unit, work_dir))
     starts: list[float] = []
     step = trainer.training_step
 
@@ -233,6 +255,22 @@ def _step_log(preset: Preset, name: str, steps: int, log: Log) -> tuple[Callable
             log(f"    {name} step {entry['step'] + 1}/{steps}: loss {entry['loss']:.4f}")
 
     return progress, starts
+
+
+def run_data_cache(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from .data_cache import build_data_cache
+
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    s = preset.data_cache
+    vae = AutoencoderKL.from_pretrained(work_dir / "vae" / "vae").eval()
+    started = time.perf_counter()
+    build_data_cache(world_data(preset, cache_conditions(preset)), vae, work_dir / unit.name / unit.product,
+                     chunk=s.chunk, batch_size=s.batch_size, log=log)  # fmt: skip
+    return {"scenes": preset.data.length, "seconds_per_scene": (time.perf_counter() - started) / preset.data.length}
 
 
 def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:

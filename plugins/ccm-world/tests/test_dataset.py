@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import ccm_world
 from ccm_sdk.errors import InputError, UnknownNameError
 from ccm_world import ATTRIBUTE_NAMES, CONTROL_CHANNELS, WORLD_CONDITIONS, WorldDataset
 

@@ -1,0 +1,101 @@
+"""The data cache: items identical to the rendered ones, posteriors of the VAE, resuming by chunk,
+the build wiring (ControlNet and adapter units read it), and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from ccm_sdk.errors import InputError, TrainingError
+from ccm_world import WorldDataset
+from ccm_world.build_config import load_preset
+from ccm_world.build_stages import plan_units
+from ccm_world.data_cache import CachedWorldDataset, _to_uint8, build_data_cache
+from ccm_world.dataset import WORLD_CONDITIONS
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world():
+    return WorldDataset(size=32, length=10, seed=3, conditions=WORLD_CONDITIONS, sr_factor=4)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, world, vae):
+    return build_data_cache(world, vae, tmp_path_factory.mktemp("cache") / "cache", chunk=4, batch_size=3, log=lambda m: None)
+
+
+def test_cached_items_are_the_rendered_ones(cache, world, vae):
+    cached = CachedWorldDataset(cache, WORLD_CONDITIONS)
+    assert len(cached) == 10 and sorted(p.name for p in cache.glob("chunk-*")) == ["chunk-00000", "chunk-00001", "chunk-00002"]
+    for index in (0, 3, 4, 9):  # both sides of a chunk boundary and the short last chunk
+        item, rendered = cached[index], world[index]
+        assert item["index"] == index and item["caption"] == rendered["caption"]
+        assert item["image"].dtype == torch.float32 and torch.equal(item["image"], rendered["image"])
+        assert item["controls"].keys() == rendered["controls"].keys()
+        assert all(torch.equal(item["controls"][c], rendered["controls"][c]) for c in WORLD_CONDITIONS)
+        with torch.no_grad():
+            expected = vae.encode(rendered["image"][None] * 2 - 1).latent_dist.parameters[0]
+        assert item["latent_parameters"].shape == (8, 16, 16) and torch.allclose(item["latent_parameters"], expected, atol=1e-5)
+    only = CachedWorldDataset(cache, ("sketch",))[5]
+    assert list(only["controls"]) == ["sketch"]
+
+
+def test_an_interrupted_build_resumes_at_the_missing_chunk(cache, world, vae, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    shutil.rmtree(copy / "chunk-00001")
+    (copy / "chunk-00002.partial").mkdir()  # a chunk cut off while being written
+    lines: list[str] = []
+    build_data_cache(world, vae, copy, chunk=4, batch_size=3, log=lines.append)
+    assert lines == ["    data cache: 2 of 3 chunks already built"]
+    assert not (copy / "chunk-00002.partial").exists()
+    for name in ("image.npy", "sketch.npy", "latents.npy", "captions.json"):
+        assert (copy / "chunk-00001" / name).read_bytes() == (cache / "chunk-00001" / name).read_bytes()
+
+
+def test_errors(cache, world, vae, tmp_path):
+    with pytest.raises(InputError, match="describes another cache.*remove"):
+        build_data_cache(world, vae, cache, chunk=5, log=lambda m: None)
+    with pytest.raises(TrainingError, match="no data cache in .*build it with the data-cache stage"):
+        CachedWorldDataset(tmp_path)
+    with pytest.raises(InputError, match=r"holds \[.*\], not \['pose2'\]"):
+        CachedWorldDataset(cache, ("pose2",))
+    with pytest.raises(IndexError, match="index 10 is outside this data cache of length 10"):
+        CachedWorldDataset(cache)[10]
+    broken = tmp_path / "broken"
+    shutil.copytree(cache, broken)
+    shutil.rmtree(broken / "chunk-00002")
+    with pytest.raises(TrainingError, match="incomplete: chunk 2 of 3 is missing"):
+        CachedWorldDataset(broken)
+    (broken / "cache.json").write_text("{")
+    with pytest.raises(TrainingError, match="is not valid JSON"):
+        CachedWorldDataset(broken)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(cache, truncated)
+    (truncated / "chunk-00000" / "image.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(TrainingError, match="chunk-00000.* cannot be read"):
+        CachedWorldDataset(truncated)[0]
+    with pytest.raises(InputError, match="not on the 1/255 grid"):
+        _to_uint8(torch.full((3, 2, 2), 0.5), "a test map")
+    with pytest.raises(InputError, match="expected chunk >= 1"):
+        build_data_cache(world, vae, tmp_path / "zero", chunk=0)
+
+
+def test_only_the_controlnet_and_adapter_units_read_the_cache():
+    preset = load_preset("tiny")
+    readers = {u.name for u in plan_units(preset) if "data-cache" in u.needs}
+    assert readers == {u.name for u in plan_units(preset) if u.trainer in ("dm_controlnet", "ct_controlnet", "adapter")}
+    assert "data-cache" not in next(u for u in plan_units(preset) if u.name == "pack").needs
+    without = load_preset({**json.loads(preset.model_dump_json()), "data_cache": None})
+    assert not any("data-cache" in u.needs or u.name == "data-cache" for u in plan_units(without))
