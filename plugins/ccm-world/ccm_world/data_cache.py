@@ -1,7 +1,7 @@
-"""The world's training scenes rendered once, with their VAE posteriors, for the ControlNet stages.
+"""The world's training scenes rendered once, with their VAE posteriors, for the stages after the teacher.
 
 Rendering a 64x64 scene (4 ms) and encoding it with the VAE (3.4 ms) took half of every ControlNet
-training step, and thirteen stages drew the same scenes. The cache stores each scene's image and
+training step, and fourteen stages (the LCM, the ControlNets, the adapter) drew the same scenes. The cache stores each scene's image and
 control maps as uint8 (they are on the 1/255 grid, so this is exact) and its VAE posterior's
 ``parameters`` (mean and log-variance) as float32, in chunks of ``chunk`` scenes:
 

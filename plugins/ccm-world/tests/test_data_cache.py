@@ -92,10 +92,10 @@ def test_errors(cache, world, vae, tmp_path):
         build_data_cache(world, vae, tmp_path / "zero", chunk=0)
 
 
-def test_only_the_controlnet_and_adapter_units_read_the_cache():
+def test_the_lcm_controlnet_and_adapter_units_read_the_cache():
     preset = load_preset("tiny")
     readers = {u.name for u in plan_units(preset) if "data-cache" in u.needs}
-    assert readers == {u.name for u in plan_units(preset) if u.trainer in ("dm_controlnet", "ct_controlnet", "adapter")}
+    assert readers == {u.name for u in plan_units(preset) if u.trainer in ("lcd", "dm_controlnet", "ct_controlnet", "adapter")}
     assert "data-cache" not in next(u for u in plan_units(preset) if u.name == "pack").needs
     without = load_preset({**json.loads(preset.model_dump_json()), "data_cache": None})
     assert not any("data-cache" in u.needs or u.name == "data-cache" for u in plan_units(without))
