@@ -79,9 +79,9 @@ def plan_units(preset: Preset) -> list[Unit]:
         units.append(Unit(f"cm-controlnet-{c}", "cm-controlnets", "trainer", "ct_controlnet", c, needs=(*needs, *cache)))
     adapter_needs = ("lcm", *(f"dm-controlnet-{c}" for c in preset.adapter.conditions), *cache)
     units.append(Unit("adapter", "adapter", "trainer", "adapter", needs=adapter_needs))
-    units.append(Unit("feature-net", "feature-net", "feature-net"))
+    units.append(Unit("feature-net", "feature-net", "feature-net", needs=cache))
     if preset.depth_net is not None:
-        units.append(Unit("depth-net", "depth-net", "depth-net"))
+        units.append(Unit("depth-net", "depth-net", "depth-net", needs=cache))
     packed = tuple(u.name for u in units if u.name not in ("text-encoder", "vae", "data-cache"))
     units.append(Unit("pack", "pack", "pack", needs=packed))
     if preset.eval is not None:
@@ -180,12 +180,13 @@ def world_data(preset: Preset, conditions: tuple[str, ...] = (), *, seed_offset:
 
 def cache_conditions(preset: Preset) -> tuple[str, ...]:
     """Every control map a stage reading the data cache needs."""
-    return tuple(dict.fromkeys([*preset.dm_controlnets.conditions, *preset.cm_controlnets.conditions, *preset.adapter.conditions]))
+    depth = ("depth",) if preset.depth_net is not None else ()
+    return tuple(dict.fromkeys([*preset.dm_controlnets.conditions, *preset.cm_controlnets.conditions, *preset.adapter.conditions, *depth]))
 
 
-def training_data(preset: Preset, unit: Unit, work_dir: Path):
-    """A training unit's scenes: from the data cache when the unit reads it, else rendered at each step."""
-    conditions = unit_conditions(preset, unit)
+def training_data(preset: Preset, unit: Unit, work_dir: Path, conditions: tuple[str, ...] | None = None):
+    """A unit's training scenes: from the data cache when the unit reads it, else rendered at each step."""
+    conditions = unit_conditions(preset, unit) if conditions is None else conditions
     if "data-cache" in unit.needs:
         from .data_cache import CachedWorldDataset
 
@@ -279,7 +280,7 @@ def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dic
     s = preset.feature_net
     progress, starts = _step_log(preset, unit.name, s.steps, log)
     result = train_feature_net(
-        world_data(preset), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
+        training_data(preset, unit, work_dir), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
         num_workers=s.num_workers, label_names=ATTRIBUTE_NAMES, output_dir=work_dir / unit.name / unit.product,
         log=progress, widths=s.widths, feature_dim=s.feature_dim,
     )  # fmt: skip
@@ -293,7 +294,7 @@ def run_depth_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[
     s = preset.depth_net
     progress, starts = _step_log(preset, unit.name, s.steps, log)
     result = train_depth_net(
-        world_data(preset, ("depth",)), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
+        training_data(preset, unit, work_dir, ("depth",)), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
         num_workers=s.num_workers, output_dir=work_dir / unit.name / unit.product, log=progress, widths=s.widths,
     )  # fmt: skip
     return {"steps": s.steps, "heldout_l1": result.holdout_l1, "final_loss": result.losses[-1], "seconds_per_step": _intervals(starts)}

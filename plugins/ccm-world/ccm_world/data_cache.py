@@ -1,7 +1,8 @@
 """The world's training scenes rendered once, with their VAE posteriors, for the stages after the teacher.
 
 Rendering a 64x64 scene (4 ms) and encoding it with the VAE (3.4 ms) took half of every ControlNet
-training step, and fourteen stages (the LCM, the ControlNets, the adapter) drew the same scenes. The cache stores each scene's image and
+training step, and sixteen stages (the LCM, the ControlNets, the adapter, the feature and depth nets) drew
+the same scenes. The cache stores each scene's image and
 control maps as uint8 (they are on the 1/255 grid, so this is exact) and its VAE posterior's
 ``parameters`` (mean and log-variance) as float32, in chunks of ``chunk`` scenes:
 
@@ -9,12 +10,13 @@ control maps as uint8 (they are on the 1/255 grid, so this is exact) and its VAE
     <folder>/chunk-00000/image.npy      uint8 [n, 3, H, W]
     <folder>/chunk-00000/<condition>.npy  uint8 [n, C, H, W]
     <folder>/chunk-00000/latents.npy    float32 [n, 2 * latent_channels, h, w]
+    <folder>/chunk-00000/labels.npy     uint8 [n, len(ATTRIBUTE_NAMES)] (the multi-hot scene attributes)
     <folder>/chunk-00000/captions.json
 
 A chunk is written to a temporary folder and renamed, so an interrupted build resumes at the first
 missing chunk. :class:`CachedWorldDataset` serves the items the trainers read (``image``,
-``caption``, ``controls``, ``index``, ``latent_parameters``); the trainers then sample latents from
-the stored posteriors instead of running the VAE.
+``caption``, ``controls``, ``labels``, ``index``, ``latent_parameters``); the trainers then sample
+latents from the stored posteriors instead of running the VAE.
 """
 
 from __future__ import annotations
@@ -95,13 +97,14 @@ def build_data_cache(
         if target.is_dir():
             continue
         indices = range(c * chunk, min(len(dataset), (c + 1) * chunk))
-        arrays: dict[str, list[np.ndarray]] = {"image": [], **{name: [] for name in dataset.conditions}}
+        arrays: dict[str, list[np.ndarray]] = {"image": [], "labels": [], **{name: [] for name in dataset.conditions}}
         captions, latents = [], []
         for start in range(0, len(indices), batch_size):
             items = [dataset[i] for i in indices[start : start + batch_size]]
             images = torch.stack([item["image"] for item in items])
             for item in items:
                 arrays["image"].append(_to_uint8(item["image"], f"the image of scene {item['index']}"))
+                arrays["labels"].append(item["labels"].numpy().astype(np.uint8))
                 for name in dataset.conditions:
                     arrays[name].append(_to_uint8(item["controls"][name], f"the {name} map of scene {item['index']}"))
             captions += [item["caption"] for item in items]
@@ -150,7 +153,7 @@ class CachedWorldDataset(Dataset):
     def _chunk(self, index: int) -> dict[str, Any]:
         if index not in self._open:
             where = _chunk_dir(self.folder, index)
-            names = ("image", "latents", *self.conditions)
+            names = ("image", "labels", "latents", *self.conditions)
             try:
                 arrays: dict[str, Any] = {name: np.load(where / f"{name}.npy", mmap_mode="r") for name in names}
                 arrays["captions"] = json.loads((where / "captions.json").read_text())
@@ -174,6 +177,7 @@ class CachedWorldDataset(Dataset):
             "image": _FROM_UINT8[torch.from_numpy(np.array(arrays["image"][row])).long()],
             "caption": arrays["captions"][row],
             "controls": controls,
+            "labels": torch.from_numpy(np.array(arrays["labels"][row])).float(),
             "index": index,
             "latent_parameters": torch.from_numpy(np.array(arrays["latents"][row])),
         }

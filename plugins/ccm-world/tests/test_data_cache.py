@@ -40,7 +40,7 @@ def test_cached_items_are_the_rendered_ones(cache, world, vae):
     assert len(cached) == 10 and sorted(p.name for p in cache.glob("chunk-*")) == ["chunk-00000", "chunk-00001", "chunk-00002"]
     for index in (0, 3, 4, 9):  # both sides of a chunk boundary and the short last chunk
         item, rendered = cached[index], world[index]
-        assert item["index"] == index and item["caption"] == rendered["caption"]
+        assert item["index"] == index and item["caption"] == rendered["caption"] and torch.equal(item["labels"], rendered["labels"])
         assert item["image"].dtype == torch.float32 and torch.equal(item["image"], rendered["image"])
         assert item["controls"].keys() == rendered["controls"].keys()
         assert all(torch.equal(item["controls"][c], rendered["controls"][c]) for c in WORLD_CONDITIONS)
@@ -60,7 +60,7 @@ def test_an_interrupted_build_resumes_at_the_missing_chunk(cache, world, vae, tm
     build_data_cache(world, vae, copy, chunk=4, batch_size=3, log=lines.append)
     assert lines == ["    data cache: 2 of 3 chunks already built"]
     assert not (copy / "chunk-00002.partial").exists()
-    for name in ("image.npy", "sketch.npy", "latents.npy", "captions.json"):
+    for name in ("image.npy", "labels.npy", "sketch.npy", "latents.npy", "captions.json"):
         assert (copy / "chunk-00001" / name).read_bytes() == (cache / "chunk-00001" / name).read_bytes()
 
 
@@ -92,10 +92,11 @@ def test_errors(cache, world, vae, tmp_path):
         build_data_cache(world, vae, tmp_path / "zero", chunk=0)
 
 
-def test_the_lcm_controlnet_and_adapter_units_read_the_cache():
+def test_every_stage_after_the_teacher_reads_the_cache():
     preset = load_preset("tiny")
     readers = {u.name for u in plan_units(preset) if "data-cache" in u.needs}
-    assert readers == {u.name for u in plan_units(preset) if u.trainer in ("lcd", "dm_controlnet", "ct_controlnet", "adapter")}
+    assert readers == {u.name for u in plan_units(preset) if u.trainer in ("lcd", "dm_controlnet", "ct_controlnet", "adapter")
+                       or u.kind in ("feature-net", "depth-net")}  # fmt: skip
     assert "data-cache" not in next(u for u in plan_units(preset) if u.name == "pack").needs
     without = load_preset({**json.loads(preset.model_dump_json()), "data_cache": None})
     assert not any("data-cache" in u.needs or u.name == "data-cache" for u in plan_units(without))
