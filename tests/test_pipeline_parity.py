@@ -34,6 +34,19 @@ def test_consistency_sampling_matches_diffusers_lcm(lcm_dir, controlnet_dir, con
     assert a.nfe == steps
 
 
+def test_contiguous_vae_is_bit_identical_to_diffusers(lcm_dir, controlnet_dir, control_image):
+    ours = CCMPipeline.from_pretrained(lcm_dir, controlnet=controlnet_dir)
+    assert ours.vae_channels_last and ours.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    ref = _reference(lcm_dir, [controlnet_dir], LCMScheduler)
+    kwargs = dict(num_inference_steps=2, guidance_scale=6.0, output_type="np")
+    b = ref("a red circle", image=control_image, generator=torch.Generator().manual_seed(0), **kwargs).images
+    default = ours("a red circle", control_image, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(default - b).max() < TOL
+    ours.set_vae_channels_last(False)
+    assert ours.vae.decoder.conv_in.weight.is_contiguous()
+    assert (ours("a red circle", control_image, generator=torch.Generator().manual_seed(0), **kwargs).images == b).all()
+
+
 def test_multi_controlnet_scales_and_guidance_window_match_diffusers(lcm_dir, controlnet_dir, controlnet_b_dir, control_image):
     ours = CCMPipeline.from_pretrained(lcm_dir, controlnet=[controlnet_dir, controlnet_b_dir])
     ref = _reference(lcm_dir, [controlnet_dir, controlnet_b_dir], LCMScheduler)
