@@ -265,6 +265,29 @@ class WorldBuild:
         self.log(self.summary(reports))
         return reports
 
+    def pack_partial(self) -> StageReport:
+        """Pack and install the models built so far (at least the teacher and the LCM).
+
+        A preview of the full pack, so that the models already trained can be used before the
+        whole build is done; the ``pack`` stage stays pending and replaces it when it runs.
+        """
+        from .pack import install, stage_pack, verify_installed
+
+        unit = self.by_name["pack"]
+        built = {name for name in unit.needs if self.state(self.by_name[name]) == "done"}
+        missing = [name for name in ("teacher", "lcm") if name not in built]
+        if missing:
+            raise BuildError(f"a partial pack needs the teacher and the LCM built; not built: {', '.join(missing)}")
+        started = time.perf_counter()
+        self.log(f"==> partial pack of {len(built)} of {len(unit.needs)} models -> {self._relative(self.installed_dir)}")
+        staging = self.folder(unit) / "partial"
+        fingerprint = f"partial-{self.fingerprint(unit)}"
+        info = stage_pack(self.preset, self.work_dir, staging, fingerprint, self.log, only=built)
+        install(staging, self.installed_dir)
+        verify_installed(self.preset, self.installed_dir, self.log)
+        self.log(f"    partial pack: {info['models']} models installed in {duration(time.perf_counter() - started)}")
+        return StageReport("pack", "partial", time.perf_counter() - started, self._relative(self.installed_dir))
+
     def run_unit(self, unit: Unit, *, force: bool = False, position: str = "") -> StageReport:
         from .pack import install, stage_pack, verify_installed
 
@@ -395,6 +418,8 @@ def build_parser(prog: str = "ccm-world build") -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", help="where pack installs the models (default: the plugin's ccm_world/models)")
     parser.add_argument("--force", action="store_true", help="rebuild the selected stages even if done (their outputs are deleted)")
     parser.add_argument("--plan", action="store_true", help="print the stages, their estimates and states; run nothing")
+    parser.add_argument("--partial", action="store_true",
+                        help="with --stage pack: pack and install the models built so far (the teacher and the LCM at least)")
     parser.add_argument("--measure", type=int, metavar="N", help="time N full-size steps of every training stage in --work-dir")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset key (dotted), e.g. vae.seed=3")
     return parser
@@ -423,6 +448,11 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m ccm_world.buil
             measure(preset, args.measure, args.work_dir, until=args.until or "feature-net")
             return 0
         build = WorldBuild(preset, args.work_dir, models_dir=args.models_dir)
+        if args.partial:
+            if args.stage != "pack" or args.force or args.plan:
+                raise BuildError("--partial goes with --stage pack only (it packs what is built so far)")
+            build.pack_partial()
+            return 0
         if args.plan:
             print(build.plan(build.select(args.stage, args.until)))
             return 0

@@ -175,10 +175,17 @@ def check_size(folder: Path, max_megabytes: float) -> int:
     return total
 
 
-def stage_pack(preset: Preset, work_dir: Path, staging: Path, fingerprint: str, log: Log) -> dict[str, Any]:
-    """Write the pack into ``staging`` (replaced), with its manifest; check its size and that it loads."""
+def stage_pack(
+    preset: Preset, work_dir: Path, staging: Path, fingerprint: str, log: Log, *, only: set[str] | None = None
+) -> dict[str, Any]:
+    """Write the pack into ``staging`` (replaced), with its manifest; check its size and that it loads.
+
+    ``only``: pack just these models of the plan (a partial pack of what is built so far); the
+    manifest lists the others as missing.
+    """
     # 1. which components keep their outputs in float16
-    models = pack_plan(preset, work_dir)
+    planned = pack_plan(preset, work_dir)
+    models = [m for m in planned if only is None or m.name in only]
     check = OutputCheck(preset, work_dir) if preset.pack.fp16 else None
     for model in models:
         if check is not None:
@@ -209,6 +216,9 @@ def stage_pack(preset: Preset, work_dir: Path, staging: Path, fingerprint: str, 
     }  # fmt: skip
     manifest = {"preset": preset.name, "fingerprint": fingerprint, "max_megabytes": preset.pack.max_megabytes,
                 "fp16_tolerance": preset.pack.fp16_tolerance, "models": entries, "files": file_table(staging)}  # fmt: skip
+    if only is not None:
+        manifest["partial"] = True
+        manifest["missing"] = [m.name for m in planned if m.name not in only]
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     total = check_size(staging, preset.pack.max_megabytes)
@@ -278,13 +288,20 @@ def verify_installed(preset: Preset, models_dir: Path, log: Log) -> None:
     ref = (lambda name: f"world:{name}") if by_name else (lambda name: str(models_dir / name))
     for name, entry in manifest["models"].items():
         load_model(entry["kind"], ref(name))
-    condition = preset.cm_controlnets.conditions[0]
-    pipe = CCMPipeline.from_pretrained(ref("lcm"), controlnet=ref(f"cm-controlnet-{condition}"))
+    # generate with the first ControlNet for the LCM there is (a partial pack may lack some)
+    candidates = [f"cm-controlnet-{c}" for c in preset.cm_controlnets.conditions]
+    candidates += [f"dm-controlnet-{c}" for c in preset.dm_controlnets.conditions]
+    found = [name for name in candidates if name in manifest["models"]]
+    if not found:
+        log(f"    loaded {len(manifest['models'])} models; no ControlNet packed yet to generate with")
+        return
+    net = found[0]
+    condition = net.split("-controlnet-", 1)[1]
+    pipe = CCMPipeline.from_pretrained(ref("lcm"), controlnet=ref(net))
     pipe.set_progress_bar_config(disable=True)
     item = world_data(preset, (condition,), seed_offset=1, length=1)[0]
     image = pipe(item["caption"], item["controls"][condition][None], num_inference_steps=preset.pack.check_steps,
                  generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
     if not torch.isfinite(image).all():
-        raise BuildError(f"the packed LCM with cm-controlnet-{condition} generated non-finite values")
-    log(f"    loaded {len(manifest['models'])} models{' as world:<name>' if by_name else ''}; "
-        f"generated with lcm + cm-controlnet-{condition}")  # fmt: skip
+        raise BuildError(f"the packed LCM with {net} generated non-finite values")
+    log(f"    loaded {len(manifest['models'])} models{' as world:<name>' if by_name else ''}; generated with lcm + {net}")

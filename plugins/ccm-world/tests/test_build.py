@@ -183,6 +183,27 @@ def test_an_interrupted_build_skips_finished_stages_and_resumes_the_stage_it_was
 
 
 @pytest.mark.slow
+def test_a_partial_pack_installs_what_is_built_so_far(tmp_path, capsys):
+    work, models = tmp_path / "work", tmp_path / "models"
+    lines: list[str] = []
+    build = WorldBuild(load_preset("tiny"), work, models_dir=models, log=lines.append)
+    with pytest.raises(BuildError, match="needs the teacher and the LCM built; not built: teacher, lcm"):
+        build.pack_partial()
+    build.run(until="lcm")
+    build.run(stage="cm-controlnet-sketch")
+    assert build.pack_partial().status == "partial"
+    manifest = json.loads((models / MANIFEST).read_text())
+    assert manifest["partial"] and set(manifest["models"]) == {"teacher", "lcm", "cm-controlnet-sketch"}
+    assert {"adapter", "dm-controlnet-sketch", "feature-net"} <= set(manifest["missing"])
+    assert any("generated with lcm + cm-controlnet-sketch" in line for line in lines)
+    assert build.state(build.by_name["pack"]) == "pending"  # the full pack is still to come, and replaces it
+    assert CCMPipeline.from_pretrained(models / "lcm", controlnet=models / "cm-controlnet-sketch").is_lcm
+    args = ["--preset", "tiny", "--work-dir", str(work), "--models-dir", str(models)]
+    assert main([*args, "--stage", "pack", "--partial"]) == 0
+    assert main([*args, "--partial"]) == 2 and "--partial goes with --stage pack only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_command_line(built, capsys):
     build, _, _ = built
     assert main(["--preset", "tiny", "--work-dir", str(build.work_dir), "--plan"]) == 0
