@@ -118,6 +118,7 @@ def build_data_cache(
         np.save(partial / "latents.npy", np.concatenate(latents))
         (partial / "captions.json").write_text(json.dumps(captions))
         os.replace(partial, target)
+        log(f"    data cache: chunk {c + 1} of {chunks} written ({len(indices)} scenes)")
     bar.close()
     return folder
 

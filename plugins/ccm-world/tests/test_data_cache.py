@@ -58,7 +58,7 @@ def test_an_interrupted_build_resumes_at_the_missing_chunk(cache, world, vae, tm
     (copy / "chunk-00002.partial").mkdir()  # a chunk cut off while being written
     lines: list[str] = []
     build_data_cache(world, vae, copy, chunk=4, batch_size=3, log=lines.append)
-    assert lines == ["    data cache: 2 of 3 chunks already built"]
+    assert lines == ["    data cache: 2 of 3 chunks already built", "    data cache: chunk 2 of 3 written (4 scenes)"]
     assert not (copy / "chunk-00002.partial").exists()
     for name in ("image.npy", "labels.npy", "sketch.npy", "latents.npy", "captions.json"):
         assert (copy / "chunk-00001" / name).read_bytes() == (cache / "chunk-00001" / name).read_bytes()
