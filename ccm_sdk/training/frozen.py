@@ -6,7 +6,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..errors import ImageSizeError, ShapeError
@@ -81,9 +80,7 @@ class FrozenBase:
                 f"expected latent_parameters of shape {expected} (mean and log-variance of this VAE for "
                 f"{images.shape[-2]}x{images.shape[-1]} images), got {tuple(parameters.shape)}"
             )
-        posterior = DiagonalGaussianDistribution(parameters.to(self.device, torch.float32))
-        shift = vae.config.get("shift_factor") or 0.0
-        return (posterior.sample() - shift) * vae.config.scaling_factor
+        return self._scaled_sample(DiagonalGaussianDistribution(parameters.to(self.device, torch.float32)))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -93,9 +90,11 @@ class FrozenBase:
         if height % factor or width % factor:
             raise ImageSizeError(f"training images must be multiples of the VAE factor {factor}, got {height}x{width}; set data.resolution")
         vae = self.pipe.vae
-        posterior = vae.encode(images.to(self.device, torch.float32) * 2 - 1).latent_dist
-        shift = vae.config.get("shift_factor") or 0.0
-        return (posterior.sample() - shift) * vae.config.scaling_factor
+        return self._scaled_sample(vae.encode(images.to(self.device, torch.float32) * 2 - 1).latent_dist)
+
+    def _scaled_sample(self, posterior: DiagonalGaussianDistribution) -> torch.Tensor:
+        config = self.pipe.vae.config
+        return (posterior.sample() - (config.get("shift_factor") or 0.0)) * config.scaling_factor
 
     def guidance_cond(self, unet: torch.nn.Module, w: torch.Tensor) -> torch.Tensor | None:
         """The w-embedding a UNet with ``time_cond_proj_dim`` takes as ``timestep_cond``; else None."""
