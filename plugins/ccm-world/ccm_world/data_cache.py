@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from ccm_sdk.errors import InputError, TrainingError
 
-from .dataset import CONTROL_CHANNELS, WorldDataset
+from .dataset import ATTRIBUTE_NAMES, CONTROL_CHANNELS, WorldDataset
 
 MANIFEST = "cache.json"
 FORMAT = 1
@@ -52,6 +52,14 @@ def _to_uint8(tensor: torch.Tensor, what: str) -> np.ndarray:
     if not torch.equal(_FROM_UINT8[rounded.clamp(0, 255).long()], tensor):
         raise InputError(f"{what} is not on the 1/255 grid, so it cannot be cached as uint8 exactly")
     return rounded.to(torch.uint8).numpy()
+
+
+def scene_bytes(dataset: WorldDataset, vae: torch.nn.Module) -> int:
+    """Bytes one cached scene takes: uint8 image, maps and labels, float32 posterior."""
+    pixels = dataset.height * dataset.width
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = 2 * vae.config.latent_channels * (dataset.height // factor) * (dataset.width // factor) * 4
+    return 3 * pixels + sum(CONTROL_CHANNELS[c] for c in dataset.conditions) * pixels + len(ATTRIBUTE_NAMES) + latent
 
 
 def build_data_cache(
@@ -89,6 +97,10 @@ def build_data_cache(
         shutil.rmtree(partial)
     chunks = (len(dataset) + chunk - 1) // chunk
     done = sum(_chunk_dir(folder, i).is_dir() for i in range(chunks))
+    needed = max(0, len(dataset) - done * chunk) * scene_bytes(dataset, vae)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise InputError(f"the data cache needs {needed / 1e9:.1f} GB more in {str(folder)!r}, but only {free / 1e9:.1f} GB are free")
     if done:
         log(f"    data cache: {done} of {chunks} chunks already built")
     bar = tqdm(total=len(dataset), initial=done * chunk, desc="data cache", unit="scene", disable=None)

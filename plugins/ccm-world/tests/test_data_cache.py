@@ -14,7 +14,7 @@ from ccm_sdk.errors import InputError, TrainingError
 from ccm_world import WorldDataset
 from ccm_world.build_config import load_preset
 from ccm_world.build_stages import plan_units
-from ccm_world.data_cache import CachedWorldDataset, _to_uint8, build_data_cache
+from ccm_world.data_cache import CachedWorldDataset, _to_uint8, build_data_cache, scene_bytes
 from ccm_world.dataset import WORLD_CONDITIONS
 
 
@@ -90,6 +90,16 @@ def test_errors(cache, world, vae, tmp_path):
         _to_uint8(torch.full((3, 2, 2), 0.5), "a test map")
     with pytest.raises(InputError, match="expected chunk >= 1"):
         build_data_cache(world, vae, tmp_path / "zero", chunk=0)
+
+
+def test_the_disk_space_is_checked_first(cache, world, vae, tmp_path, monkeypatch):
+    per_scene = scene_bytes(world, vae)
+    written = sum(p.stat().st_size for p in cache.glob("chunk-*/*.npy"))
+    assert per_scene * 10 <= written < 1.05 * per_scene * 10  # the estimate is what was written, less the npy headers
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    with pytest.raises(InputError, match=r"needs 0\.0 GB more in .*only 0\.0 GB are free"):
+        build_data_cache(world, vae, tmp_path / "full", chunk=4, log=lambda m: None)
+    assert not list((tmp_path / "full").glob("chunk-*"))
 
 
 def test_every_stage_after_the_teacher_reads_the_cache():
