@@ -1,10 +1,10 @@
 """The world's training scenes rendered once, with their VAE posteriors, for the stages after the teacher.
 
 Rendering a 64x64 scene (4 ms) and encoding it with the VAE (3.4 ms) took half of every ControlNet
-training step, and sixteen stages (the LCM, the ControlNets, the adapter, the feature and depth nets) drew
-the same scenes. The cache stores each scene's image and
-control maps as uint8 (they are on the 1/255 grid, so this is exact) and its VAE posterior's
-``parameters`` (mean and log-variance) as float32, in chunks of ``chunk`` scenes:
+training step, and sixteen stages (the LCM, the ControlNets, the adapter, the feature and depth
+nets) drew the same scenes. The cache stores each scene's image and control maps as uint8 (they
+are on the 1/255 grid, so this is exact) and its VAE posterior's ``parameters`` (mean and
+log-variance) as float32, in chunks of ``chunk`` scenes:
 
     <folder>/cache.json                 what the cache holds (sizes, conditions, chunking)
     <folder>/chunk-00000/image.npy      uint8 [n, 3, H, W]
@@ -44,6 +44,10 @@ _FROM_UINT8 = torch.from_numpy((np.arange(256) / 255.0).astype(np.float32))
 
 def _chunk_dir(folder: Path, index: int) -> Path:
     return folder / f"chunk-{index:05d}"
+
+
+def _from_uint8(array: np.ndarray) -> torch.Tensor:
+    return _FROM_UINT8[torch.from_numpy(np.array(array)).long()]
 
 
 def _to_uint8(tensor: torch.Tensor, what: str) -> np.ndarray:
@@ -182,12 +186,12 @@ class CachedWorldDataset(Dataset):
         arrays, row = self._chunk(index // self.chunk), index % self.chunk
         controls = {}
         for name in self.conditions:
-            control = _FROM_UINT8[torch.from_numpy(np.array(arrays[name][row])).long()]
+            control = _from_uint8(arrays[name][row])
             if control.shape[0] != CONTROL_CHANNELS[name]:
                 raise TrainingError(f"the cached {name} maps have {control.shape[0]} channels, expected {CONTROL_CHANNELS[name]}")
             controls[name] = control
         return {
-            "image": _FROM_UINT8[torch.from_numpy(np.array(arrays["image"][row])).long()],
+            "image": _from_uint8(arrays["image"][row]),
             "caption": arrays["captions"][row],
             "controls": controls,
             "labels": torch.from_numpy(np.array(arrays["labels"][row])).float(),
