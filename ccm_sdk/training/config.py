@@ -271,6 +271,11 @@ class VAETrainConfig(TrainConfig):
     kl_weight: float = Field(default=1e-6, ge=0.0, description="beta: weight of KL(q(z|x) || N(0, I)), summed over latent elements")
     scaling_factor: float | None = Field(default=None, gt=0.0, description="store this scaling_factor; None: 1 / std of the latents")
     scaling_samples: int = Field(default=256, ge=2, description="images (seeded random subset) that the scaling factor is measured on")
+    crop_size: int | None = Field(
+        default=None, ge=1,
+        description="train on random square crops of this size (a multiple of the VAE's factor): the autoencoder is "
+        "convolutional, so crops teach it the same at a fraction of the cost; validation and the scaling factor use whole images",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -116,6 +116,16 @@ def latent_scaling_factor(vae: AutoencoderKL, dataset: Dataset, *, samples: int,
     return 1.0 / latents.flatten().std().item()
 
 
+def random_crops(images: torch.Tensor, size: int) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop of each image of ``images`` [B,C,H,W] (offsets from the global RNG)."""
+    height, width = images.shape[-2:]
+    if size > min(height, width):
+        raise ImageSizeError(f"crop_size {size} is larger than the {height}x{width} training images")
+    tops = torch.randint(0, height - size + 1, (len(images),)).tolist()
+    lefts = torch.randint(0, width - size + 1, (len(images),)).tolist()
+    return torch.stack([image[:, t : t + size, l : l + size] for image, t, l in zip(images, tops, lefts)])
+
+
 class _ImagesOnly(Dataset):
     """A dataset of bare images (or dicts / pairs) for the VAE: captions are optional and unused."""
 
@@ -166,6 +176,10 @@ class VAETrainer(Trainer):
         super().setup()
         height, width = self.dataset[0]["image"].shape[-2:]
         self.check_size(height, width)
+        crop = self.config.crop_size
+        if crop is not None and (crop % self.factor or crop > min(height, width)):
+            raise ImageSizeError(f"crop_size {crop} must be a multiple of the VAE's factor {self.factor} "
+                                 f"and at most the {height}x{width} training images")  # fmt: skip
         vae = self.model.vae
         if self.config.model is None and (self.config.architecture or VAEArchitecture()).sample_size is None:
             vae.register_to_config(sample_size=int(height))
@@ -184,6 +198,8 @@ class VAETrainer(Trainer):
     def prepare_inputs(self, batch: dict[str, Any]) -> VAEInputs:
         images = batch["images"]
         self.check_size(*images.shape[-2:])
+        if self.config.crop_size is not None:
+            images = random_crops(images, self.config.crop_size)
         return VAEInputs(images=images.to(self.device, torch.float32) * 2 - 1)
 
     def sample_draws(self, inputs: VAEInputs) -> VAEDraws:

@@ -167,3 +167,33 @@ def test_validation_grid_shows_images_over_their_reconstructions(vae_config):
     # the top row is the data itself: the first square image's dark background (30/255) shows in its corner
     left = 8 + 7 * len("reconstruction") + 2
     assert grid.getpixel((left + 3, 14 + 2 + 3)) == (30, 30, 30)
+
+
+def test_crop_size_trains_on_random_crops_of_each_image(vae_config, fixed_batches, monkeypatch):
+    from ccm_sdk.training import vae as vae_module
+
+    trainer = VAETrainer(vae_config(crop_size=16))
+    trainer.setup()
+    batches, (inputs,) = fixed_batches(trainer)
+    assert inputs.images.shape == (2, 3, 16, 16)
+    assert trainer.sample_draws(inputs).noise.shape == (2, 4, 4, 4)  # the crop's latent, not the image's
+    # each crop is a window of its own image, at offsets drawn from the global RNG
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    torch.manual_seed(5)
+    crops = vae_module.random_crops(images, 16)
+    torch.manual_seed(5)
+    tops, lefts = torch.randint(0, 17, (2,)).tolist(), torch.randint(0, 17, (2,)).tolist()
+    for i in range(2):
+        assert torch.equal(crops[i], images[i, :, tops[i] : tops[i] + 16, lefts[i] : lefts[i] + 16])
+    assert not torch.equal(crops, vae_module.random_crops(images, 16))  # fresh offsets each call
+    # a crop run trains, resumes and exports a VAE that still works on whole images
+    result = train(vae_config(crop_size=16, scaling_factor=0.5))
+    loaded = AutoencoderKL.from_pretrained(result.outputs["vae"])
+    assert loaded.decode(loaded.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode()).sample.shape == (1, 3, 32, 32)
+
+
+def test_crop_size_must_fit_the_vae_and_the_images(vae_config):
+    with pytest.raises(ImageSizeError, match=r"crop_size 10 must be a multiple of the VAE's factor 4 and at most the 32x32"):
+        VAETrainer(vae_config(crop_size=10)).setup()
+    with pytest.raises(ImageSizeError, match=r"crop_size 36 must be a multiple .* at most the 32x32"):
+        VAETrainer(vae_config(crop_size=36)).setup()
