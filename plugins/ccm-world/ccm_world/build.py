@@ -3,14 +3,15 @@
     ccm-world build [--preset full|tiny|FILE] [--stage NAME | --until NAME] [--work-dir outputs/world]
     python -m ccm_world.build [same options]
 
-Stages, in order (docs/world.md): ``text-encoder``, ``vae``, ``teacher`` (t2i), ``lcm`` (lcd),
+Stages, in order (docs/world.md): ``text-encoder``, ``vae``, ``data-cache``, ``teacher`` (t2i), ``lcm`` (lcd),
 ``dm-controlnets`` (one unit per condition, ``dm-controlnet-<c>``), ``cm-controlnets``
 (``cm-controlnet-<c>``), ``adapter``, ``feature-net``, ``depth-net``, ``pack`` (into ``ccm_world/models``),
 and ``eval`` when the preset has one. Every unit writes into ``<work-dir>/<unit>/`` and ends
 with a done-marker (``build-done.json``, written atomically after its outputs), so a rerun
 skips it; an interrupted training unit resumes from its trainer's last checkpoint. Each unit's
 fingerprint (its resolved config and its inputs' fingerprints) is recorded, so outputs of a
-different preset are never mixed in silently.
+different preset are never mixed in silently. ``--archive DIR`` carries the progress to another
+machine (archive.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .archive import archived_state, restore_unit, save_unit
 from .build_config import BuildError, Preset, load_preset
 from .build_stages import (
     GROUPS,
@@ -91,10 +93,12 @@ class WorldBuild:
     """One preset built into one work directory; ``run`` does (or resumes) the selected stages."""
 
     def __init__(self, preset: Preset, work_dir: str | os.PathLike = "outputs/world", *,
-                 models_dir: str | os.PathLike | None = None, log: Log = _print):  # fmt: skip
+                 models_dir: str | os.PathLike | None = None, archive: str | os.PathLike | None = None,
+                 log: Log = _print):  # fmt: skip
         self.preset, self.log = preset, log
         self.work_dir = Path(work_dir).resolve()  # trainer configs hold these paths
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
+        self.archive = Path(archive).resolve() if archive is not None else None  # see archive.py
         self.units = plan_units(preset)
         self.by_name = {unit.name: unit for unit in self.units}
         # every trainer and eval config is validated now, not hours into the build
@@ -239,9 +243,12 @@ class WorldBuild:
         for unit in units:
             seconds_per_step, steps = stage_seconds(self.preset, unit)
             state = self.state(unit)
-            if state == "partial" and unit.kind == "trainer":
+            archived = archived_state(self, unit, self.archive) if self.archive is not None else None
+            if archived:
+                state = archived
+            elif state == "partial" and unit.kind == "trainer":
                 state = f"partial (step {self.checkpoint_step(unit)})"
-            estimate = self.estimate(unit) if state != "done" else None
+            estimate = self.estimate(unit) if state not in ("done", "archived") else None
             total, measured = total + (estimate or 0.0), measured or seconds_per_step is not None
             shown = f"{seconds_per_step:.2f}" if seconds_per_step else "-"
             rows.append((unit.name, unit.trainer or unit.kind, str(steps or "-"), shown, duration(estimate), state))
@@ -264,6 +271,26 @@ class WorldBuild:
             reports.append(self.run_unit(unit, force=force, position=f"[{position}/{len(units)}]"))
         self.log(self.summary(reports))
         return reports
+
+    def restore(self, unit: Unit) -> None:
+        """Bring ``unit`` from the archive into the work dir when the archive is further along."""
+        restored = restore_unit(self, unit, self.archive) if self.archive is not None else None
+        if restored:
+            self.log(f"    {unit.name}: restored ({restored}) from the archive {self._relative(self.archive)}")
+
+    def save_archive(self) -> dict[str, str]:
+        """Copy every unit's progress (finished units, the last checkpoint of unfinished ones) into the archive."""
+        if self.archive is None:
+            raise BuildError("no archive folder: give --archive DIR")
+        saved = {}
+        for unit in self.units:
+            what = save_unit(self, unit, self.archive)
+            if what:
+                saved[unit.name] = what
+                self.log(f"    {unit.name}: archived ({what}) in {self._relative(self.archive)}")
+        if not saved:
+            self.log(f"    nothing new to archive in {self._relative(self.archive)}")
+        return saved
 
     def pack_partial(self) -> StageReport:
         """Pack and install the models built so far (at least the teacher and the LCM).
@@ -292,6 +319,8 @@ class WorldBuild:
         from .pack import install, stage_pack, verify_installed
 
         folder, fingerprint = self.folder(unit), self.fingerprint(unit)
+        for name in (*unit.needs, *(() if force else (unit.name,))):
+            self.restore(self.by_name[name])
         state = self.state(unit)
         output = self._relative(self.output(unit))
         # 1. done, stale or forced
@@ -346,6 +375,8 @@ class WorldBuild:
         if unit.kind == "pack":
             install(folder / "models", self.installed_dir)
             verify_installed(self.preset, self.installed_dir, self.log)
+        if self.archive is not None and save_unit(self, unit, self.archive):
+            self.log(f"    {unit.name}: archived in {self._relative(self.archive)}")
         status = f"resumed@{resumed}" if resumed else "built"
         self.log(f"    {unit.name}: {status} in {duration(seconds)}")
         return StageReport(unit.name, status, seconds, output, info.get("seconds_per_step"), info.get("steps"))
@@ -421,6 +452,12 @@ def build_parser(prog: str = "ccm-world build") -> argparse.ArgumentParser:
     parser.add_argument("--partial", action="store_true",
                         help="with --stage pack: pack and install the models built so far (the teacher and the LCM at least)")
     parser.add_argument("--measure", type=int, metavar="N", help="time N full-size steps of every training stage in --work-dir")
+    parser.add_argument("--archive", metavar="DIR",
+                        help="a folder that outlives the machine (e.g. in version control): finished units are copied "
+                             "into it, and units found there are restored before they would be built")
+    parser.add_argument("--save-archive", action="store_true",
+                        help="with --archive: copy what the work dir holds now (finished units, the last checkpoint of "
+                             "unfinished ones) into the archive, and train nothing")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset key (dotted), e.g. vae.seed=3")
     return parser
 
@@ -447,7 +484,12 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m ccm_world.buil
                 raise BuildError(f"--measure N (N >= 1, got {args.measure}) runs every stage up to --until; not with --stage or --force")
             measure(preset, args.measure, args.work_dir, until=args.until or "feature-net")
             return 0
-        build = WorldBuild(preset, args.work_dir, models_dir=args.models_dir)
+        build = WorldBuild(preset, args.work_dir, models_dir=args.models_dir, archive=args.archive)
+        if args.save_archive:
+            if args.stage or args.until or args.force or args.plan or args.partial:
+                raise BuildError("--save-archive copies the whole work dir's progress: not with --stage, --until, --force, --plan or --partial")
+            build.save_archive()
+            return 0
         if args.partial:
             if args.stage != "pack" or args.force or args.plan:
                 raise BuildError("--partial goes with --stage pack only (it packs what is built so far)")

@@ -1,0 +1,133 @@
+"""A build's progress kept in a folder that outlives the machine (one committed to version control, say).
+
+A work dir holds gigabytes (the data cache, two checkpoints a stage); the archive keeps only what
+another machine needs to carry on from where this one stopped:
+
+- a finished unit: its folder without ``checkpoints/`` (the product, the done-marker, validation
+  samples, loss curve);
+- an unfinished trainer unit: the same, plus its last checkpoint, from which the next run resumes
+  exactly (checkpoints restore every random stream).
+
+The data cache, the pack and the eval are not archived: the cache is rebuilt deterministically
+from the archived VAE, the pack lives in ``ccm_world/models`` and the eval in ``docs/``. Each
+unit is written under a temporary name and renamed into place, so an interrupted save leaves the
+previous copy whole. A unit is only restored when its fingerprint matches this build's and it is
+further along than the work dir's copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .build_config import BuildError
+
+if TYPE_CHECKING:
+    from .build import WorldBuild
+    from .build_stages import Unit
+
+ARCHIVED_KINDS = ("text-encoder", "trainer", "feature-net", "depth-net")
+CHECKPOINTS = "checkpoints"
+
+
+def _copy_unit(source: Path, target: Path, checkpoint: Path | None) -> None:
+    """``source`` without its checkpoints (plus ``checkpoint``, if given) into ``target``, atomically."""
+    tmp, old = target.parent / f".tmp-{target.name}", target.parent / f".old-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=lambda folder, names: [n for n in names if n.startswith(".") or
+                                                                (Path(folder) == source and n == CHECKPOINTS)])  # fmt: skip
+    if checkpoint is not None:
+        shutil.copytree(checkpoint, tmp / CHECKPOINTS / checkpoint.name)
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _marker(folder: Path, name: str) -> dict | None:
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _last_checkpoint(folder: Path) -> tuple[int, Path | None]:
+    from ccm_sdk.training.checkpoint import list_checkpoints
+
+    found = list_checkpoints(folder / CHECKPOINTS)
+    return found[-1] if found else (0, None)
+
+
+def save_unit(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
+    """Copy ``unit``'s progress into ``archive/<unit>``: ``"done"``, ``"partial@<step>"``, or None (nothing to keep)."""
+    from .build import DONE, STARTED
+
+    if unit.kind not in ARCHIVED_KINDS:
+        return None
+    state, folder = build.state(unit), build.folder(unit)
+    if state == "done":
+        kept = _marker(archive / unit.name, DONE)
+        if kept is not None and kept.get("fingerprint") == build.fingerprint(unit):
+            return None  # archived already
+        _copy_unit(folder, archive / unit.name, None)
+        return "done"
+    if state != "partial" or unit.kind != "trainer" or _marker(folder, STARTED) is None:
+        return None
+    step, checkpoint = _last_checkpoint(folder)
+    if checkpoint is None or step <= _archived_step(build, unit, archive):
+        return None
+    _copy_unit(folder, archive / unit.name, checkpoint)
+    return f"partial@{step}"
+
+
+def _archived_step(build: WorldBuild, unit: Unit, archive: Path) -> int:
+    """The step of this build's run of ``unit`` that ``archive`` holds (0 when none or another run's)."""
+    from .build import STARTED
+
+    started = _marker(archive / unit.name, STARTED)
+    if started is None or started.get("fingerprint") != build.fingerprint(unit):
+        return 0
+    return _last_checkpoint(archive / unit.name)[0]
+
+
+def archived_state(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
+    """``"archived"`` (finished there) or ``"archived (step N)"`` (unfinished there) when the archive is
+    further along than the work dir with this build's run of ``unit``; else None."""
+    from .build import DONE
+
+    if build.state(unit) == "done":
+        return None
+    done = _marker(archive / unit.name, DONE)
+    if done is not None and done.get("fingerprint") == build.fingerprint(unit):
+        return "archived"
+    step = _archived_step(build, unit, archive)
+    return f"archived (step {step})" if step > _work_step(build, unit) else None
+
+
+def restore_unit(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
+    """Replace the work dir's copy of ``unit`` with the archive's when that is this build's and further along."""
+    from .build import DONE
+
+    kept = archive / unit.name
+    if unit.kind not in ARCHIVED_KINDS or not kept.is_dir() or build.state(unit) == "done":
+        return None
+    done = _marker(kept, DONE)
+    if done is not None and done.get("fingerprint") == build.fingerprint(unit):
+        if not (kept / unit.product).exists():
+            raise BuildError(f"the archive's {unit.name!r} has a done-marker but no {unit.product!r}: {kept} is incomplete")
+        _copy_unit(kept, build.folder(unit), None)
+        return "done"
+    step = _archived_step(build, unit, archive)
+    if step > _work_step(build, unit):
+        _copy_unit(kept, build.folder(unit), _last_checkpoint(kept)[1])
+        return f"partial@{step}"
+    return None
+
+
+def _work_step(build: WorldBuild, unit: Unit) -> int:
+    """The step the work dir's run of ``unit`` has reached (0 when it holds another config's or nothing)."""
+    return build.checkpoint_step(unit) if build.state(unit) == "partial" else 0
