@@ -24,7 +24,7 @@ from .vocabulary import WORLD_VOCABULARY
 
 Log = Callable[[str], None]
 
-GROUPS = ("text-encoder", "vae", "teacher", "data-cache", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net", "depth-net", "pack", "eval")
+GROUPS = ("text-encoder", "vae", "data-cache", "teacher", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net", "depth-net", "pack", "eval")
 # where each kind of unit leaves its product, relative to the unit's folder
 PRODUCT = {
     "text-encoder": ".", "vae": "vae", "t2i": "model", "lcd": "lcm", "dm_controlnet": "controlnet",
@@ -61,15 +61,12 @@ class Unit:
 
 def plan_units(preset: Preset) -> list[Unit]:
     """Every unit of the preset, in build order, with what each needs."""
-    units = [
-        Unit("text-encoder", "text-encoder", "text-encoder"),
-        Unit("vae", "vae", "trainer", "vae"),
-        Unit("teacher", "teacher", "trainer", "t2i", needs=("text-encoder", "vae")),
-    ]
+    units = [Unit("text-encoder", "text-encoder", "text-encoder"), Unit("vae", "vae", "trainer", "vae")]
     cache: tuple[str, ...] = ()
     if preset.data_cache is not None:
         units.append(Unit("data-cache", "data-cache", "data-cache", needs=("vae",)))
         cache = ("data-cache",)
+    units.append(Unit("teacher", "teacher", "trainer", "t2i", needs=("text-encoder", "vae", *cache)))
     units.append(Unit("lcm", "lcm", "trainer", "lcd", needs=("teacher", *cache)))
     for c in preset.dm_controlnets.conditions:
         units.append(Unit(f"dm-controlnet-{c}", "dm-controlnets", "trainer", "dm_controlnet", c, needs=("teacher", *cache)))

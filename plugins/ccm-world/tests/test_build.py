@@ -42,7 +42,7 @@ def built(tmp_path_factory):
 def test_shipped_presets_validate_and_fit_an_hour_per_stage():
     for name in ("full", "tiny"):
         build = WorldBuild(load_preset(name), "/tmp/unused-world-build")  # validates every trainer and eval config
-        assert [u.name for u in build.units][:5] == ["text-encoder", "vae", "teacher", "data-cache", "lcm"]
+        assert [u.name for u in build.units][:5] == ["text-encoder", "vae", "data-cache", "teacher", "lcm"]
     full = WorldBuild(load_preset("full"), "/tmp/unused-world-build")
     trained = [u for u in full.units if u.kind in ("trainer", "feature-net", "depth-net")]
     assert len(trained) == 18
@@ -175,7 +175,7 @@ def test_an_interrupted_build_skips_finished_stages_and_resumes_the_stage_it_was
     build = WorldBuild(load_preset("tiny"), work, models_dir=models, log=lines.append)
     assert "partial (step 1)" in build.plan(build.units)
     reports = {r.unit: r.status for r in build.run(until="lcm")}
-    assert reports == {"text-encoder": "skipped", "vae": "skipped", "teacher": "resumed@1", "data-cache": "built", "lcm": "built"}
+    assert reports == {"text-encoder": "skipped", "vae": "skipped", "data-cache": "skipped", "teacher": "resumed@1", "lcm": "built"}
     assert any("resuming teacher from its checkpoint at step 1" in line for line in lines)
     # deterministic: the resumed teacher is bit-identical to the uninterrupted build's
     for path in ("teacher/model/unet/diffusion_pytorch_model.safetensors", "vae/vae/diffusion_pytorch_model.safetensors"):

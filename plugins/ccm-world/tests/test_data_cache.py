@@ -102,11 +102,14 @@ def test_the_disk_space_is_checked_first(cache, world, vae, tmp_path, monkeypatc
     assert not list((tmp_path / "full").glob("chunk-*"))
 
 
-def test_every_stage_after_the_teacher_reads_the_cache():
+def test_every_stage_after_the_vae_reads_the_cache():
     preset = load_preset("tiny")
-    readers = {u.name for u in plan_units(preset) if "data-cache" in u.needs}
-    assert readers == {u.name for u in plan_units(preset) if u.trainer in ("lcd", "dm_controlnet", "ct_controlnet", "adapter")
+    units = plan_units(preset)
+    readers = {u.name for u in units if "data-cache" in u.needs}
+    assert readers == {u.name for u in units if u.trainer in ("t2i", "lcd", "dm_controlnet", "ct_controlnet", "adapter")
                        or u.kind in ("feature-net", "depth-net")}  # fmt: skip
+    order = [u.name for u in units]
+    assert order.index("vae") < order.index("data-cache") < order.index("teacher")
     assert "data-cache" not in next(u for u in plan_units(preset) if u.name == "pack").needs
     without = load_preset({**json.loads(preset.model_dump_json()), "data_cache": None})
     assert not any("data-cache" in u.needs or u.name == "data-cache" for u in plan_units(without))
