@@ -108,7 +108,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device: cpu, torch {torch.__version__}, {torch.get_num_threads()} threads, tiny random weights (ccm_sdk.testing.tiny)")
-    print(f"fast path: {'bfloat16 + channels_last' + (' + torch.compile' if args.compile else '')} (opt-in, ~1e-2 from exact)")
+    half = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()  # as enable_fast_path decides
+    parts = ["bfloat16" if half else "float32 (no AMX / AVX512-BF16 on this CPU)", "channels_last", *(["torch.compile"] if args.compile else [])]
+    print(f"fast path: {' + '.join(parts)} (opt-in{', ~1e-2 from exact' if half else ''})")
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_models(Path(tmp))
