@@ -10,8 +10,9 @@ ground truth of every condition (edges, sketch, soft edges, depth, pose, masks, 
 
 As a ccm-sdk plugin it registers, through the public hooks: the dataset ``world``
 (``ccm_sdk.registry.get_dataset("world", ...)``), the conditions ``world-edges`` and
-``world-soft-edges`` (the edge ground truths read back from pixels, for Fidelity) and
-``world-depth`` (layer depth from the world's trained depth net), and the model
+``world-soft-edges`` (the edge ground truths read back from pixels, for Fidelity),
+``world-depth`` and ``world-pose`` (layer depth and skeletons from the world's trained map
+nets), and the model
 source ``world`` (``CCMPipeline.from_pretrained("world:<name>")`` for the world's trained models).
 """
 
@@ -22,7 +23,14 @@ from pathlib import Path
 import ccm_sdk
 from ccm_sdk.errors import MissingModelError
 
-from .conditions import WORLD_CONDITION_CLASSES, WorldDepthCondition, WorldEdgesCondition, WorldSoftEdgesCondition, colour_edges
+from .conditions import (
+    WORLD_CONDITION_CLASSES,
+    WorldDepthCondition,
+    WorldEdgesCondition,
+    WorldPoseCondition,
+    WorldSoftEdgesCondition,
+    colour_edges,
+)
 from .dataset import ATTRIBUTE_NAMES, CONTROL_CHANNELS, WORLD_CONDITIONS, WorldDataset, WorldSample, scene_attributes
 from .generate import SceneConfig, describe, sample_scene
 from .scene import KEYPOINT_NAMES, Background, Person, Scene, Shape
@@ -57,6 +65,7 @@ __all__ = [
     "WorldDataset",
     "WorldDepthCondition",
     "WorldEdgesCondition",
+    "WorldPoseCondition",
     "WorldSample",
     "WorldSoftEdgesCondition",
     "colour_edges",

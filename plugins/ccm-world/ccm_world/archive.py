@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .build import WorldBuild
     from .build_stages import Unit
 
-ARCHIVED_KINDS = ("text-encoder", "trainer", "feature-net", "depth-net")
+ARCHIVED_KINDS = ("text-encoder", "trainer", "feature-net", "map-net")
 CHECKPOINTS = "checkpoints"
 
 

@@ -5,8 +5,8 @@
 
 Stages, in order (docs/world.md): ``text-encoder``, ``vae``, ``data-cache``, ``teacher`` (t2i), ``lcm`` (lcd),
 ``dm-controlnets`` (one unit per condition, ``dm-controlnet-<c>``), ``cm-controlnets``
-(``cm-controlnet-<c>``), ``adapter``, ``feature-net``, ``depth-net``, ``pack`` (into ``ccm_world/models``),
-and ``eval`` when the preset has one. Every unit writes into ``<work-dir>/<unit>/`` and ends
+(``cm-controlnet-<c>``), ``adapter``, ``feature-net``, ``depth-net`` and ``pose-net`` (map nets, h for
+Fidelity), ``pack`` (into ``ccm_world/models``), and ``eval`` and ``adapter-eval`` when the preset has them. Every unit writes into ``<work-dir>/<unit>/`` and ends
 with a done-marker (``build-done.json``, written atomically after its outputs), so a rerun
 skips it; an interrupted training unit resumes from its trainer's last checkpoint. Each unit's
 fingerprint (its resolved config and its inputs' fingerprints) is recorded, so outputs of a
@@ -38,7 +38,7 @@ from .build_stages import (
     plan_units,
     run_data_cache,
     run_eval,
-    run_depth_net,
+    run_map_net,
     run_feature_net,
     run_text_encoder,
     run_trainer,
@@ -103,8 +103,9 @@ class WorldBuild:
         self.by_name = {unit.name: unit for unit in self.units}
         # every trainer and eval config is validated now, not hours into the build
         self.configs = {u.name: trainer_config(preset, u, self.work_dir) for u in self.units if u.kind == "trainer"}
-        if preset.eval is not None:
-            eval_config(preset, self.installed_dir, self.folder(self.by_name["eval"]))
+        for unit in self.units:
+            if unit.kind == "eval":
+                eval_config(preset, self.installed_dir, self.folder(unit), unit.section)
         self._fingerprints: dict[str, str] = {}
 
     # --- where things are -----------------------------------------------------------------
@@ -153,13 +154,13 @@ class WorldBuild:
             return {**p.text_encoder.model_dump(), "vocabulary": list(WORLD_VOCABULARY)}
         if unit.kind == "feature-net":
             return {**p.feature_net.model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
-        if unit.kind == "depth-net":
-            return {**p.depth_net.model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
+        if unit.kind == "map-net":
+            return {**getattr(p, unit.section).model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
         if unit.kind == "data-cache":
             return {**p.data_cache.model_dump(exclude={"seconds_per_scene"}), "data": p.data.model_dump(), "conditions": list(cache_conditions(p))}
         if unit.kind == "pack":
             return p.pack.model_dump()
-        return {**p.eval.model_dump(), "data": p.data.model_dump()}
+        return {**getattr(p, unit.section).model_dump(), "data": p.data.model_dump()}
 
     def fingerprint(self, unit: Unit, steps: int | None = None) -> str:
         """A hash of the unit's spec and its inputs' fingerprints; ``steps``: as if it stopped after that many."""
@@ -363,8 +364,8 @@ class WorldBuild:
             info = run_data_cache(self.preset, unit, self.work_dir, self.log)
         elif unit.kind == "feature-net":
             info = run_feature_net(self.preset, unit, self.work_dir, self.log)
-        elif unit.kind == "depth-net":
-            info = run_depth_net(self.preset, unit, self.work_dir, self.log)
+        elif unit.kind == "map-net":
+            info = run_map_net(self.preset, unit, self.work_dir, self.log)
         elif unit.kind == "pack":
             info = stage_pack(self.preset, self.work_dir, folder / "models", fingerprint, self.log)
         else:
@@ -406,8 +407,9 @@ def measure_preset(preset: Preset, steps: int) -> Preset:
     raw["feature_net"]["steps"] = steps + 2
     if raw.get("data_cache") is not None:  # cache enough scenes for the timed steps, not the whole world
         raw["data"]["length"] = min(raw["data"]["length"], max(1024, 64 * (steps + 2)))
-    if raw.get("depth_net") is not None:
-        raw["depth_net"]["steps"] = steps + 2
+    for name in ("depth_net", "pose_net"):
+        if raw.get(name) is not None:
+            raw[name]["steps"] = steps + 2
     return Preset(**raw)
 
 

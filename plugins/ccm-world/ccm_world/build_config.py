@@ -116,8 +116,8 @@ class FeatureNetStage(Section):
         return self.steps
 
 
-class DepthNetStage(Section):
-    """``ccm_world.depth_net.train_depth_net``: h for depth Fidelity (no checkpoints: minutes)."""
+class MapNetStage(Section):
+    """``ccm_world.map_net.train_map_net``: h for the Fidelity of a map no rule reads back (no checkpoints)."""
 
     seed: int
     steps: int = Field(default=3000, ge=1)
@@ -125,6 +125,7 @@ class DepthNetStage(Section):
     lr: float = Field(default=1e-3, gt=0)
     holdout: int = Field(default=256, ge=0)
     widths: tuple[int, ...] = (32, 64, 128)
+    foreground_weight: float = Field(default=0.0, ge=0, description="extra L1 weight where the true map is not black (thin maps)")
     num_workers: int = Field(default=0, ge=0)
     seconds_per_step: float | None = Field(default=None, gt=0)
 
@@ -156,6 +157,7 @@ class EvalStage(Section):
     """The Table-2 eval config, pointed at the packed models."""
 
     config: str = Field(default="configs/eval/world_table2.yaml")
+    title: str = Field(default="CCM's Table 2 on the world", description="the heading of the results file")
     overrides: dict[str, Any] = Field(default_factory=dict, description="top-level eval config keys (num_samples, ...)")
     paper: dict[str, Any] = Field(default_factory=dict, description="paper keys besides the models (dm_steps, cm_steps, ...)")
     results: str | None = Field(default=None, description="also write results.md here (e.g. docs/results.md)")
@@ -177,12 +179,14 @@ class Preset(Section):
     cm_controlnets: CMControlNetStage
     adapter: AdapterStage
     feature_net: FeatureNetStage
-    depth_net: DepthNetStage | None = Field(default=None, description="the world's depth estimator; None: no depth Fidelity")
+    depth_net: MapNetStage | None = Field(default=None, description="the world's depth estimator; None: no depth Fidelity")
+    pose_net: MapNetStage | None = Field(default=None, description="the world's pose estimator; None: no pose Fidelity")
     data_cache: DataCacheStage | None = Field(
         default=None, description="render and encode the scenes once for the ControlNet and adapter stages; None: every step renders"
     )
     pack: PackStage = Field(default_factory=PackStage)
     eval: EvalStage | None = None
+    adapter_eval: EvalStage | None = Field(default=None, description="a second eval after the first (the adapter on all seven conditions)")
 
     @model_validator(mode="after")
     def _controlnets_exist(self):

@@ -24,11 +24,14 @@ from .vocabulary import WORLD_VOCABULARY
 
 Log = Callable[[str], None]
 
-GROUPS = ("text-encoder", "vae", "data-cache", "teacher", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net", "depth-net", "pack", "eval")
+GROUPS = ("text-encoder", "vae", "data-cache", "teacher", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net",
+          "depth-net", "pose-net", "pack", "eval", "adapter-eval")  # fmt: skip
+# the world's map nets: unit -> (the control map it predicts, channels predicted)
+MAP_NETS = {"depth-net": ("depth", 1), "pose-net": ("pose", 3)}
 # where each kind of unit leaves its product, relative to the unit's folder
 PRODUCT = {
     "text-encoder": ".", "vae": "vae", "t2i": "model", "lcd": "lcm", "dm_controlnet": "controlnet",
-    "ct_controlnet": "controlnet", "adapter": "adapter", "feature-net": "feature-net", "depth-net": "depth-net", "eval": ".",
+    "ct_controlnet": "controlnet", "adapter": "adapter", "feature-net": "feature-net", "eval": ".",
     "data-cache": "cache",
 }  # fmt: skip
 # keys the build sets itself; a preset setting them would silently unhook a stage from its inputs
@@ -44,7 +47,7 @@ class Unit:
 
     name: str  # e.g. "dm-controlnet-sketch"
     group: str  # e.g. "dm-controlnets" (a name of GROUPS)
-    kind: str  # "text-encoder", "trainer", "data-cache", "feature-net", "depth-net", "pack" or "eval"
+    kind: str  # "text-encoder", "trainer", "data-cache", "feature-net", "map-net", "pack" or "eval"
     trainer: str | None = None
     condition: str | None = None
     needs: tuple[str, ...] = ()
@@ -56,7 +59,7 @@ class Unit:
 
     @property
     def product(self) -> str:
-        return PRODUCT.get(self.trainer or self.kind, ".")
+        return self.name if self.kind == "map-net" else PRODUCT.get(self.trainer or self.kind, ".")
 
 
 def plan_units(preset: Preset) -> list[Unit]:
@@ -77,12 +80,14 @@ def plan_units(preset: Preset) -> list[Unit]:
     adapter_needs = ("lcm", *(f"dm-controlnet-{c}" for c in preset.adapter.conditions), *cache)
     units.append(Unit("adapter", "adapter", "trainer", "adapter", needs=adapter_needs))
     units.append(Unit("feature-net", "feature-net", "feature-net", needs=cache))
-    if preset.depth_net is not None:
-        units.append(Unit("depth-net", "depth-net", "depth-net", needs=cache))
+    for name in MAP_NETS:
+        if getattr(preset, name.replace("-", "_")) is not None:
+            units.append(Unit(name, name, "map-net", needs=cache))
     packed = tuple(u.name for u in units if u.name not in ("text-encoder", "vae", "data-cache"))
     units.append(Unit("pack", "pack", "pack", needs=packed))
-    if preset.eval is not None:
-        units.append(Unit("eval", "eval", "eval", needs=("pack",)))
+    for name in ("eval", "adapter-eval"):
+        if getattr(preset, name.replace("-", "_")) is not None:
+            units.append(Unit(name, name, "eval", needs=("pack",)))
     return units
 
 
@@ -91,7 +96,7 @@ def stage_seconds(preset: Preset, unit: Unit) -> tuple[float | None, int | None]
     section = getattr(preset, unit.section, None)
     if unit.kind == "data-cache" and section is not None:
         return section.seconds_per_scene, preset.data.length  # a "step" is one scene
-    if unit.kind not in ("trainer", "feature-net", "depth-net") or section is None:
+    if unit.kind not in ("trainer", "feature-net", "map-net") or section is None:
         return None, None
     return section.seconds_per_step, section.max_steps
 
@@ -177,8 +182,8 @@ def world_data(preset: Preset, conditions: tuple[str, ...] = (), *, seed_offset:
 
 def cache_conditions(preset: Preset) -> tuple[str, ...]:
     """Every control map a stage reading the data cache needs."""
-    depth = ("depth",) if preset.depth_net is not None else ()
-    return tuple(dict.fromkeys([*preset.dm_controlnets.conditions, *preset.cm_controlnets.conditions, *preset.adapter.conditions, *depth]))
+    maps = tuple(target for name, (target, _) in MAP_NETS.items() if getattr(preset, name.replace("-", "_")) is not None)
+    return tuple(dict.fromkeys([*preset.dm_controlnets.conditions, *preset.cm_controlnets.conditions, *preset.adapter.conditions, *maps]))
 
 
 def training_data(preset: Preset, unit: Unit, work_dir: Path, conditions: tuple[str, ...] | None = None):
@@ -285,72 +290,81 @@ def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dic
             "seconds_per_step": _intervals(starts)}  # fmt: skip
 
 
-def run_depth_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
-    from .depth_net import train_depth_net
+def run_map_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
+    from .map_net import train_map_net
 
-    s = preset.depth_net
+    s, (target, channels) = getattr(preset, unit.section), MAP_NETS[unit.name]
     progress, starts = _step_log(preset, unit.name, s.steps, log)
-    result = train_depth_net(
-        training_data(preset, unit, work_dir, ("depth",)), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
-        num_workers=s.num_workers, output_dir=work_dir / unit.name / unit.product, log=progress, widths=s.widths,
+    result = train_map_net(
+        training_data(preset, unit, work_dir, (target,)), target=target, channels=channels, foreground_weight=s.foreground_weight,
+        steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout, num_workers=s.num_workers,
+        output_dir=work_dir / unit.name / unit.product, log=progress, widths=s.widths,
     )  # fmt: skip
     return {"steps": s.steps, "heldout_l1": result.holdout_l1, "final_loss": result.losses[-1], "seconds_per_step": _intervals(starts)}
 
 
-def eval_config(preset: Preset, models_dir: Path, output_dir: Path):
-    """The preset's eval config with the packed models as the paper's models."""
+# which ControlNets each preset method of the eval runs
+_USES = {"dm_controlnets": ("dm-controlnet+dm", "dm-controlnet+cm", "dm-controlnet+cm+adapter"),
+         "cm_controlnets": ("cm-controlnet+cm", "cm-controlnet+dm")}  # fmt: skip
+
+
+def eval_config(preset: Preset, models_dir: Path, output_dir: Path, section: str = "eval"):
+    """The eval config of the preset's ``section`` (``eval`` or ``adapter_eval``) with the packed models as the paper's models."""
     import yaml
 
     from ccm_sdk.eval import load_eval_config
 
-    s = preset.eval
+    s = getattr(preset, section)
     path = find_file(s.config)
     if not path.is_file():
-        raise BuildError(f"eval.config {s.config!r} does not exist")
+        raise BuildError(f"{section}.config {s.config!r} does not exist")
     raw = yaml.safe_load(path.read_text())
     dataset = dict(raw.get("dataset") or {})
     if dataset.get("path") is None:  # the world, by name or factory: scenes at the models' size
         dataset["options"] = {**(dataset.get("options") or {}), "size": preset.data.size, "sr_factor": preset.data.sr_factor}
     raw["dataset"] = dataset
     raw["features"] = {**(raw.get("features") or {}), "kind": "feature-net", "path": str(models_dir / "feature-net")}
-    dm, cm = {}, {}
+    methods = [m for m in raw.get("methods") or [] if isinstance(m, str)]
+    used = [name for name, users in _USES.items() if any(m in users for m in methods)]
+    nets: dict[str, dict[str, str]] = {"dm_controlnets": {}, "cm_controlnets": {}}
     for condition in raw.get("conditions") or []:
-        if condition["name"] == "world-depth":  # h is the packed depth net, wherever the pack went
-            if preset.depth_net is None:
-                raise BuildError("the eval config's world-depth condition needs the depth-net stage (depth_net in the preset)")
-            condition["options"] = {"model": str(models_dir / "depth-net"), **(condition.get("options") or {})}
+        for unit, (target, _) in MAP_NETS.items():
+            if condition["name"] == f"world-{target}":  # h is the packed map net, wherever the pack went
+                if getattr(preset, unit.replace("-", "_")) is None:
+                    raise BuildError(f"the eval config's world-{target} condition needs the {unit} stage ({unit.replace('-', '_')} in the preset)")
+                condition["options"] = {"model": str(models_dir / unit), **(condition.get("options") or {})}
         label = condition.get("label") or condition["name"]
         key = condition.get("key") or condition["name"]
-        dm[label], cm[label] = str(models_dir / f"dm-controlnet-{key}"), str(models_dir / f"cm-controlnet-{key}")
-        stages = (("dm_controlnets", preset.dm_controlnets), ("cm_controlnets", preset.cm_controlnets))
-        missing = [name for name, stage in stages if key not in stage.conditions]
+        for name in used:
+            nets[name][label] = str(models_dir / f"{name[:2]}-controlnet-{key}")
+        missing = [name for name in used if key not in getattr(preset, name).conditions]
         if missing:
             raise BuildError(f"the eval config's condition {label!r} needs a {key!r} ControlNet in {' and '.join(missing)}.conditions")
     raw["paper"] = {**(raw.get("paper") or {}), "dm": str(models_dir / "teacher"), "cm": str(models_dir / "lcm"),
-                    "dm_controlnets": dm, "cm_controlnets": cm, "adapter": str(models_dir / "adapter"), **s.paper}  # fmt: skip
+                    **nets, "adapter": str(models_dir / "adapter"), **s.paper}  # fmt: skip
     raw.update(s.overrides)
     raw["output_dir"] = str(output_dir)
     try:
         return load_eval_config(raw)
     except InputError as exc:
-        raise BuildError(f"eval stage: {exc}") from None
+        raise BuildError(f"{section.replace('_', '-')} stage: {exc}") from None
 
 
 def run_eval(preset: Preset, unit: Unit, work_dir: Path, models_dir: Path, log: Log) -> dict[str, Any]:
     from ccm_sdk.eval import run_evaluation
 
-    folder = work_dir / unit.name
-    config = eval_config(preset, models_dir, folder)
+    folder, stage = work_dir / unit.name, getattr(preset, unit.section)
+    config = eval_config(preset, models_dir, folder, unit.section)
     result = run_evaluation(config, log=lambda message: log(f"    {message}"))
     written = result.write(folder)
-    if preset.eval.results:
-        target = Path(preset.eval.results)
+    if stage.results:
+        target = Path(stage.results)
         target.parent.mkdir(parents=True, exist_ok=True)
         header = (
-            f"# Results: CCM's Table 2 on the world\n\nMade by `ccm-world build --preset {preset.name}` (stage `eval`) from the "
-            f"models packed in `ccm_world/models`, with `{preset.eval.config}`: {config.num_samples} scenes of world seed "
+            f"# Results: {stage.title}\n\nMade by `ccm-world build --preset {preset.name}` (stage `{unit.name}`) from the "
+            f"models packed in `ccm_world/models`, with `{stage.config}`: {config.num_samples} scenes of world seed "
             f"{config.dataset.options.get('seed')} per condition, FID in the world feature net's features. "
-            "Regenerate with `ccm-world build --preset full --stage eval --force`.\n\n"
+            f"Regenerate with `ccm-world build --preset full --stage {unit.name} --force`.\n\n"
         )
         target.write_text(header + Path(written["markdown"]).read_text())
     return {"rows": len(result.rows), "results": str(written["markdown"])}

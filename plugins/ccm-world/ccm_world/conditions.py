@@ -7,9 +7,9 @@ between neighbouring pixels is a region boundary, and these extractors recover t
 limbs where anti-aliasing blends a boundary (about 99% of pixels agree exactly). On photographs
 they are crude gradient detectors; use canny and hed there.
 
-Depth (layer order) is not recoverable from the pixels by a rule like this: ``world-depth`` runs
-a small network trained on the world to predict it (``ccm_world.depth_net``). Pose (the
-figure's joints) is left to the dataset; no world condition pretends to extract it.
+Depth (layer order) and pose (the figures' skeletons) are not recoverable from the pixels by a
+rule like this: ``world-depth`` and ``world-pose`` run small networks trained on the world to
+predict those maps (``ccm_world.map_net``).
 """
 
 from __future__ import annotations
@@ -93,35 +93,55 @@ class WorldSoftEdgesCondition(Condition):
         return torch.from_numpy(np.stack(maps))[:, None].expand(-1, 3, -1, -1).contiguous().to(images.device)
 
 
-class WorldDepthOptions(ConditionOptions):
-    model: str = Field(default="world:depth-net", description="a depth-net folder, or world:<name> for a shipped one")
+class WorldMapOptions(ConditionOptions):
+    model: str | None = Field(default=None, description="a map-net folder, or world:<name> for a shipped one; None: the shipped one")
 
 
-class WorldDepthCondition(Condition):
-    """The world's relative depth (layer order, near = bright), predicted by the world's trained depth net."""
+class _WorldMapCondition(Condition):
+    """A control map predicted by one of the world's trained map nets (``ccm_world.map_net``)."""
 
-    name = "world-depth"
     channels = 3
-    Options = WorldDepthOptions
-    description = "layer-order depth of world scenes, from the world's trained depth net (h for depth Fidelity)"
+    Options = WorldMapOptions
+    target = ""  # the map the net must predict
+    default_model = ""
 
     def __init__(self, **options):
         super().__init__(**options)
+        from ccm_sdk.errors import InputError
         from ccm_sdk.models.loading import resolve_model_path
 
-        from .depth_net import WorldDepthNet
+        from .map_net import WorldMapNet
 
-        self.net = WorldDepthNet.from_pretrained(resolve_model_path(self.options.model, what="world depth net"))
+        what = f"world {self.target} net"
+        self.net = WorldMapNet.from_pretrained(resolve_model_path(self.options.model or self.default_model, what=what), what=what)
+        if self.net.config.target != self.target:
+            raise InputError(f"{self.name} needs a net that predicts {self.target!r} maps; this one predicts {self.net.config.target!r}")
 
-    def to(self, device: torch.device | str) -> WorldDepthCondition:
+    def to(self, device: torch.device | str) -> _WorldMapCondition:
         self.net.to(device)
         return self
 
     @torch.no_grad()
     def preprocess(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
         parameter = next(self.net.parameters())
-        depth = self.net(images.to(parameter.device, parameter.dtype)).float().clamp(0, 1)
-        return depth.expand(-1, 3, -1, -1).contiguous().to(images.device)
+        maps = self.net(images.to(parameter.device, parameter.dtype)).float().clamp(0, 1)
+        return maps.expand(-1, 3, -1, -1).contiguous().to(images.device) if maps.shape[1] == 1 else maps.to(images.device)
 
 
-WORLD_CONDITION_CLASSES = (WorldEdgesCondition, WorldSoftEdgesCondition, WorldDepthCondition)
+class WorldDepthCondition(_WorldMapCondition):
+    """The world's relative depth (layer order, near = bright), predicted by the world's trained depth net."""
+
+    name = "world-depth"
+    target, default_model = "depth", "world:depth-net"
+    description = "layer-order depth of world scenes, from the world's trained depth net (h for depth Fidelity)"
+
+
+class WorldPoseCondition(_WorldMapCondition):
+    """The stick figures' OpenPose skeletons, predicted by the world's trained pose net."""
+
+    name = "world-pose"
+    target, default_model = "pose", "world:pose-net"
+    description = "OpenPose skeletons of world stick figures, from the world's trained pose net (h for pose Fidelity)"
+
+
+WORLD_CONDITION_CLASSES = (WorldEdgesCondition, WorldSoftEdgesCondition, WorldDepthCondition, WorldPoseCondition)

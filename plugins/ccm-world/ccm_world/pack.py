@@ -3,7 +3,7 @@
 Each weight component is tried in float16 (weights rounded to float16, computed in float32, as
 the SDK loads them): the images it makes are compared with the float32 ones on a few seeded
 world scenes, and it is stored in float16 only if the mean absolute difference stays within
-``pack.fp16_tolerance``. The feature and depth nets stay float32 (FID and Fidelity read them directly,
+``pack.fp16_tolerance``. The feature and map nets stay float32 (FID and Fidelity read them directly,
 and they are small). The packed folder is staged, checked against ``pack.max_megabytes``, loaded
 back, and swapped into place in one rename, so a failed pack never touches the installed one.
 """
@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .build_config import BuildError, PackSizeError, Preset
-from .build_stages import Log, world_data
+from .build_stages import MAP_NETS, Log, world_data
 
 MANIFEST = "manifest.json"
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -35,7 +35,7 @@ class PackedModel:
     """One folder of the pack and how its weights are stored."""
 
     name: str
-    kind: str  # "pipeline", "controlnet", "adapter", "feature-net" or "depth-net"
+    kind: str  # "pipeline", "controlnet", "adapter", "feature-net" or "map-net"
     source: Path
     condition: str | None = None
     dtypes: dict[str, str] = field(default_factory=dict)  # component ("model" for single-model folders) -> dtype
@@ -53,8 +53,9 @@ def pack_plan(preset: Preset, work_dir: Path) -> list[PackedModel]:
             models.append(PackedModel(f"{group}-controlnet-{c}", "controlnet", work_dir / f"{group}-controlnet-{c}" / "controlnet", c))
     models.append(PackedModel("adapter", "adapter", work_dir / "adapter" / "adapter"))
     models.append(PackedModel("feature-net", "feature-net", work_dir / "feature-net" / "feature-net"))
-    if preset.depth_net is not None:
-        models.append(PackedModel("depth-net", "depth-net", work_dir / "depth-net" / "depth-net"))
+    for name in MAP_NETS:
+        if getattr(preset, name.replace("-", "_")) is not None:
+            models.append(PackedModel(name, "map-net", work_dir / name / name))
     return models
 
 
@@ -109,7 +110,7 @@ class OutputCheck:
             pipe = self.lcm if model.name == "lcm" else self.teacher
             reference = self.images(pipe)
             return {c: self.difference(getattr(pipe, c), lambda: self.images(pipe), reference) for c in PIPELINE_COMPONENTS}
-        if model.kind in ("feature-net", "depth-net"):  # measuring instruments: kept exact
+        if model.kind in ("feature-net", "map-net"):  # measuring instruments: kept exact
             return {}
         pipe = self.lcm
         condition = model.condition or preset.adapter.conditions[0]
@@ -243,10 +244,10 @@ def load_model(kind: str, source: str | os.PathLike):
         return load_adapter(source)
     from ccm_sdk.models.loading import resolve_model_path
 
-    if kind == "depth-net":
-        from .depth_net import WorldDepthNet
+    if kind == "map-net":
+        from .map_net import WorldMapNet
 
-        return WorldDepthNet.from_pretrained(resolve_model_path(source, what="depth net"))
+        return WorldMapNet.from_pretrained(resolve_model_path(source, what="map net"))
     if kind != "feature-net":
         raise BuildError(f"unknown packed model kind {kind!r}")
     return SmallFeatureNet.from_pretrained(resolve_model_path(source, what="feature net"))  # a folder or "world:<name>"

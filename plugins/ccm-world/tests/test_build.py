@@ -3,6 +3,7 @@ generation through ``world:<name>``), skipping and resuming, stale outputs, the 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -44,8 +45,8 @@ def test_shipped_presets_validate_and_fit_an_hour_per_stage():
         build = WorldBuild(load_preset(name), "/tmp/unused-world-build")  # validates every trainer and eval config
         assert [u.name for u in build.units][:5] == ["text-encoder", "vae", "data-cache", "teacher", "lcm"]
     full = WorldBuild(load_preset("full"), "/tmp/unused-world-build")
-    trained = [u for u in full.units if u.kind in ("trainer", "feature-net", "depth-net")]
-    assert len(trained) == 18
+    trained = [u for u in full.units if u.kind in ("trainer", "feature-net", "map-net")]
+    assert len(trained) == 19
     for unit in [*trained, full.by_name["data-cache"]]:
         seconds_per_step, steps = stage_seconds(full.preset, unit)
         assert seconds_per_step * steps < 3600, unit.name
@@ -92,11 +93,11 @@ def test_every_stage_builds_and_the_pack_loads_as_world_models(built, tmp_path):
     # the pack went to the (patched) MODELS_DIR, float16 where the output check held
     models = ccm_world.MODELS_DIR
     manifest = json.loads((models / MANIFEST).read_text())
-    expected = {"lcm", "teacher", "adapter", "feature-net", "depth-net", *(f"dm-controlnet-{c}" for c in build.preset.dm_controlnets.conditions),
+    expected = {"lcm", "teacher", "adapter", "feature-net", "depth-net", "pose-net", *(f"dm-controlnet-{c}" for c in build.preset.dm_controlnets.conditions),
                 *(f"cm-controlnet-{c}" for c in build.preset.cm_controlnets.conditions)}  # fmt: skip
     assert set(manifest["models"]) == expected and sorted(p.name for p in models.iterdir() if p.is_dir()) == sorted(expected)
     assert manifest["models"]["lcm"]["dtypes"]["unet"] == "float16" and manifest["models"]["feature-net"]["dtypes"] == {"model": "float32"}
-    assert manifest["models"]["depth-net"]["dtypes"] == {"model": "float32"}
+    assert manifest["models"]["depth-net"]["dtypes"] == manifest["models"]["pose-net"]["dtypes"] == {"model": "float32"}
     assert manifest["total_bytes"] < 60e6
     assert ccm_world.world_model("lcm") == models / "lcm"
     # CCMPipeline.from_pretrained("world:lcm", controlnet="world:cm-controlnet-sketch") generates offline
@@ -108,6 +109,11 @@ def test_every_stage_builds_and_the_pack_loads_as_world_models(built, tmp_path):
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
     assert not CCMPipeline.from_pretrained("world:teacher", adapter="world:adapter", controlnet="world:dm-controlnet-mask").is_lcm
     assert (build.folder(build.by_name["eval"]) / "results.md").is_file()
+    # the adapter on all seven conditions: DM's ControlNets + CM with and without it, pose and depth scored by the map nets
+    rows = list(csv.DictReader(open(build.folder(build.by_name["adapter-eval"]) / "results.csv")))
+    assert {r["condition"] for r in rows} == {"sketch", "edges", "hed", "depth", "pose", "mask", "sr4x"}
+    assert {r["method"] for r in rows} == {"DM's ControlNet + CM", "DM's ControlNet + CM + adapter"}
+    assert all(r["fidelity"] not in ("", "nan") for r in rows)
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def test_every_stage_after_the_vae_reads_the_cache():
     units = plan_units(preset)
     readers = {u.name for u in units if "data-cache" in u.needs}
     assert readers == {u.name for u in units if u.trainer in ("t2i", "lcd", "dm_controlnet", "ct_controlnet", "adapter")
-                       or u.kind in ("feature-net", "depth-net")}  # fmt: skip
+                       or u.kind in ("feature-net", "map-net")}  # fmt: skip
     order = [u.name for u in units]
     assert order.index("vae") < order.index("data-cache") < order.index("teacher")
     assert "data-cache" not in next(u for u in plan_units(preset) if u.name == "pack").needs
