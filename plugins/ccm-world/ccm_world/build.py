@@ -157,7 +157,7 @@ class WorldBuild:
         if unit.kind == "map-net":
             return {**getattr(p, unit.section).model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
         if unit.kind == "data-cache":
-            return {**p.data_cache.model_dump(exclude={"seconds_per_scene"}), "data": p.data.model_dump(), "conditions": list(cache_conditions(p))}
+            return {**p.data_cache.model_dump(exclude={"seconds_per_scene", "num_workers"}), "data": p.data.model_dump(), "conditions": list(cache_conditions(p))}
         if unit.kind == "pack":
             return p.pack.model_dump()
         return {**getattr(p, unit.section).model_dump(), "data": p.data.model_dump()}

@@ -139,6 +139,7 @@ class DataCacheStage(Section):
 
     chunk: int = Field(default=5000, ge=1, description="scenes per chunk (the unit an interrupted build resumes at)")
     batch_size: int = Field(default=64, ge=1, description="scenes per VAE batch")
+    num_workers: int = Field(default=1, ge=0, description="processes rendering while the VAE encodes (0: render in turn)")
     seconds_per_scene: float | None = Field(default=None, gt=0, description="measured render + encode time, for the plan")
 
 

@@ -272,7 +272,7 @@ def run_data_cache(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict
     vae = AutoencoderKL.from_pretrained(work_dir / "vae" / "vae").eval()
     started = time.perf_counter()
     build_data_cache(world_data(preset, cache_conditions(preset)), vae, work_dir / unit.name / unit.product,
-                     chunk=s.chunk, batch_size=s.batch_size, log=log)  # fmt: skip
+                     chunk=s.chunk, batch_size=s.batch_size, workers=s.num_workers, log=log)  # fmt: skip
     return {"scenes": preset.data.length, "seconds_per_scene": (time.perf_counter() - started) / preset.data.length}
 
 

@@ -66,6 +66,28 @@ def scene_bytes(dataset: WorldDataset, vae: torch.nn.Module) -> int:
     return 3 * pixels + sum(CONTROL_CHANNELS[c] for c in dataset.conditions) * pixels + len(ATTRIBUTE_NAMES) + latent
 
 
+class _Rendered:
+    """A batch of scenes as the cache stores them; made in a DataLoader worker, so rendering overlaps encoding."""
+
+    def __init__(self, items: list[dict[str, Any]], conditions: Sequence[str]):
+        self.images = torch.stack([item["image"] for item in items])
+        self.arrays: dict[str, list[np.ndarray]] = {"image": [], "labels": [], **{name: [] for name in conditions}}
+        for item in items:
+            self.arrays["image"].append(_to_uint8(item["image"], f"the image of scene {item['index']}"))
+            self.arrays["labels"].append(item["labels"].numpy().astype(np.uint8))
+            for name in conditions:
+                self.arrays[name].append(_to_uint8(item["controls"][name], f"the {name} map of scene {item['index']}"))
+        self.captions = [item["caption"] for item in items]
+
+
+class _Collate:
+    def __init__(self, conditions: Sequence[str]):
+        self.conditions = tuple(conditions)
+
+    def __call__(self, items: list[dict[str, Any]]) -> _Rendered:
+        return _Rendered(items, self.conditions)
+
+
 def build_data_cache(
     dataset: WorldDataset,
     vae: torch.nn.Module,
@@ -73,13 +95,17 @@ def build_data_cache(
     *,
     chunk: int = 5000,
     batch_size: int = 64,
+    workers: int = 0,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Render every scene of ``dataset`` with its conditions and encode it with ``vae``; resumes by chunk."""
+    """Render every scene of ``dataset`` with its conditions and encode it with ``vae``; resumes by chunk.
+
+    ``workers`` > 0 renders in that many DataLoader processes while this one encodes (the same bytes).
+    """
     from tqdm.auto import tqdm
 
-    if chunk < 1 or batch_size < 1:
-        raise InputError(f"expected chunk >= 1 and batch_size >= 1, got {chunk} and {batch_size}")
+    if chunk < 1 or batch_size < 1 or workers < 0:
+        raise InputError(f"expected chunk >= 1, batch_size >= 1 and workers >= 0, got {chunk}, {batch_size} and {workers}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -115,18 +141,15 @@ def build_data_cache(
         indices = range(c * chunk, min(len(dataset), (c + 1) * chunk))
         arrays: dict[str, list[np.ndarray]] = {"image": [], "labels": [], **{name: [] for name in dataset.conditions}}
         captions, latents = [], []
-        for start in range(0, len(indices), batch_size):
-            items = [dataset[i] for i in indices[start : start + batch_size]]
-            images = torch.stack([item["image"] for item in items])
-            for item in items:
-                arrays["image"].append(_to_uint8(item["image"], f"the image of scene {item['index']}"))
-                arrays["labels"].append(item["labels"].numpy().astype(np.uint8))
-                for name in dataset.conditions:
-                    arrays[name].append(_to_uint8(item["controls"][name], f"the {name} map of scene {item['index']}"))
-            captions += [item["caption"] for item in items]
+        batches = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                              collate_fn=_Collate(dataset.conditions), num_workers=workers)  # fmt: skip
+        for batch in batches:
+            for name, parts in batch.arrays.items():
+                arrays[name] += parts
+            captions += batch.captions
             with torch.no_grad():
-                latents.append(vae.encode(images * 2 - 1).latent_dist.parameters.float().numpy())
-            bar.update(len(items))
+                latents.append(vae.encode(batch.images * 2 - 1).latent_dist.parameters.float().numpy())
+            bar.update(len(batch.captions))
         partial = folder / f"{target.name}.partial"
         partial.mkdir()
         for name, parts in arrays.items():

@@ -64,6 +64,15 @@ def test_an_interrupted_build_resumes_at_the_missing_chunk(cache, world, vae, tm
         assert (copy / "chunk-00001" / name).read_bytes() == (cache / "chunk-00001" / name).read_bytes()
 
 
+def test_rendering_in_worker_processes_writes_the_same_bytes(cache, world, vae, tmp_path):
+    built = build_data_cache(world, vae, tmp_path / "cache", chunk=4, batch_size=3, workers=2, log=lambda m: None)
+    files = sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(built) for p in built.rglob("*") if p.is_file())
+    assert all((built / f).read_bytes() == (cache / f).read_bytes() for f in files)
+    with pytest.raises(InputError, match="workers >= 0"):
+        build_data_cache(world, vae, tmp_path / "bad", workers=-1, log=lambda m: None)
+
+
 def test_errors(cache, world, vae, tmp_path):
     with pytest.raises(InputError, match="describes another cache.*remove"):
         build_data_cache(world, vae, cache, chunk=5, log=lambda m: None)
