@@ -96,3 +96,7 @@ class IncompatibleModelsError(CCMError, ValueError):
 
 class TrainingError(CCMError, RuntimeError):
     """Training cannot go on (NaN loss, unusable dataset)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Training was asked to stop (SIGTERM, SIGUSR1) and saved a checkpoint at the step it reached."""

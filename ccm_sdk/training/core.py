@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import InputTypeError, TrainingError
+from ..errors import InputTypeError, TrainingError, TrainingInterrupted
+from .stop import StopSignals
 from .batches import StepBatches
 from .checkpoint import (
     Checkpoint,
@@ -360,19 +361,26 @@ class Trainer(ABC):
         bar = progress_bar(t.max_steps, start, enabled=cfg.log.progress and acc.is_local_main_process, desc=self.name)
         loop_started = time.perf_counter()
         try:
-            for step in range(start + 1, t.max_steps + 1):
-                micro_batches = [next(batches) for _ in range(accum)]
-                loss_value = self.training_step(micro_batches, optimizer, scheduler, step=step, last_saved=last_saved)
-                lr = scheduler.get_last_lr()[0]
-                history.add(step, loss_value, lr)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}", refresh=False)
-                if step % cfg.checkpoint.every == 0 or step == t.max_steps:
-                    state = self._checkpoint(step, optimizer, scheduler, history)
-                    last_saved = save_checkpoint(acc, checkpoints, state, keep_last=cfg.checkpoint.keep_last)
-                interval = cfg.validation.interval
-                if interval is not None and (step % interval == 0 or step == t.max_steps):
-                    self.validate(step, output_dir)
+            with StopSignals() as stop:  # SIGTERM / SIGUSR1: checkpoint the step reached, then stop
+                for step in range(start + 1, t.max_steps + 1):
+                    micro_batches = [next(batches) for _ in range(accum)]
+                    loss_value = self.training_step(micro_batches, optimizer, scheduler, step=step, last_saved=last_saved)
+                    lr = scheduler.get_last_lr()[0]
+                    history.add(step, loss_value, lr)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}", refresh=False)
+                    stopping = stop.requested(acc) and step < t.max_steps
+                    if step % cfg.checkpoint.every == 0 or step == t.max_steps or stopping:
+                        state = self._checkpoint(step, optimizer, scheduler, history)
+                        last_saved = save_checkpoint(acc, checkpoints, state, keep_last=cfg.checkpoint.keep_last)
+                    if stopping:
+                        raise TrainingInterrupted(
+                            f"{self.name}: stopped by {stop.name or 'a signal to another process'} at step {step} of {t.max_steps}; the checkpoint "
+                            f"{str(last_saved)!r} holds it, and a run with checkpoint.resume (--resume) goes on from there exactly"
+                        )
+                    interval = cfg.validation.interval
+                    if interval is not None and (step % interval == 0 or step == t.max_steps):
+                        self.validate(step, output_dir)
         finally:
             bar.close()
         # 6. outputs, loss curve, summary (and the hub)

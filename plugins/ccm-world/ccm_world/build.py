@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccm_sdk.errors import TrainingInterrupted
+
 from .archive import archived_state, restore_unit, save_unit
 from .build_config import BuildError, Preset, load_preset
 from .build_stages import (
@@ -357,7 +359,12 @@ class WorldBuild:
         (folder / DONE).unlink(missing_ok=True)  # a shorter run's marker, when this one extends it
         write_json_atomic(folder / STARTED, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name})
         if unit.kind == "trainer":
-            info = run_trainer(self.preset, unit, self.work_dir, self.log)
+            try:
+                info = run_trainer(self.preset, unit, self.work_dir, self.log)
+            except TrainingInterrupted:  # it checkpointed the step it reached: carry that too
+                if self.archive is not None and save_unit(self, unit, self.archive):
+                    self.log(f"    {unit.name}: interrupted; its checkpoint is archived in {self._relative(self.archive)}")
+                raise
         elif unit.kind == "text-encoder":
             info = run_text_encoder(self.preset, unit, self.work_dir, self.log)
         elif unit.kind == "data-cache":
@@ -504,6 +511,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m ccm_world.buil
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"stopped: {exc}; run the same command again to go on", file=sys.stderr)
+        return 1
     return 0
 
 

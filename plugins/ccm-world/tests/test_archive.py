@@ -135,3 +135,29 @@ def test_command_line_flags(tmp_path, capsys):
     assert "--save-archive copies the whole work dir's progress" in capsys.readouterr().err
     assert main([*args, "--archive", str(tmp_path / "a"), "--save-archive"]) == 0
     assert "nothing new to archive" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_stopped_build_archives_the_step_its_trainer_reached(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    original = Trainer.training_step
+
+    def step(self, *args, step, **kwargs):
+        loss = original(self, *args, step=step, **kwargs)
+        if self.name == "t2i" and step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. `kill <pid>` when the machine is about to go
+        return loss
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    archive = tmp_path / "archive"
+    args = ["--preset", "tiny", "--work-dir", str(tmp_path / "work"), "--archive", str(archive), "--until", "teacher",
+            "--set", "teacher.config.train.max_steps=3", "--set", 'teacher.config.checkpoint={"every": 2, "keep_last": 1}']  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "stopped: t2i: stopped by SIGTERM at step 1 of 3" in err and "run the same command again" in err
+    assert [p.name for p in (archive / "teacher" / "checkpoints").iterdir()] == ["step-00000001"]
+    monkeypatch.setattr(Trainer, "training_step", original)
+    assert main(args) == 0  # goes on from step 1
+    assert (archive / "teacher" / DONE).is_file()

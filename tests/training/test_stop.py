@@ -1,0 +1,86 @@
+"""Stopping a run with SIGTERM / SIGUSR1: the step reached is checkpointed, a typed error says where,
+the handlers are put back, and resuming gives the same weights as a run that was never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ccm_sdk.errors import TrainingError, TrainingInterrupted
+from ccm_sdk.training import train
+from ccm_sdk.training.checkpoint import list_checkpoints
+from ccm_sdk.training.config import VAETrainConfig, resolve_key, set_path, validate_config
+from ccm_sdk.training.core import Trainer
+from ccm_sdk.training.stop import StopSignals
+
+TINY = {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}
+
+
+@pytest.fixture()
+def vae_config(tmp_path, squares):
+    def make(**overrides):
+        raw = {
+            "trainer": "vae", "output_dir": str(tmp_path / "out"), "architecture": dict(TINY), "data": {"path": str(squares)},
+            "train": {"max_steps": 6, "batch_size": 2, "lr": 2e-3, "num_threads": 1, "device": "cpu"},
+            "checkpoint": {"every": 4, "keep_last": 3}, "log": {"progress": False, "plot": False}, "scaling_factor": 0.5,
+        }  # fmt: skip
+        for key, value in overrides.items():
+            set_path(raw, resolve_key(VAETrainConfig, key.replace("__", ".")), value)
+        return validate_config(VAETrainConfig, raw)
+
+    return make
+
+
+def _signal_at(monkeypatch, step_to_signal: int, number: int) -> None:
+    original = Trainer.training_step
+
+    def step(self, *args, step, **kwargs):
+        loss = original(self, *args, step=step, **kwargs)
+        if step == step_to_signal:
+            os.kill(os.getpid(), number)  # delivered before the next bytecode: as if from outside
+        return loss
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_checkpoints_the_step_reached_and_resume_is_exact(vae_config, tmp_path, monkeypatch, number):
+    reference = train(vae_config(output_dir=str(tmp_path / "reference")))
+    before = signal.getsignal(signal.SIGTERM)
+    _signal_at(monkeypatch, 3, number)
+    with pytest.raises(TrainingInterrupted, match=rf"stopped by {signal.Signals(number).name} at step 3 of 6.*step-00000003.*--resume"):
+        train(vae_config())
+    assert signal.getsignal(signal.SIGTERM) is before  # the loop's handlers are gone
+    assert [s for s, _ in list_checkpoints(tmp_path / "out" / "checkpoints")] == [3]  # not a periodic one (every 4)
+    monkeypatch.undo()
+    resumed = train(vae_config(checkpoint__resume=True))
+    ours, theirs = (load_file(str(r.outputs["vae"] / "diffusion_pytorch_model.safetensors")) for r in (resumed, reference))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert issubclass(TrainingInterrupted, TrainingError)
+
+
+def test_a_signal_at_the_last_step_just_finishes(vae_config, monkeypatch):
+    _signal_at(monkeypatch, 6, signal.SIGTERM)
+    assert train(vae_config()).step == 6
+
+
+def test_a_second_signal_goes_to_the_previous_handler():
+    calls: list[int] = []
+
+    def handler(number, frame):
+        calls.append(number)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.name == "SIGUSR1" and stop.requested() and calls == []
+            os.kill(os.getpid(), signal.SIGUSR1)  # asked again while stopping
+            assert calls == [signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGUSR1) is handler
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
