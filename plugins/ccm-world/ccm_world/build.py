@@ -44,6 +44,7 @@ from .build_stages import (
     run_feature_net,
     run_text_encoder,
     run_trainer,
+    stage_device,
     stage_seconds,
     trainer_config,
     unit_conditions,
@@ -103,6 +104,7 @@ class WorldBuild:
         self.archive = Path(archive).resolve() if archive is not None else None  # see archive.py
         self.units = plan_units(preset)
         self.by_name = {unit.name: unit for unit in self.units}
+        stage_device(preset)  # a CUDA preset on a machine without CUDA fails now
         # every trainer and eval config is validated now, not hours into the build
         self.configs = {u.name: trainer_config(preset, u, self.work_dir) for u in self.units if u.kind == "trainer"}
         for unit in self.units:

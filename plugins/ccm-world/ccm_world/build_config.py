@@ -170,6 +170,10 @@ class Preset(Section):
     name: str
     description: str = ""
     threads: int | None = Field(default=2, ge=1, description="torch CPU threads")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where the data cache, feature net and map nets run (auto: CUDA when there is one); "
+        "the trainers follow their own train.device, auto by default"
+    )  # fmt: skip
     progress: bool = Field(default=True, description="trainers' progress bars")
     data: DataSection = Field(default_factory=DataSection)
     text_encoder: TextEncoderStage = Field(default_factory=TextEncoderStage)

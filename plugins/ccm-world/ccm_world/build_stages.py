@@ -243,6 +243,15 @@ def run_text_encoder(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> di
     return {"words": len(WORLD_VOCABULARY)}
 
 
+def stage_device(preset: Preset) -> str:
+    """The device of the preset's non-trainer stages; an error when CUDA is asked for and missing."""
+    import torch
+
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        raise BuildError("the preset's device is cuda, but torch sees no CUDA device here; use device: auto or cpu")
+    return "cuda" if preset.device == "cuda" or (preset.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def _step_log(preset: Preset, name: str, steps: int, log: Log) -> tuple[Callable[[dict[str, Any]], None], list[float]]:
     """A per-step callback for the small nets' training loops: a log line every tenth of the run, and step start times."""
     import torch
@@ -269,7 +278,7 @@ def run_data_cache(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict
     if preset.threads:
         torch.set_num_threads(preset.threads)
     s = preset.data_cache
-    vae = AutoencoderKL.from_pretrained(work_dir / "vae" / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(work_dir / "vae" / "vae").eval().to(stage_device(preset))
     started = time.perf_counter()
     build_data_cache(world_data(preset, cache_conditions(preset)), vae, work_dir / unit.name / unit.product,
                      chunk=s.chunk, batch_size=s.batch_size, workers=s.num_workers, log=log)  # fmt: skip
@@ -284,7 +293,7 @@ def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dic
     result = train_feature_net(
         training_data(preset, unit, work_dir), steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout,
         num_workers=s.num_workers, label_names=ATTRIBUTE_NAMES, output_dir=work_dir / unit.name / unit.product,
-        log=progress, widths=s.widths, feature_dim=s.feature_dim,
+        log=progress, widths=s.widths, feature_dim=s.feature_dim, device=stage_device(preset),
     )  # fmt: skip
     return {"steps": s.steps, "heldout_accuracy": result.accuracy, "final_loss": result.losses[-1],
             "seconds_per_step": _intervals(starts)}  # fmt: skip
@@ -298,7 +307,7 @@ def run_map_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[st
     result = train_map_net(
         training_data(preset, unit, work_dir, (target,)), target=target, channels=channels, foreground_weight=s.foreground_weight,
         steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, holdout=s.holdout, num_workers=s.num_workers,
-        output_dir=work_dir / unit.name / unit.product, log=progress, widths=s.widths,
+        device=stage_device(preset), output_dir=work_dir / unit.name / unit.product, log=progress, widths=s.widths,
     )  # fmt: skip
     return {"steps": s.steps, "heldout_l1": result.holdout_l1, "final_loss": result.losses[-1], "seconds_per_step": _intervals(starts)}
 

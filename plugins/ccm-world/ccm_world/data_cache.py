@@ -98,10 +98,9 @@ def build_data_cache(
     workers: int = 0,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Render every scene of ``dataset`` with its conditions and encode it with ``vae``; resumes by chunk.
-
-    ``workers`` > 0 renders in that many DataLoader processes while this one encodes (the same bytes).
-    """
+    """Render every scene of ``dataset`` with its conditions and encode it with ``vae`` (on the VAE's
+    device); resumes by chunk. ``workers`` > 0 renders in that many DataLoader processes while this
+    one encodes (the same bytes)."""
     from tqdm.auto import tqdm
 
     if chunk < 1 or batch_size < 1 or workers < 0:
@@ -148,7 +147,8 @@ def build_data_cache(
                 arrays[name] += parts
             captions += batch.captions
             with torch.no_grad():
-                latents.append(vae.encode(batch.images * 2 - 1).latent_dist.parameters.float().numpy())
+                images = batch.images.to(next(vae.parameters()).device)
+                latents.append(vae.encode(images * 2 - 1).latent_dist.parameters.float().cpu().numpy())
             bar.update(len(batch.captions))
         partial = folder / f"{target.name}.partial"
         partial.mkdir()

@@ -140,6 +140,7 @@ def train_map_net(
     seed: int = 0,
     holdout: int = 256,
     num_workers: int = 0,
+    device: torch.device | str = "cpu",
     output_dir: str | os.PathLike | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     **config: Any,
@@ -164,7 +165,7 @@ def train_map_net(
     result = MapNetTraining(net)
     result.losses = fit(
         net, _Pairs(dataset, train_size, target, channels), lambda p, t: weighted_l1(p, t, foreground_weight), steps=steps,
-        batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers, what=f"{target}-net", log=log,
+        batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers, device=device, what=f"{target}-net", log=log,
     )  # fmt: skip
     if holdout:
         pairs = _Pairs(dataset, size, target, channels)
@@ -172,7 +173,7 @@ def train_map_net(
         with torch.no_grad():
             for start in range(train_size, size, batch_size):
                 images, maps = zip(*(pairs[i] for i in range(start, min(start + batch_size, size))))
-                errors.append((net(torch.stack(images)) - torch.stack(maps)).abs().flatten(1).mean(1))
+                errors.append((net(torch.stack(images).to(device)).cpu() - torch.stack(maps)).abs().flatten(1).mean(1))
         result.holdout_l1 = float(torch.cat(errors).mean())
     if output_dir is not None:
         net.save_pretrained(output_dir)

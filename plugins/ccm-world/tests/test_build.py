@@ -69,11 +69,20 @@ def test_bad_preset_keys_error_clearly():
         WorldBuild(load_preset("tiny"), "/tmp/unused-world-build").select(stage="vea")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_cuda_preset_without_cuda_fails_before_any_stage():
+    with pytest.raises(BuildError, match="device is cuda, but torch sees no CUDA device here; use device: auto or cpu"):
+        WorldBuild(load_preset("tiny", [("device", "cuda")]), "/tmp/unused-world-build")
+    assert WorldBuild(load_preset("tiny", [("device", "cpu")]), "/tmp/unused-world-build").units
+
+
 def test_fingerprints_ignore_what_does_not_change_the_weights():
     plain = WorldBuild(load_preset("tiny"), "/tmp/unused-world-build")
     logged = WorldBuild(load_preset("tiny", [("teacher.config.validation", {"interval": 5}), ("teacher.config.log.plot", True)]),
                         "/tmp/unused-world-build")  # fmt: skip
     seeded = WorldBuild(load_preset("tiny", [("teacher.seed", 9)]), "/tmp/unused-world-build")
+    on_cpu = WorldBuild(load_preset("tiny", [("device", "cpu"), ("data_cache.num_workers", 0)]), "/tmp/unused-world-build")
+    assert all(on_cpu.fingerprint(u) == plain.fingerprint(u) for u in plain.units)  # where it runs is not what it makes
     teacher = plain.by_name["teacher"]
     assert logged.fingerprint(teacher) == plain.fingerprint(teacher)
     assert seeded.fingerprint(teacher) != plain.fingerprint(teacher)
