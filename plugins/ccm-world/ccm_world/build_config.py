@@ -161,7 +161,9 @@ class EvalStage(Section):
     title: str = Field(default="CCM's Table 2 on the world", description="the heading of the results file")
     overrides: dict[str, Any] = Field(default_factory=dict, description="top-level eval config keys (num_samples, ...)")
     paper: dict[str, Any] = Field(default_factory=dict, description="paper keys besides the models (dm_steps, cm_steps, ...)")
-    results: str | None = Field(default=None, description="also write results.md here (e.g. docs/results.md)")
+    results: str | None = Field(
+        default=None, description="also write results.md here (e.g. docs/results.md), its figures beside it in images/<stem>-*.png"
+    )
 
 
 class Preset(Section):
@@ -192,6 +194,9 @@ class Preset(Section):
     pack: PackStage = Field(default_factory=PackStage)
     eval: EvalStage | None = None
     adapter_eval: EvalStage | None = Field(default=None, description="a second eval after the first (the adapter on all seven conditions)")
+    analysis_eval: EvalStage | None = Field(
+        default=None, description="a third: the reverse transfer and the residual correlation of the DM's and CM's ControlNets"
+    )
 
     @model_validator(mode="after")
     def _controlnets_exist(self):

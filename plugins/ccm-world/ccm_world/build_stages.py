@@ -9,6 +9,7 @@ its done-marker records.
 from __future__ import annotations
 
 import copy
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +26,8 @@ from .vocabulary import WORLD_VOCABULARY
 Log = Callable[[str], None]
 
 GROUPS = ("text-encoder", "vae", "data-cache", "teacher", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net",
-          "depth-net", "pose-net", "pack", "eval", "adapter-eval")  # fmt: skip
+          "depth-net", "pose-net", "pack", "eval", "adapter-eval", "analysis-eval")  # fmt: skip
+EVALS = ("eval", "adapter-eval", "analysis-eval")
 # the world's map nets: unit -> (the control map it predicts, channels predicted)
 MAP_NETS = {"depth-net": ("depth", 1), "pose-net": ("pose", 3)}
 # where each kind of unit leaves its product, relative to the unit's folder
@@ -85,7 +87,7 @@ def plan_units(preset: Preset) -> list[Unit]:
             units.append(Unit(name, name, "map-net", needs=cache))
     packed = tuple(u.name for u in units if u.name not in ("text-encoder", "vae", "data-cache"))
     units.append(Unit("pack", "pack", "pack", needs=packed))
-    for name in ("eval", "adapter-eval"):
+    for name in EVALS:
         if getattr(preset, name.replace("-", "_")) is not None:
             units.append(Unit(name, name, "eval", needs=("pack",)))
     return units
@@ -351,6 +353,11 @@ def eval_config(preset: Preset, models_dir: Path, output_dir: Path, section: str
             raise BuildError(f"the eval config's condition {label!r} needs a {key!r} ControlNet in {' and '.join(missing)}.conditions")
     raw["paper"] = {**(raw.get("paper") or {}), "dm": str(models_dir / "teacher"), "cm": str(models_dir / "lcm"),
                     **nets, "adapter": str(models_dir / "adapter"), **s.paper}  # fmt: skip
+    keys = {c.get("label") or c["name"]: c.get("key") or c["name"] for c in raw.get("conditions") or []}
+    for analysis in raw.get("correlation") or []:  # the DM's ControlNet (a) against the CM's (b), on the CM
+        key = keys.get(analysis.get("condition"), analysis.get("condition"))
+        analysis.update(model=str(models_dir / "lcm"), controlnet_a=str(models_dir / f"dm-controlnet-{key}"),
+                        controlnet_b=str(models_dir / f"cm-controlnet-{key}"))  # fmt: skip
     raw.update(s.overrides)
     raw["output_dir"] = str(output_dir)
     try:
@@ -375,5 +382,11 @@ def run_eval(preset: Preset, unit: Unit, work_dir: Path, models_dir: Path, log: 
             f"{config.dataset.options.get('seed')} per condition, FID in the world feature net's features. "
             f"Regenerate with `ccm-world build --preset full --stage {unit.name} --force`.\n\n"
         )
-        target.write_text(header + Path(written["markdown"]).read_text())
+        markdown = Path(written["markdown"]).read_text()
+        figures = [Path(written["samples"]), Path(written["metrics"]), *map(Path, written["correlation"])]
+        (target.parent / "images").mkdir(exist_ok=True)
+        for figure in figures:  # beside the results file, so that its links work where it is read
+            shutil.copyfile(figure, target.parent / "images" / f"{target.stem}-{figure.name}")
+            markdown = markdown.replace(f"]({figure.name})", f"](images/{target.stem}-{figure.name})")
+        target.write_text(header + markdown)
     return {"rows": len(result.rows), "results": str(written["markdown"])}

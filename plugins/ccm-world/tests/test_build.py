@@ -123,6 +123,11 @@ def test_every_stage_builds_and_the_pack_loads_as_world_models(built, tmp_path):
     assert {r["condition"] for r in rows} == {"sketch", "edges", "hed", "depth", "pose", "mask", "sr4x"}
     assert {r["method"] for r in rows} == {"DM's ControlNet + CM", "DM's ControlNet + CM + adapter"}
     assert all(r["fidelity"] not in ("", "nan") for r in rows)
+    # the reverse transfer beside both ControlNets on their own models, and the residual correlation
+    analysis = build.folder(build.by_name["analysis-eval"])
+    rows = list(csv.DictReader(open(analysis / "results.csv")))
+    assert {r["method"] for r in rows} == {"DM's ControlNet + DM", "CM's ControlNet + CM", "CM's ControlNet + DM"}
+    assert (analysis / "correlation_0.png").is_file() and "Correlation: DM's ControlNet vs CM's ControlNet" in (analysis / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -135,6 +140,23 @@ def test_a_rerun_skips_everything_and_a_lost_models_dir_is_reinstalled(built, tm
     manifests = [json.loads((folder / MANIFEST).read_text()) for folder in (tmp_path / "models", ccm_world.MODELS_DIR)]
     assert manifests[0]["files"] == manifests[1]["files"]
     assert again.run(stage="pack")[0].status == "skipped"
+
+
+@pytest.mark.slow
+def test_results_go_where_the_preset_says_with_their_figures_beside_them(built, tmp_path):
+    build, _, _ = built
+    work = tmp_path / "work"
+    shutil.copytree(build.work_dir, work)
+    target = tmp_path / "docs" / "results-analysis.md"
+    again = WorldBuild(load_preset("tiny", [("analysis_eval.results", str(target))]), work, models_dir=ccm_world.MODELS_DIR,
+                       log=lambda m: None)  # fmt: skip
+    assert again.run(stage="analysis-eval", force=True)[0].status == "built"
+    text = target.read_text()
+    assert text.startswith("# Results: the reverse transfer and the correlation of the two sketch ControlNets")
+    links = [line[line.index("](") + 2 : -1] for line in text.splitlines() if line.startswith("![")]
+    assert sorted(links) == ["images/results-analysis-correlation_0.png", "images/results-analysis-metrics.png",
+                             "images/results-analysis-samples.png"]  # fmt: skip
+    assert all((target.parent / link).read_bytes()[:4] == b"\x89PNG" for link in links)
 
 
 @pytest.mark.slow
