@@ -2,8 +2,8 @@
 
 Overrides: ``section.key=value``, ``--section.key value``, ``--key value`` for a key only one
 section has (``--max_steps 10``), ``--flag`` alone for true. ``--resume`` continues from the
-newest checkpoint in ``output_dir`` (or ``--resume CHECKPOINT``). Values parse as JSON when they
-can. This module imports nothing heavy until a command runs.
+newest checkpoint in ``output_dir`` (or ``--resume CHECKPOINT``); ``--stop-after 2h`` checkpoints
+and stops once the run has lasted that long. Values parse as JSON when they can. This module imports nothing heavy until a command runs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ examples:
   ccm train ct_controlnet --config configs/train/ct_controlnet.yaml
   ccm train lcd --config configs/train/lcd.yaml train.lr=1e-4 --max_steps 10
   ccm train ct_controlnet --config configs/train/ct_controlnet.yaml --resume
+  ccm train ct_controlnet --config configs/train/ct_controlnet.yaml --resume --stop-after 1h30m
   torchrun --nproc_per_node 2 -m ccm_sdk.training ct_controlnet --config FILE
   ccm train <trainer> --help     lists every config key with its default
 """
@@ -43,12 +44,13 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=cmd_train)
 
 
-def parse_train_args(tokens: list[str]) -> tuple[str | None, list[tuple[str, Any]], bool]:
-    """(config file, overrides, help requested) from the tokens after the trainer name."""
+def parse_train_args(tokens: list[str]) -> tuple[str | None, list[tuple[str, Any]], bool, float | None]:
+    """(config file, overrides, help requested, --stop-after seconds) from the tokens after the trainer name."""
     from ..errors import InputError
     from .config import parse_value
+    from .stop import parse_duration
 
-    config, overrides, show_help = None, [], False
+    config, overrides, show_help, stop_after = None, [], False, None
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -70,6 +72,8 @@ def parse_train_args(tokens: list[str]) -> tuple[str | None, list[tuple[str, Any
                     value = "true"
             if key == "config":
                 config = value
+            elif key == "stop-after":
+                stop_after = parse_duration(value)
             else:
                 overrides.append(("checkpoint.resume" if key == "resume" else key, parse_value(value)))
         elif "=" in token:
@@ -77,22 +81,25 @@ def parse_train_args(tokens: list[str]) -> tuple[str | None, list[tuple[str, Any
             overrides.append((key, parse_value(value)))
         else:
             raise InputError(f"unexpected argument {token!r}: expected --config FILE, --resume, key=value or --key value")
-    return config, overrides, show_help
+    return config, overrides, show_help, stop_after
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import config_class, describe_config, load_config
 
-    config_path, overrides, show_help = parse_train_args(args.args)
+    config_path, overrides, show_help, stop_after = parse_train_args(args.args)
     if show_help:
-        print(f"usage: ccm train {args.trainer} --config FILE [--resume [CHECKPOINT]] [key=value | --key value ...]\n")
+        print(f"usage: ccm train {args.trainer} --config FILE [--resume [CHECKPOINT]] [--stop-after 2h] [key=value | --key value ...]\n")
+        print("--stop-after DURATION: checkpoint and stop once it has run this long (90, 45s, 20m, 2h, 1h30m); --resume goes on\n")
         print(f"{args.trainer} config keys (default):")
         print(describe_config(config_class(args.trainer)))
         return 0
     config = load_config(args.trainer, config_path, overrides)
     from . import train
+    from .stop import time_limit
 
-    result = train(config)
+    with time_limit(stop_after):
+        result = train(config)
     for name, path in result.outputs.items():  # filled on the main process only
         print(f"{name}: {path}")
     if result.outputs and result.final_loss is not None:

@@ -13,14 +13,31 @@ from ccm_sdk.training.config import dump_config
 
 
 def test_parse_overrides():
-    config, overrides, show_help = parse_train_args(
+    config, overrides, show_help, stop_after = parse_train_args(
         ["--config", "c.yaml", "train.lr=1e-4", "--max_steps", "10", "--gradient_checkpointing", "--data.resolution=64", "--resume"]
     )
-    assert config == "c.yaml" and not show_help
+    assert config == "c.yaml" and not show_help and stop_after is None
     assert overrides == [("train.lr", 1e-4), ("max_steps", 10), ("gradient_checkpointing", True),
                          ("data.resolution", 64), ("checkpoint.resume", "latest")]  # fmt: skip
     assert parse_train_args(["--resume", "out/checkpoints/step-00000010", "-h"])[1:] == (
-        [("checkpoint.resume", "out/checkpoints/step-00000010")], True)  # fmt: skip
+        [("checkpoint.resume", "out/checkpoints/step-00000010")], True, None)  # fmt: skip
+    assert parse_train_args(["--stop-after", "1h30m", "--max_steps", "3"])[1:] == ([("max_steps", 3)], False, 5400.0)
+
+
+def test_train_stops_at_the_time_limit_and_resumes(make_config, tmp_path, capsys, monkeypatch):
+    from ccm_sdk.training import stop
+
+    config_file = dump_config(make_config("ct_controlnet", train__max_steps=4, log__progress=False), tmp_path / "c.yaml")
+    calls = iter([0.0, 0.0, 10.0])  # the deadline is set at 0 + 5 s; step 1 sees 0.0, step 2 sees 10.0 (run out)
+    monkeypatch.setattr(stop, "monotonic", lambda: next(calls, 10.0))
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--stop-after", "5s"]) == 2
+    assert "stopped by the time limit at step 2 of 4" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--resume"]) == 0
+    summary = json.loads((tmp_path / "out-ct_controlnet" / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 2
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--stop-after", "soon"]) == 2
+    assert "expected a duration like 90 (seconds), 45s, 20m, 2h or 1h30m, got 'soon'" in capsys.readouterr().err
 
 
 def test_train_resume_and_outputs(make_config, tmp_path, capsys):

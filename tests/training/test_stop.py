@@ -1,4 +1,4 @@
-"""Stopping a run with SIGTERM / SIGUSR1: the step reached is checkpointed, a typed error says where,
+"""Stopping a run with SIGTERM / SIGUSR1 or a time limit: the step reached is checkpointed, a typed error says where,
 the handlers are put back, and resuming gives the same weights as a run that was never stopped."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ccm_sdk.errors import TrainingError, TrainingInterrupted
+from ccm_sdk.errors import InputError, TrainingError, TrainingInterrupted
 from ccm_sdk.training import train
 from ccm_sdk.training.checkpoint import list_checkpoints
 from ccm_sdk.training.config import VAETrainConfig, resolve_key, set_path, validate_config
 from ccm_sdk.training.core import Trainer
-from ccm_sdk.training.stop import StopSignals
+from ccm_sdk.training import stop as stop_module
+from ccm_sdk.training.stop import StopSignals, parse_duration, time_limit, time_limit_reached
 
 TINY = {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}
 
@@ -35,16 +36,22 @@ def vae_config(tmp_path, squares):
     return make
 
 
-def _signal_at(monkeypatch, step_to_signal: int, number: int) -> None:
+def _at_step(monkeypatch, at: int, action) -> None:
+    """Run ``action()`` right after training step ``at``."""
     original = Trainer.training_step
 
     def step(self, *args, step, **kwargs):
         loss = original(self, *args, step=step, **kwargs)
-        if step == step_to_signal:
-            os.kill(os.getpid(), number)  # delivered before the next bytecode: as if from outside
+        if step == at:
+            action()
         return loss
 
     monkeypatch.setattr(Trainer, "training_step", step)
+
+
+def _signal_at(monkeypatch, step_to_signal: int, number: int) -> None:
+    # os.kill is delivered before the next bytecode: as if from outside
+    _at_step(monkeypatch, step_to_signal, lambda: os.kill(os.getpid(), number))
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGUSR1])
@@ -84,3 +91,33 @@ def test_a_second_signal_goes_to_the_previous_handler():
         assert signal.getsignal(signal.SIGUSR1) is handler
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90.0), ("45s", 45.0), ("20m", 1200.0), ("2h", 7200.0), ("1h30m", 5400.0), (" 1.5H ", 5400.0)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "1d", "h", "-5m", "0", "0m0s"])
+def test_bad_durations_say_what_was_expected(text):
+    with pytest.raises(InputError, match="duration"):
+        parse_duration(text)
+
+
+def test_a_time_limit_stops_the_loop_and_resume_is_exact(vae_config, tmp_path, monkeypatch):
+    reference = train(vae_config(output_dir=str(tmp_path / "reference")))
+    now = [0.0]
+    monkeypatch.setattr(stop_module, "monotonic", lambda: now[0])
+    _at_step(monkeypatch, 2, lambda: now.__setitem__(0, 61.0))
+    with time_limit(60):
+        with pytest.raises(TrainingInterrupted, match="stopped by the time limit at step 2 of 6"):
+            train(vae_config())
+        assert time_limit_reached()
+    assert not time_limit_reached()  # the limit ends with its block
+    monkeypatch.undo()
+    resumed = train(vae_config(checkpoint__resume=True))
+    ours, theirs = (load_file(str(r.outputs["vae"] / "diffusion_pytorch_model.safetensors")) for r in (resumed, reference))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    with pytest.raises(InputError, match="positive number of seconds"):
+        with time_limit(0):
+            pass

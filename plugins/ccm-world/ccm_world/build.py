@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccm_sdk.errors import TrainingInterrupted
+from ccm_sdk.errors import InputError, TrainingInterrupted
+from ccm_sdk.training.stop import parse_duration, time_limit, time_limit_reached
 
 from .archive import archived_state, restore_unit, save_unit
 from .build_config import BuildError, Preset, load_preset
@@ -273,6 +274,9 @@ class WorldBuild:
         self.log(self.plan(units))
         reports = []
         for position, unit in enumerate(units, start=1):
+            if time_limit_reached() and self.state(unit) != "done":
+                self.log(self.summary(reports))
+                raise TrainingInterrupted(f"the time limit ran out before stage {unit.name!r}")
             reports.append(self.run_unit(unit, force=force, position=f"[{position}/{len(units)}]"))
         self.log(self.summary(reports))
         return reports
@@ -469,6 +473,9 @@ def build_parser(prog: str = "ccm-world build") -> argparse.ArgumentParser:
     parser.add_argument("--save-archive", action="store_true",
                         help="with --archive: copy what the work dir holds now (finished units, the last checkpoint of "
                              "unfinished ones) into the archive, and train nothing")
+    parser.add_argument("--stop-after", metavar="DURATION",
+                        help="stop cleanly once the build has run this long (90, 45s, 20m, 2h, 1h30m): the stage in "
+                             "training checkpoints (and is archived), no new stage starts; the same command goes on")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset key (dotted), e.g. vae.seed=3")
     return parser
 
@@ -509,8 +516,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m ccm_world.buil
         if args.plan:
             print(build.plan(build.select(args.stage, args.until)))
             return 0
-        build.run(stage=args.stage, until=args.until, force=args.force)
-    except BuildError as exc:
+        with time_limit(parse_duration(args.stop_after) if args.stop_after else None):
+            build.run(stage=args.stage, until=args.until, force=args.force)
+    except (BuildError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:

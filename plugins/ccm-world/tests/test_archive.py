@@ -161,3 +161,36 @@ def test_a_stopped_build_archives_the_step_its_trainer_reached(tmp_path, monkeyp
     monkeypatch.setattr(Trainer, "training_step", original)
     assert main(args) == 0  # goes on from step 1
     assert (archive / "teacher" / DONE).is_file()
+
+
+@pytest.mark.slow
+def test_a_time_limit_stops_the_build_as_a_signal_would(tmp_path, monkeypatch, capsys):
+    from ccm_sdk.training import stop
+
+    now = [0.0]
+    monkeypatch.setattr(stop, "monotonic", lambda: now[0])
+    original = Trainer.training_step
+
+    def step(self, *args, step, **kwargs):
+        loss = original(self, *args, step=step, **kwargs)
+        if self.name == "t2i" and step == 1:
+            now[0] = 7200.0  # the hour runs out during the teacher's first step
+        return loss
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    archive = tmp_path / "archive"
+    args = ["--preset", "tiny", "--work-dir", str(tmp_path / "work"), "--archive", str(archive), "--until", "lcm",
+            "--set", "teacher.config.train.max_steps=3", "--set", 'teacher.config.checkpoint={"every": 2, "keep_last": 1}']  # fmt: skip
+    assert main([*args, "--stop-after", "1h"]) == 1
+    err = capsys.readouterr().err
+    assert "stopped: t2i: stopped by the time limit at step 1 of 3" in err and "run the same command again" in err
+    assert [p.name for p in (archive / "teacher" / "checkpoints").iterdir()] == ["step-00000001"]
+    # a limit that has run out before a stage starts: it is not started, and nothing is lost
+    now[0] = 0.0
+    monkeypatch.setattr(Trainer, "training_step", original)
+    monkeypatch.setattr(stop, "monotonic", lambda: now.pop() if now else 100.0)
+    assert main([*args, "--stop-after", "50s"]) == 1
+    assert "stopped: the time limit ran out before stage 'teacher'" in capsys.readouterr().err
+    assert [p.name for p in (archive / "teacher" / "checkpoints").iterdir()] == ["step-00000001"]
+    assert main([*args, "--stop-after", "0s"]) == 2
+    assert "a duration must be more than zero, got '0s'" in capsys.readouterr().err
