@@ -222,11 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import CCMError
+    from .errors import CCMError, Interrupted
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as exc:  # asked to stop, and what was done is saved: not an error
+        print(f"ccm: stopped: {exc}", file=sys.stderr)
+        return 1
     except CCMError as exc:
         print(f"ccm: error: {exc}", file=sys.stderr)
         return 2

@@ -98,5 +98,13 @@ class TrainingError(CCMError, RuntimeError):
     """Training cannot go on (NaN loss, unusable dataset)."""
 
 
-class TrainingInterrupted(TrainingError):
-    """Training was asked to stop (SIGTERM, SIGUSR1) and saved a checkpoint at the step it reached."""
+class Interrupted(CCMError, RuntimeError):
+    """Long work was asked to stop (SIGTERM, SIGUSR1, a time limit) after saving what it had done; run it again to go on."""
+
+
+class TrainingInterrupted(TrainingError, Interrupted):
+    """Training was asked to stop (SIGTERM, SIGUSR1, a time limit) and saved a checkpoint at the step it reached."""
+
+
+class EvalInterrupted(Interrupted):
+    """An evaluation was asked to stop between two of its cells; the finished cells are kept for ``--resume``."""

@@ -9,6 +9,7 @@ examples:
   ccm eval --config configs/eval/world_table2.yaml
   ccm eval --config configs/eval/world_table2.yaml --methods cm-controlnet+cm --num-samples 64
   ccm eval --config configs/eval/world_reverse_transfer.yaml --validate
+  ccm eval --config configs/eval/world_table2.yaml --stop-after 1h     # then the same with --resume
 """
 
 
@@ -27,6 +28,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--methods", help="comma-separated preset or method names to run (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override device")
     parser.add_argument("--validate", action="store_true", help="check the config and its names, run nothing")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the cells an earlier, stopped run of the same config kept in <output-dir>/progress")
+    parser.add_argument("--stop-after", metavar="DURATION",
+                        help="stop between two cells once it has run this long (90, 45s, 20m, 2h, 1h30m); --resume goes on")
     parser.set_defaults(func=cmd_eval)
     return parser
 
@@ -44,7 +49,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_names(config, methods)
         print(f"{args.config}: valid ({len(methods)} methods x {len(config.conditions)} conditions)")
         return 0
-    result = run_evaluation(config, methods=only)
+    from pathlib import Path
+
+    from ..training.stop import parse_duration, time_limit
+
+    with time_limit(parse_duration(args.stop_after) if args.stop_after else None):
+        result = run_evaluation(config, methods=only, progress=Path(config.output_dir) / "progress", resume=args.resume)
     paths = result.write(config.output_dir)
     from .report import markdown_table
 

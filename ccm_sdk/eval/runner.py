@@ -9,7 +9,9 @@ features of ``config.features``; with small N it is biased upwards (compare rows
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,13 +19,15 @@ from typing import Any
 import torch
 
 from ..conditions.mask import MaskCondition, random_masks
-from ..errors import ChannelMismatchError, InputError
+from ..errors import ChannelMismatchError, EvalInterrupted, InputError
 from ..interfaces import Condition
 from ..registry import get_condition, get_sampler
+from ..training.stop import StopSignals
 from .config import ConditionConfig, EvalConfig, MethodConfig, check_names, expand_methods
 from .features import extract_features, load_extractor
 from .fid import fid_from_features
 from .fidelity import fidelity, fidelity_per_image
+from .progress import EvalProgress
 
 
 @dataclass
@@ -161,9 +165,38 @@ def _generate(pipe, method: MethodConfig, sampler, steps: int, captions: list[st
     return torch.cat(images), nfe, seconds / len(captions)
 
 
-def run_evaluation(config: EvalConfig, *, methods: list[str] | None = None, log: Callable[[str], None] | None = print) -> EvalResult:
-    """Evaluate ``config`` (optionally only the named ``methods``) and return the rows; nothing is written."""
+def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, captions: list[str], controls: torch.Tensor,
+          condition: Condition, extractor, real_features: torch.Tensor, config: EvalConfig) -> tuple[EvalRow, torch.Tensor]:  # fmt: skip
+    """Generate and score one cell: its row and the generated images."""
+    sampler = get_sampler(method.sampler, **method.sampler_options)
+    if config.warmup:
+        _generate(pipe, method, sampler, steps, captions[:1], controls[:1], config)
+    generated, nfe, seconds = _generate(pipe, method, sampler, steps, captions, controls, config)
+    fid = fid_from_features(extract_features(extractor, generated, batch_size=config.features.batch_size), real_features)
+    values = fidelity_per_image(condition, generated, controls)
+    score = float(values[~torch.isnan(values)].mean()) if (~torch.isnan(values)).any() else float("nan")
+    return EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples), generated
+
+
+def run_evaluation(
+    config: EvalConfig,
+    *,
+    methods: list[str] | None = None,
+    log: Callable[[str], None] | None = print,
+    progress: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> EvalResult:
+    """Evaluate ``config`` (optionally only the named ``methods``) and return the rows.
+
+    With ``progress`` (a folder), each finished cell (method, step count, condition) is kept there,
+    and SIGTERM, SIGUSR1 or a :func:`~ccm_sdk.training.stop.time_limit` stop the run between two
+    cells with :class:`EvalInterrupted`; ``resume=True`` reuses the cells a run of the same config
+    kept there (else they are cleared first). Without it nothing is written.
+    """
     say = log or (lambda message: None)
+    kept = None if progress is None else EvalProgress(progress, config)
+    if kept is not None and not resume:
+        kept.clear()
     # 1. methods, names and device
     method_configs = expand_methods(config, methods)
     check_names(config, method_configs)
@@ -184,24 +217,31 @@ def run_evaluation(config: EvalConfig, *, methods: list[str] | None = None, log:
     show = min(config.show, config.num_samples)
     result = EvalResult(config, [], real_fidelity, images[:show], {t: c[:show] for t, c in controls.items()},
                         feature_extractor=getattr(extractor, "name", type(extractor).__name__))  # fmt: skip
-    # 4. every method x condition x step count
+    # 4. every method x condition x step count (a cell), kept as it is done when there is a progress folder
     pipelines = _Pipelines(device)
-    for method in method_configs:
-        sampler = get_sampler(method.sampler, **method.sampler_options)
-        for spec in config.conditions:
-            pipe = pipelines.get(method, method.controlnets[spec.title])
-            for steps in method.steps:
-                if config.warmup:
-                    _generate(pipe, method, sampler, steps, captions[:1], controls[spec.title][:1], config)
-                generated, nfe, seconds = _generate(pipe, method, sampler, steps, captions, controls[spec.title], config)
-                fid = fid_from_features(extract_features(extractor, generated, batch_size=config.features.batch_size), real_features)
-                values = fidelity_per_image(conditions[spec.title], generated, controls[spec.title])
-                score = float(values[~torch.isnan(values)].mean()) if (~torch.isnan(values)).any() else float("nan")
-                row = EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples)
-                result.rows.append(row)
-                result.samples[(method.name, steps, spec.title)] = generated[:show]
-                say(f"{method.name} | {steps} steps | {spec.title}: FID {fid:.3f}, Fidelity {score:.4f}, "
-                    f"{nfe} NFE, {seconds:.3f} s/image")  # fmt: skip
+    cells = [(method, spec, steps) for method in method_configs for spec in config.conditions for steps in method.steps]
+    with contextlib.ExitStack() as stack:
+        stop = None if kept is None else stack.enter_context(StopSignals())
+        for done, (method, spec, steps) in enumerate(cells, start=1):
+            found = None if kept is None else kept.load(method.name, steps, spec.title)
+            if found is not None:
+                row, shown = found
+                note = " (kept from an earlier run)"
+            else:
+                row, generated = _cell(pipelines.get(method, method.controlnets[spec.title]), method, spec, steps, captions,
+                                       controls[spec.title], conditions[spec.title], extractor, real_features, config)  # fmt: skip
+                shown, note = generated[:show], ""
+                if kept is not None:
+                    kept.save(row, shown)
+            result.rows.append(row)
+            result.samples[(method.name, steps, spec.title)] = shown
+            say(f"{method.name} | {steps} steps | {spec.title}: FID {row.fid:.3f}, Fidelity {row.fidelity:.4f}, "
+                f"{row.nfe} NFE, {row.seconds_per_image:.3f} s/image{note}")  # fmt: skip
+            if stop is not None and done < len(cells) and stop.requested():
+                raise EvalInterrupted(
+                    f"the evaluation was stopped by {stop.name} after {done} of {len(cells)} cells; they are kept in "
+                    f"{str(kept.folder)!r}, and a run with resume (ccm eval --resume) goes on from there"
+                )
     # 5. the correlation analyses
     for analysis in config.correlation:
         from ..pipeline import CCMPipeline

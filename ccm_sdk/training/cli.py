@@ -109,13 +109,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ccm_sdk.training``."""
-    from ..errors import CCMError
+    from ..errors import CCMError, Interrupted
 
     parser = argparse.ArgumentParser(prog="python -m ccm_sdk.training", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure(parser)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as exc:
+        print(f"ccm train: stopped: {exc}", file=sys.stderr)
+        return 1
     except CCMError as exc:
         print(f"ccm train: error: {exc}", file=sys.stderr)
         return 2

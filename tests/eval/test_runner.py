@@ -123,3 +123,73 @@ def test_ccm_eval_command(models, image_folder, tmp_path, capsys):
     assert "| CM's ControlNet + CM | 2 |" in printed and (out / "results.md").is_file()
     assert main(["eval", "--config", str(path), "--methods", "dm-controlnet+gan", "--validate"]) == 2
     assert "unknown eval method 'dm-controlnet+gan'" in capsys.readouterr().err
+
+
+def _count_generations(monkeypatch) -> list[int]:
+    from ccm_sdk.eval import runner
+
+    calls: list[int] = []
+    original = runner._generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_generate", counted)
+    return calls
+
+
+def test_a_stopped_evaluation_keeps_its_cells_and_resumes(models, image_folder, tmp_path, monkeypatch):
+    from ccm_sdk.errors import EvalInterrupted, Interrupted
+    from ccm_sdk.training import stop
+
+    config = _config(models, image_folder, tmp_path, methods=["dm-controlnet+cm", "cm-controlnet+cm"], conditions=[{"name": "canny"}])
+    reference = run_evaluation(config, log=None)
+    progress = tmp_path / "progress"
+    now = [0.0]
+    monkeypatch.setattr(stop, "monotonic", lambda: now[0])
+    calls = _count_generations(monkeypatch)
+    original = stop.StopSignals.requested
+
+    def requested(self, accelerator=None):  # the limit runs out while the first cell is made
+        now[0] = 100.0
+        return original(self, accelerator)
+
+    monkeypatch.setattr(stop.StopSignals, "requested", requested)
+    with stop.time_limit(50), pytest.raises(EvalInterrupted, match=r"stopped by the time limit after 1 of 4 cells.*--resume"):
+        run_evaluation(config, log=None, progress=progress)
+    assert len(calls) == 1 and len(list(progress.iterdir())) == 1
+    assert issubclass(EvalInterrupted, Interrupted)
+    monkeypatch.setattr(stop.StopSignals, "requested", original)
+    lines: list[str] = []
+    resumed = run_evaluation(config, log=lines.append, progress=progress, resume=True)
+    assert len(calls) == 1 + 3  # the kept cell is not generated again
+    assert sum("(kept from an earlier run)" in line for line in lines) == 1
+    assert [(r.method, r.steps, r.condition) for r in resumed.rows] == [(r.method, r.steps, r.condition) for r in reference.rows]
+    for ours, theirs in zip(resumed.rows, reference.rows):
+        assert ours.fid == pytest.approx(theirs.fid, abs=1e-6) and ours.fidelity == pytest.approx(theirs.fidelity, abs=1e-6)
+    for key, images in reference.samples.items():
+        torch.testing.assert_close(resumed.samples[key], images, atol=1e-3, rtol=0)  # kept as float16
+    # another config does not reuse them; without resume they are cleared
+    other = _config(models, image_folder, tmp_path, methods=["dm-controlnet+cm", "cm-controlnet+cm"], conditions=[{"name": "canny"}], seed=1)
+    run_evaluation(other, log=None, progress=progress, resume=True)
+    assert len(calls) == 4 + 4
+    run_evaluation(config, log=None, progress=progress, methods=["cm-controlnet+cm"])
+    assert len(calls) == 8 + 2 and len(list(progress.iterdir())) == 2
+
+
+def test_ccm_eval_stop_after_and_resume(models, image_folder, tmp_path, capsys, monkeypatch):
+    from ccm_sdk.training import stop
+
+    config = _config(models, image_folder, tmp_path, methods=["cm-controlnet+cm"], conditions=[{"name": "canny"}])
+    path = tmp_path / "eval.json"
+    path.write_text(config.model_dump_json())
+    clock = iter([0.0])  # the limit is set at 0; every later reading is past it
+    monkeypatch.setattr(stop, "monotonic", lambda: next(clock, 1e6))
+    args = ["eval", "--config", str(path), "--output-dir", str(tmp_path / "out")]
+    assert main([*args, "--stop-after", "1m"]) == 1
+    assert "ccm: stopped: the evaluation was stopped by the time limit after 1 of 2 cells" in capsys.readouterr().err
+    calls = _count_generations(monkeypatch)
+    assert main([*args, "--resume"]) == 0
+    assert len(calls) == 1 and "(kept from an earlier run)" in capsys.readouterr().out
+    assert main([*args, "--stop-after", "never"]) == 2

@@ -30,8 +30,8 @@ def test_train_stops_at_the_time_limit_and_resumes(make_config, tmp_path, capsys
     config_file = dump_config(make_config("ct_controlnet", train__max_steps=4, log__progress=False), tmp_path / "c.yaml")
     calls = iter([0.0, 0.0, 10.0])  # the deadline is set at 0 + 5 s; step 1 sees 0.0, step 2 sees 10.0 (run out)
     monkeypatch.setattr(stop, "monotonic", lambda: next(calls, 10.0))
-    assert main(["train", "ct_controlnet", "--config", str(config_file), "--stop-after", "5s"]) == 2
-    assert "stopped by the time limit at step 2 of 4" in capsys.readouterr().err
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--stop-after", "5s"]) == 1
+    assert "ccm: stopped: ct_controlnet: stopped by the time limit at step 2 of 4" in capsys.readouterr().err
     monkeypatch.undo()
     assert main(["train", "ct_controlnet", "--config", str(config_file), "--resume"]) == 0
     summary = json.loads((tmp_path / "out-ct_controlnet" / "training_summary.json").read_text())

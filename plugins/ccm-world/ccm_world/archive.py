@@ -6,10 +6,12 @@ another machine needs to carry on from where this one stopped:
 - a finished unit: its folder without ``checkpoints/`` (the product, the done-marker, validation
   samples, loss curve);
 - an unfinished trainer unit: the same, plus its last checkpoint, from which the next run resumes
-  exactly (checkpoints restore every random stream).
+  exactly (checkpoints restore every random stream);
+- an unfinished eval unit: its folder with the cells it finished (``progress/``), which the next
+  run reuses.
 
-The data cache, the pack and the eval are not archived: the cache is rebuilt deterministically
-from the archived VAE, the pack lives in ``ccm_world/models`` and the eval in ``docs/``. Each
+The data cache and the pack are not archived: the cache is rebuilt deterministically from the
+archived VAE, the pack lives in ``ccm_world/models``. Each
 unit is written under a temporary name and renamed into place, so an interrupted save leaves the
 previous copy whole. A unit is only restored when its fingerprint matches this build's and it is
 further along than the work dir's copy.
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
     from .build import WorldBuild
     from .build_stages import Unit
 
-ARCHIVED_KINDS = ("text-encoder", "trainer", "feature-net", "map-net")
+ARCHIVED_KINDS = ("text-encoder", "trainer", "feature-net", "map-net", "eval")
+RESUMABLE_KINDS = ("trainer", "eval")  # kinds whose unfinished units are archived with their progress
 CHECKPOINTS = "checkpoints"
 
 
@@ -62,6 +65,24 @@ def _last_checkpoint(folder: Path) -> tuple[int, Path | None]:
     return found[-1] if found else (0, None)
 
 
+def progress(unit: Unit, folder: Path) -> tuple[int, Path | None]:
+    """How far the unfinished ``unit`` in ``folder`` got, and the checkpoint that carries it: a
+    trainer's last checkpoint step, or the number of cells an eval finished (carried by its folder)."""
+    if unit.kind == "trainer":
+        return _last_checkpoint(folder)
+    if unit.kind == "eval":
+        from ccm_sdk.eval.progress import ROW
+
+        from .build_stages import EVAL_PROGRESS
+
+        return sum(1 for cell in (folder / EVAL_PROGRESS).glob("*") if (cell / ROW).is_file()), None
+    return 0, None
+
+
+def describe_progress(unit: Unit, amount: int) -> str:
+    return (f"{amount} cell" + ("s" if amount != 1 else "")) if unit.kind == "eval" else f"step {amount}"
+
+
 def save_unit(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
     """Copy ``unit``'s progress into ``archive/<unit>``: ``"done"``, ``"partial@<step>"``, or None (nothing to keep)."""
     from .build import DONE, STARTED
@@ -75,10 +96,10 @@ def save_unit(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
             return None  # archived already
         _copy_unit(folder, archive / unit.name, None)
         return "done"
-    if state != "partial" or unit.kind != "trainer" or _marker(folder, STARTED) is None:
+    if state != "partial" or unit.kind not in RESUMABLE_KINDS or _marker(folder, STARTED) is None:
         return None
-    step, checkpoint = _last_checkpoint(folder)
-    if checkpoint is None or step <= _archived_step(build, unit, archive):
+    step, checkpoint = progress(unit, folder)
+    if (unit.kind == "trainer" and checkpoint is None) or step <= _archived_step(build, unit, archive):
         return None
     _copy_unit(folder, archive / unit.name, checkpoint)
     return f"partial@{step}"
@@ -91,12 +112,12 @@ def _archived_step(build: WorldBuild, unit: Unit, archive: Path) -> int:
     started = _marker(archive / unit.name, STARTED)
     if started is None or started.get("fingerprint") != build.fingerprint(unit):
         return 0
-    return _last_checkpoint(archive / unit.name)[0]
+    return progress(unit, archive / unit.name)[0]
 
 
 def archived_state(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
-    """``"archived"`` (finished there) or ``"archived (step N)"`` (unfinished there) when the archive is
-    further along than the work dir with this build's run of ``unit``; else None."""
+    """``"archived"`` (finished there) or ``"archived (step N)"`` / ``"archived (N cells)"`` (unfinished
+    there) when the archive is further along than the work dir with this build's run of ``unit``; else None."""
     from .build import DONE
 
     if build.state(unit) == "done":
@@ -105,7 +126,7 @@ def archived_state(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
     if done is not None and done.get("fingerprint") == build.fingerprint(unit):
         return "archived"
     step = _archived_step(build, unit, archive)
-    return f"archived (step {step})" if step > _work_step(build, unit) else None
+    return f"archived ({describe_progress(unit, step)})" if step > _work_step(build, unit) else None
 
 
 def restore_unit(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
@@ -123,11 +144,11 @@ def restore_unit(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
         return "done"
     step = _archived_step(build, unit, archive)
     if step > _work_step(build, unit):
-        _copy_unit(kept, build.folder(unit), _last_checkpoint(kept)[1])
+        _copy_unit(kept, build.folder(unit), progress(unit, kept)[1])
         return f"partial@{step}"
     return None
 
 
 def _work_step(build: WorldBuild, unit: Unit) -> int:
-    """The step the work dir's run of ``unit`` has reached (0 when it holds another config's or nothing)."""
-    return build.checkpoint_step(unit) if build.state(unit) == "partial" else 0
+    """How far the work dir's run of ``unit`` got (0 when it holds another config's or nothing)."""
+    return progress(unit, build.folder(unit))[0] if build.state(unit) == "partial" else 0

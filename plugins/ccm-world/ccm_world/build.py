@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccm_sdk.errors import InputError, TrainingInterrupted
+from ccm_sdk.errors import InputError, Interrupted
 from ccm_sdk.training.stop import parse_duration, time_limit, time_limit_reached
 
-from .archive import archived_state, restore_unit, save_unit
+from .archive import RESUMABLE_KINDS, archived_state, describe_progress, progress, restore_unit, save_unit
 from .build_config import BuildError, Preset, load_preset
 from .build_stages import (
     GROUPS,
@@ -252,8 +252,8 @@ class WorldBuild:
             archived = archived_state(self, unit, self.archive) if self.archive is not None else None
             if archived:
                 state = archived
-            elif state == "partial" and unit.kind == "trainer":
-                state = f"partial (step {self.checkpoint_step(unit)})"
+            elif state == "partial" and unit.kind in RESUMABLE_KINDS:
+                state = f"partial ({describe_progress(unit, progress(unit, self.folder(unit))[0])})"
             estimate = self.estimate(unit) if state not in ("done", "archived") else None
             total, measured = total + (estimate or 0.0), measured or seconds_per_step is not None
             shown = f"{seconds_per_step:.2f}" if seconds_per_step else "-"
@@ -276,7 +276,7 @@ class WorldBuild:
         for position, unit in enumerate(units, start=1):
             if time_limit_reached() and self.state(unit) != "done":
                 self.log(self.summary(reports))
-                raise TrainingInterrupted(f"the time limit ran out before stage {unit.name!r}")
+                raise Interrupted(f"the time limit ran out before stage {unit.name!r}")
             reports.append(self.run_unit(unit, force=force, position=f"[{position}/{len(units)}]"))
         self.log(self.summary(reports))
         return reports
@@ -325,7 +325,7 @@ class WorldBuild:
         return StageReport("pack", "partial", time.perf_counter() - started, self._relative(self.installed_dir))
 
     def run_unit(self, unit: Unit, *, force: bool = False, position: str = "") -> StageReport:
-        from .pack import install, stage_pack, verify_installed
+        from .pack import install, verify_installed
 
         folder, fingerprint = self.folder(unit), self.fingerprint(unit)
         for name in (*unit.needs, *(() if force else (unit.name,))):
@@ -364,25 +364,12 @@ class WorldBuild:
         resumed = self.checkpoint_step(unit)
         (folder / DONE).unlink(missing_ok=True)  # a shorter run's marker, when this one extends it
         write_json_atomic(folder / STARTED, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name})
-        if unit.kind == "trainer":
-            try:
-                info = run_trainer(self.preset, unit, self.work_dir, self.log)
-            except TrainingInterrupted:  # it checkpointed the step it reached: carry that too
-                if self.archive is not None and save_unit(self, unit, self.archive):
-                    self.log(f"    {unit.name}: interrupted; its checkpoint is archived in {self._relative(self.archive)}")
-                raise
-        elif unit.kind == "text-encoder":
-            info = run_text_encoder(self.preset, unit, self.work_dir, self.log)
-        elif unit.kind == "data-cache":
-            info = run_data_cache(self.preset, unit, self.work_dir, self.log)
-        elif unit.kind == "feature-net":
-            info = run_feature_net(self.preset, unit, self.work_dir, self.log)
-        elif unit.kind == "map-net":
-            info = run_map_net(self.preset, unit, self.work_dir, self.log)
-        elif unit.kind == "pack":
-            info = stage_pack(self.preset, self.work_dir, folder / "models", fingerprint, self.log)
-        else:
-            info = run_eval(self.preset, unit, self.work_dir, self.installed_dir, self.log)
+        try:
+            info = self._work(unit, folder, fingerprint)
+        except Interrupted:  # a trainer checkpointed the step it reached, an eval kept its finished cells: carry that too
+            if self.archive is not None and save_unit(self, unit, self.archive):
+                self.log(f"    {unit.name}: interrupted; its progress is archived in {self._relative(self.archive)}")
+            raise
         seconds = time.perf_counter() - started
         write_json_atomic(folder / DONE, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name,
                                           "seconds": seconds, **info})  # fmt: skip
@@ -394,6 +381,23 @@ class WorldBuild:
         status = f"resumed@{resumed}" if resumed else "built"
         self.log(f"    {unit.name}: {status} in {duration(seconds)}")
         return StageReport(unit.name, status, seconds, output, info.get("seconds_per_step"), info.get("steps"))
+
+    def _work(self, unit: Unit, folder: Path, fingerprint: str) -> dict[str, Any]:
+        from .pack import stage_pack
+
+        if unit.kind == "trainer":
+            return run_trainer(self.preset, unit, self.work_dir, self.log)
+        if unit.kind == "text-encoder":
+            return run_text_encoder(self.preset, unit, self.work_dir, self.log)
+        if unit.kind == "data-cache":
+            return run_data_cache(self.preset, unit, self.work_dir, self.log)
+        if unit.kind == "feature-net":
+            return run_feature_net(self.preset, unit, self.work_dir, self.log)
+        if unit.kind == "map-net":
+            return run_map_net(self.preset, unit, self.work_dir, self.log)
+        if unit.kind == "pack":
+            return stage_pack(self.preset, self.work_dir, folder / "models", fingerprint, self.log)
+        return run_eval(self.preset, unit, self.work_dir, self.installed_dir, self.log)
 
     def summary(self, reports: list[StageReport]) -> str:
         rows = [("stage", "status", "time", "s/step", "output")]
@@ -521,7 +525,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m ccm_world.buil
     except (BuildError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as exc:
+    except Interrupted as exc:
         print(f"stopped: {exc}; run the same command again to go on", file=sys.stderr)
         return 1
     return 0

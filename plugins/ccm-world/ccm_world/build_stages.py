@@ -28,6 +28,7 @@ Log = Callable[[str], None]
 GROUPS = ("text-encoder", "vae", "data-cache", "teacher", "lcm", "dm-controlnets", "cm-controlnets", "adapter", "feature-net",
           "depth-net", "pose-net", "pack", "eval", "adapter-eval", "analysis-eval")  # fmt: skip
 EVALS = ("eval", "adapter-eval", "analysis-eval")
+EVAL_PROGRESS = "progress"  # an eval unit's finished cells, in its folder
 # the world's map nets: unit -> (the control map it predicts, channels predicted)
 MAP_NETS = {"depth-net": ("depth", 1), "pose-net": ("pose", 3)}
 # where each kind of unit leaves its product, relative to the unit's folder
@@ -371,7 +372,8 @@ def run_eval(preset: Preset, unit: Unit, work_dir: Path, models_dir: Path, log: 
 
     folder, stage = work_dir / unit.name, getattr(preset, unit.section)
     config = eval_config(preset, models_dir, folder, unit.section)
-    result = run_evaluation(config, log=lambda message: log(f"    {message}"))
+    # finished cells are kept in progress/, so a stopped eval (SIGTERM, --stop-after) goes on where it was
+    result = run_evaluation(config, log=lambda message: log(f"    {message}"), progress=folder / EVAL_PROGRESS, resume=True)
     written = result.write(folder)
     if stage.results:
         target = Path(stage.results)

@@ -298,3 +298,37 @@ def test_raising_max_steps_continues_a_built_stage_exactly(built, tmp_path):
     cosine = WorldBuild(load_preset("tiny", [("teacher.config.train.max_steps", 4), ("teacher.config.train.lr_scheduler", "cosine")]),
                         work, log=lambda m: None)  # fmt: skip
     assert cosine.state(cosine.by_name["teacher"]) == "stale"
+
+
+@pytest.mark.slow
+def test_a_stopped_eval_is_archived_with_its_cells_and_goes_on_on_another_machine(built, tmp_path, monkeypatch):
+    from ccm_sdk.errors import Interrupted
+    from ccm_sdk.training import stop
+
+    build, _, _ = built
+    archive = tmp_path / "archive"
+    now = [0.0]
+    monkeypatch.setattr(stop, "monotonic", lambda: now[0])
+    requested = stop.StopSignals.requested
+
+    def time_runs_out(self, accelerator=None):  # while the first cell is made
+        now[0] = 100.0
+        return requested(self, accelerator)
+
+    monkeypatch.setattr(stop.StopSignals, "requested", time_runs_out)
+    shutil.copytree(build.work_dir, tmp_path / "machine-1", ignore=shutil.ignore_patterns("eval"))
+    first = WorldBuild(load_preset("tiny"), tmp_path / "machine-1", models_dir=ccm_world.MODELS_DIR, archive=archive, log=lambda m: None)
+    with stop.time_limit(50), pytest.raises(Interrupted, match="stopped by the time limit after 1 of"):
+        first.run(stage="eval")
+    assert len(list((archive / "eval" / "progress").iterdir())) == 1 and not (archive / "eval" / DONE).exists()
+    monkeypatch.setattr(stop.StopSignals, "requested", requested)
+    shutil.copytree(build.work_dir, tmp_path / "machine-2", ignore=shutil.ignore_patterns("eval"))
+    lines: list[str] = []
+    second = WorldBuild(load_preset("tiny"), tmp_path / "machine-2", models_dir=ccm_world.MODELS_DIR, archive=archive, log=lines.append)
+    assert "archived (1 cell)" in second.plan(second.select("eval"))
+    assert second.run(stage="eval")[0].status == "built"
+    assert sum("kept from an earlier run" in line for line in lines) == 1
+    ours, reference = (json.loads((folder / "eval" / "results.json").read_text())["rows"] for folder in (second.work_dir, build.work_dir))
+    assert [(r["method"], r["steps"], r["condition"]) for r in ours] == [(r["method"], r["steps"], r["condition"]) for r in reference]
+    assert [r["fid"] for r in ours] == pytest.approx([r["fid"] for r in reference], abs=1e-5)
+    assert (archive / "eval" / DONE).is_file()
