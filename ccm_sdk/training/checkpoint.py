@@ -142,8 +142,9 @@ def _sync_folder(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def load_checkpoint(path: str | os.PathLike, *, rank: int, world_size: int, trainer: str) -> Checkpoint:
-    """Read a checkpoint for process ``rank`` of ``world_size``; TrainingError if it does not fit."""
+def load_checkpoint(path: str | os.PathLike, *, rank: int, world_size: int | None, trainer: str) -> Checkpoint:
+    """Read a checkpoint for process ``rank`` of ``world_size`` (None: any, to read its weights only);
+    TrainingError if it does not fit."""
     path = Path(path)
     state_file = path / STATE_NAME
     if not state_file.is_file():
@@ -151,7 +152,7 @@ def load_checkpoint(path: str | os.PathLike, *, rank: int, world_size: int, trai
     meta = json.loads(state_file.read_text())
     if meta.get("trainer") != trainer:
         raise TrainingError(f"checkpoint {str(path)!r} was written by trainer {meta.get('trainer')!r}, not {trainer!r}")
-    if meta.get("world_size") != world_size:
+    if world_size is not None and meta.get("world_size") != world_size:
         raise TrainingError(
             f"checkpoint {str(path)!r} was written by {meta.get('world_size')} process(es) but this run has {world_size}; "
             "resume with the same number of processes so the data order and random streams continue exactly"

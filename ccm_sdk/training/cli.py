@@ -3,14 +3,17 @@
 Overrides: ``section.key=value``, ``--section.key value``, ``--key value`` for a key only one
 section has (``--max_steps 10``), ``--flag`` alone for true. ``--resume`` continues from the
 newest checkpoint in ``output_dir`` (or ``--resume CHECKPOINT``); ``--stop-after 2h`` checkpoints
-and stops once the run has lasted that long. Values parse as JSON when they can. This module imports nothing heavy until a command runs.
+and stops once the run has lasted that long; ``--export [CHECKPOINT]`` writes a checkpoint's model
+folders without training. Values parse as JSON when they can. This module imports nothing heavy
+until a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from . import TRAINERS
 
@@ -20,6 +23,7 @@ examples:
   ccm train lcd --config configs/train/lcd.yaml train.lr=1e-4 --max_steps 10
   ccm train ct_controlnet --config configs/train/ct_controlnet.yaml --resume
   ccm train ct_controlnet --config configs/train/ct_controlnet.yaml --resume --stop-after 1h30m
+  ccm train ct_controlnet --config configs/train/ct_controlnet.yaml --export     # the newest checkpoint's ControlNet
   torchrun --nproc_per_node 2 -m ccm_sdk.training ct_controlnet --config FILE
   ccm train <trainer> --help     lists every config key with its default
 """
@@ -44,13 +48,23 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=cmd_train)
 
 
-def parse_train_args(tokens: list[str]) -> tuple[str | None, list[tuple[str, Any]], bool, float | None]:
-    """(config file, overrides, help requested, --stop-after seconds) from the tokens after the trainer name."""
+class TrainArgs(NamedTuple):
+    """What the tokens after ``ccm train <trainer>`` ask for."""
+
+    config: str | None
+    overrides: list[tuple[str, Any]]
+    show_help: bool
+    stop_after: float | None  # seconds
+    export: str | None  # a checkpoint folder, or "latest"
+
+
+def parse_train_args(tokens: list[str]) -> TrainArgs:
+    """The config file, overrides and options from the tokens after the trainer name."""
     from ..errors import InputError
     from .config import parse_value
     from .stop import parse_duration
 
-    config, overrides, show_help, stop_after = None, [], False, None
+    config, overrides, show_help, stop_after, export = None, [], False, None, None
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -62,7 +76,7 @@ def parse_train_args(tokens: list[str]) -> tuple[str | None, list[tuple[str, Any
         elif token.startswith("--"):
             key, eq, value = token[2:].partition("=")
             if not eq:
-                if key == "resume":  # a bare --resume, or --resume CHECKPOINT (not an override)
+                if key in ("resume", "export"):  # bare, or followed by a CHECKPOINT (not an override)
                     value = "latest"
                     if takes_value and "=" not in following:
                         value, i = following, i + 1
@@ -74,6 +88,8 @@ def parse_train_args(tokens: list[str]) -> tuple[str | None, list[tuple[str, Any
                 config = value
             elif key == "stop-after":
                 stop_after = parse_duration(value)
+            elif key == "export":
+                export = value
             else:
                 overrides.append(("checkpoint.resume" if key == "resume" else key, parse_value(value)))
         elif "=" in token:
@@ -81,20 +97,25 @@ def parse_train_args(tokens: list[str]) -> tuple[str | None, list[tuple[str, Any
             overrides.append((key, parse_value(value)))
         else:
             raise InputError(f"unexpected argument {token!r}: expected --config FILE, --resume, key=value or --key value")
-    return config, overrides, show_help, stop_after
+    return TrainArgs(config, overrides, show_help, stop_after, export)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import config_class, describe_config, load_config
 
-    config_path, overrides, show_help, stop_after = parse_train_args(args.args)
+    config_path, overrides, show_help, stop_after, export = parse_train_args(args.args)
     if show_help:
-        print(f"usage: ccm train {args.trainer} --config FILE [--resume [CHECKPOINT]] [--stop-after 2h] [key=value | --key value ...]\n")
-        print("--stop-after DURATION: checkpoint and stop once it has run this long (90, 45s, 20m, 2h, 1h30m); --resume goes on\n")
+        print(f"usage: ccm train {args.trainer} --config FILE [--resume [CHECKPOINT]] [--stop-after 2h] [--export [CHECKPOINT]] "
+              "[key=value | --key value ...]\n")
+        print("--stop-after DURATION: checkpoint and stop once it has run this long (90, 45s, 20m, 2h, 1h30m); --resume goes on")
+        print("--export [CHECKPOINT]: write the model folders of a checkpoint (default: the newest) into "
+              "<output_dir>/export/<checkpoint>; trains nothing\n")
         print(f"{args.trainer} config keys (default):")
         print(describe_config(config_class(args.trainer)))
         return 0
     config = load_config(args.trainer, config_path, overrides)
+    if export is not None:
+        return _export(args.trainer, config, export)
     from . import train
     from .stop import time_limit
 
@@ -104,6 +125,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{name}: {path}")
     if result.outputs and result.final_loss is not None:
         print(f"loss: {result.output_dir / 'loss.csv'}  (final {result.final_loss:.5g} after {result.step} steps)")
+    return 0
+
+
+def _export(trainer_name: str, config, which: str) -> int:
+    from ..errors import TrainingError
+    from . import get_trainer
+    from .checkpoint import latest_checkpoint
+
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    checkpoint = latest_checkpoint(checkpoints) if which == "latest" else Path(which)
+    if checkpoint is None:
+        raise TrainingError(f"no checkpoint to export in {str(checkpoints)!r}")
+    target = Path(config.output_dir) / "export" / checkpoint.name
+    for name, path in get_trainer(trainer_name)(config).export_checkpoint(checkpoint, target).items():
+        print(f"{name}: {path}")
     return 0
 
 

@@ -266,7 +266,7 @@ class Trainer(ABC):
             raise TrainingError(f"checkpoint.resume: {resume!r} is not a checkpoint folder")
         return path
 
-    def _restore(self, checkpoint: Checkpoint, optimizer, scheduler) -> None:
+    def _load_weights(self, checkpoint: Checkpoint) -> None:
         trainable = checkpoint.weights.get("trainable", {})
         expected = set(self.trainable_state())
         if set(trainable) != expected:
@@ -274,6 +274,9 @@ class Trainer(ABC):
             raise TrainingError(f"the checkpoint's trainable weights do not match this model (first differences: {wrong})")
         self.unwrapped().load_state_dict(trainable, strict=False)
         self.load_extra_weights({k: v for k, v in checkpoint.weights.items() if k != "trainable"})
+
+    def _restore(self, checkpoint: Checkpoint, optimizer, scheduler) -> None:
+        self._load_weights(checkpoint)
         optimizer.load_state_dict(checkpoint.objects["optimizer"])
         scheduler.load_state_dict(checkpoint.objects["scheduler"])
         if "scaler" in checkpoint.objects and self.accelerator.scaler is not None:
@@ -385,6 +388,16 @@ class Trainer(ABC):
             bar.close()
         # 6. outputs, loss curve, summary (and the hub)
         return self._finish(output_dir, history, start, time.perf_counter() - loop_started)
+
+    def export_checkpoint(self, checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write into ``output_dir`` the outputs a finished run writes (its model folders), from the
+        weights of ``checkpoint``: to try or ship a model while its training goes on. Trains nothing."""
+        self.setup()
+        state = load_checkpoint(checkpoint, rank=0, world_size=None, trainer=self.name)
+        self._load_weights(state)
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return self.save_outputs(output_dir)
 
     def _nan_error(self, step: int, value: float, last_saved: Path | None) -> TrainingError:
         where = (

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from ccm_sdk.cli import main
 from ccm_sdk.training.cli import parse_train_args
@@ -13,15 +14,44 @@ from ccm_sdk.training.config import dump_config
 
 
 def test_parse_overrides():
-    config, overrides, show_help, stop_after = parse_train_args(
+    config, overrides, show_help, stop_after, export = parse_train_args(
         ["--config", "c.yaml", "train.lr=1e-4", "--max_steps", "10", "--gradient_checkpointing", "--data.resolution=64", "--resume"]
     )
-    assert config == "c.yaml" and not show_help and stop_after is None
+    assert config == "c.yaml" and not show_help and stop_after is None and export is None
     assert overrides == [("train.lr", 1e-4), ("max_steps", 10), ("gradient_checkpointing", True),
                          ("data.resolution", 64), ("checkpoint.resume", "latest")]  # fmt: skip
     assert parse_train_args(["--resume", "out/checkpoints/step-00000010", "-h"])[1:] == (
-        [("checkpoint.resume", "out/checkpoints/step-00000010")], True, None)  # fmt: skip
-    assert parse_train_args(["--stop-after", "1h30m", "--max_steps", "3"])[1:] == ([("max_steps", 3)], False, 5400.0)
+        [("checkpoint.resume", "out/checkpoints/step-00000010")], True, None, None)  # fmt: skip
+    assert parse_train_args(["--stop-after", "1h30m", "--max_steps", "3"])[1:] == ([("max_steps", 3)], False, 5400.0, None)
+    assert parse_train_args(["--export", "--max_steps", "3"]).export == "latest"
+    assert parse_train_args(["--export", "out/checkpoints/step-00000002"]).export == "out/checkpoints/step-00000002"
+
+
+def test_export_writes_a_checkpoints_model_without_training(make_config, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from ccm_sdk.pipeline import load_controlnet
+
+    config = make_config("ct_controlnet", train__max_steps=2, checkpoint__every=1, checkpoint__keep_last=2, log__progress=False)
+    config_file = dump_config(config, tmp_path / "c.yaml")
+    assert main(["train", "ct_controlnet", "--config", str(config_file)]) == 0
+    out = tmp_path / "out-ct_controlnet"
+    step_1 = out / "checkpoints" / "step-00000001"
+    capsys.readouterr()
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--export", str(step_1)]) == 0
+    exported = out / "export" / "step-00000001" / "controlnet"
+    assert f"controlnet: {exported}" in capsys.readouterr().out
+    trained = load_file(str(step_1 / "weights" / "trainable.safetensors"))
+    net = load_controlnet(str(exported)).state_dict()
+    assert all(torch.equal(net[name], value) for name, value in trained.items())
+    final = load_controlnet(str(out / "controlnet")).state_dict()
+    assert any(not torch.equal(net[name], final[name]) for name in trained)  # step 1, not the end of the run
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 2  # the run's own outputs are untouched
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--export"]) == 0  # the newest: step 2
+    assert (out / "export" / "step-00000002" / "controlnet" / "config.json").is_file()
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--export", str(tmp_path)]) == 2
+    assert "is not a training checkpoint" in capsys.readouterr().err
 
 
 def test_train_stops_at_the_time_limit_and_resumes(make_config, tmp_path, capsys, monkeypatch):

@@ -37,6 +37,7 @@ from .build_stages import (
     Log,
     Unit,
     eval_config,
+    export_preview,
     cache_conditions,
     plan_units,
     run_data_cache,
@@ -302,7 +303,8 @@ class WorldBuild:
         return saved
 
     def pack_partial(self) -> StageReport:
-        """Pack and install the models built so far (at least the teacher and the LCM).
+        """Pack and install the models built so far (at least the teacher and the LCM), and those of
+        unfinished training stages as of their last checkpoint (previews, marked in the manifest).
 
         A preview of the full pack, so that the models already trained can be used before the
         whole build is done; the ``pack`` stage stays pending and replaces it when it runs.
@@ -310,15 +312,25 @@ class WorldBuild:
         from .pack import install, stage_pack, verify_installed
 
         unit = self.by_name["pack"]
+        for name in unit.needs:
+            self.restore(self.by_name[name])
         built = {name for name in unit.needs if self.state(self.by_name[name]) == "done"}
         missing = [name for name in ("teacher", "lcm") if name not in built]
         if missing:
             raise BuildError(f"a partial pack needs the teacher and the LCM built; not built: {', '.join(missing)}")
+        previews = {}
+        for name in unit.needs:
+            need = self.by_name[name]
+            if (name not in built and need.kind == "trainer" and self.state(need) == "partial" and self.checkpoint_step(need)
+                    and all(self.state(self.by_name[n]) == "done" for n in need.needs)):  # fmt: skip
+                previews[name] = export_preview(self.preset, need, self.work_dir, self.log)
         started = time.perf_counter()
-        self.log(f"==> partial pack of {len(built)} of {len(unit.needs)} models -> {self._relative(self.installed_dir)}")
+        self.log(f"==> partial pack of {len(built)} of {len(unit.needs)} models"
+                 + (f" and previews of {', '.join(f'{n} (step {s})' for n, (s, _) in previews.items())}" if previews else "")
+                 + f" -> {self._relative(self.installed_dir)}")  # fmt: skip
         staging = self.folder(unit) / "partial"
         fingerprint = f"partial-{self.fingerprint(unit)}"
-        info = stage_pack(self.preset, self.work_dir, staging, fingerprint, self.log, only=built)
+        info = stage_pack(self.preset, self.work_dir, staging, fingerprint, self.log, only=built, previews=previews)
         install(staging, self.installed_dir)
         verify_installed(self.preset, self.installed_dir, self.log)
         self.log(f"    partial pack: {info['models']} models installed in {duration(time.perf_counter() - started)}")

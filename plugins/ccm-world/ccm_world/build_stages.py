@@ -234,6 +234,24 @@ def run_trainer(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[st
     }
 
 
+def export_preview(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> tuple[int, Path]:
+    """The product of the unfinished trainer ``unit`` as of its last checkpoint (step, folder), exported
+    once into ``<work>/pack/previews/<unit>/step-N`` (outside the unit's folder, so it is not archived)."""
+    from ccm_sdk.training import get_trainer
+    from ccm_sdk.training.checkpoint import list_checkpoints
+
+    config = trainer_config(preset, unit, work_dir)
+    found = list_checkpoints(Path(config.output_dir) / "checkpoints")
+    if not found:
+        raise BuildError(f"stage {unit.name!r} has no checkpoint to preview")
+    step, checkpoint = found[-1]
+    target = work_dir / "pack" / "previews" / unit.name / checkpoint.name
+    if not (target / unit.product).exists():
+        log(f"    {unit.name}: exporting a preview from its checkpoint at step {step} of {config.train.max_steps}")
+        get_trainer(unit.trainer)(config, dataset=training_data(preset, unit, work_dir)).export_checkpoint(checkpoint, target)
+    return step, target / unit.product
+
+
 # --- the other units -------------------------------------------------------------------
 
 

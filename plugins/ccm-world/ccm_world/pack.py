@@ -177,16 +177,28 @@ def check_size(folder: Path, max_megabytes: float) -> int:
 
 
 def stage_pack(
-    preset: Preset, work_dir: Path, staging: Path, fingerprint: str, log: Log, *, only: set[str] | None = None
+    preset: Preset,
+    work_dir: Path,
+    staging: Path,
+    fingerprint: str,
+    log: Log,
+    *,
+    only: set[str] | None = None,
+    previews: dict[str, tuple[int, Path]] | None = None,
 ) -> dict[str, Any]:
     """Write the pack into ``staging`` (replaced), with its manifest; check its size and that it loads.
 
     ``only``: pack just these models of the plan (a partial pack of what is built so far); the
-    manifest lists the others as missing.
+    manifest lists the others as missing. ``previews``: model name -> (step, folder) of models
+    taken from an unfinished stage's checkpoint instead of its product (listed in the manifest).
     """
     # 1. which components keep their outputs in float16
+    previews = previews or {}
     planned = pack_plan(preset, work_dir)
-    models = [m for m in planned if only is None or m.name in only]
+    models = [m for m in planned if only is None or m.name in only or m.name in previews]
+    for model in models:
+        if model.name in previews:
+            model.source = previews[model.name][1]
     check = OutputCheck(preset, work_dir) if preset.pack.fp16 else None
     for model in models:
         if check is not None:
@@ -219,7 +231,9 @@ def stage_pack(
                 "fp16_tolerance": preset.pack.fp16_tolerance, "models": entries, "files": file_table(staging)}  # fmt: skip
     if only is not None:
         manifest["partial"] = True
-        manifest["missing"] = [m.name for m in planned if m.name not in only]
+        manifest["missing"] = [m.name for m in planned if m.name not in only and m.name not in previews]
+    if previews:
+        manifest["previews"] = {name: {"step": step} for name, (step, _) in previews.items()}
     manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     total = check_size(staging, preset.pack.max_megabytes)

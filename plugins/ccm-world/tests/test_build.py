@@ -332,3 +332,23 @@ def test_a_stopped_eval_is_archived_with_its_cells_and_goes_on_on_another_machin
     assert [(r["method"], r["steps"], r["condition"]) for r in ours] == [(r["method"], r["steps"], r["condition"]) for r in reference]
     assert [r["fid"] for r in ours] == pytest.approx([r["fid"] for r in reference], abs=1e-5)
     assert (archive / "eval" / DONE).is_file()
+
+
+@pytest.mark.slow
+def test_a_partial_pack_previews_an_unfinished_stage_from_its_last_checkpoint(built, tmp_path):
+    build, _, _ = built
+    work, net = tmp_path / "work", "cm-controlnet-sketch"
+    shutil.copytree(build.work_dir, work, ignore=shutil.ignore_patterns("eval", "adapter-eval", "analysis-eval", "pack"))
+    (work / net / DONE).unlink()
+    shutil.rmtree(work / net / "controlnet")  # as if stopped after its last checkpoint, before it finished
+    lines: list[str] = []
+    again = WorldBuild(load_preset("tiny"), work, models_dir=tmp_path / "models", log=lines.append)
+    assert again.state(again.by_name[net]) == "partial" and again.checkpoint_step(again.by_name[net]) == 2
+    assert again.pack_partial().status == "partial"
+    assert any(f"previews of {net} (step 2)" in line for line in lines)
+    manifest = json.loads((tmp_path / "models" / MANIFEST).read_text())
+    assert manifest["previews"] == {net: {"step": 2}} and net not in manifest["missing"] and "adapter" in manifest["models"]
+    # the checkpoint of its last step holds the weights the finished stage had: the same packed bytes
+    packed = f"{net}/diffusion_pytorch_model.safetensors"
+    assert manifest["files"][packed]["sha256"] == json.loads((ccm_world.MODELS_DIR / MANIFEST).read_text())["files"][packed]["sha256"]
+    assert again.state(again.by_name[net]) == "partial"  # a preview finishes nothing
