@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 models=plugins/ccm-world/ccm_world/models
-if [ -f $models/lcm/model_index.json ] && ls $models/{cm,dm}-controlnet-sketch/config.json >/dev/null 2>&1; then
+if [ -f $models/lcm/model_index.json ] && { [ -f $models/cm-controlnet-sketch/config.json ] || [ -f $models/dm-controlnet-sketch/config.json ]; }; then
   exec .venv/bin/ccm generate --condition sketch --control examples/world-sketch.png \
     --prompt "a large blue diamond below a medium yellow triangle on a green background" \
     --out outputs/world.png "$@"
