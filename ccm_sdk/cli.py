@@ -1,4 +1,4 @@
-"""The ``ccm`` command line: generate, preprocess, plugins, conditions."""
+"""The ``ccm`` command line: generate, serve, preprocess, plugins, conditions (and train, eval)."""
 
 from __future__ import annotations
 
@@ -103,11 +103,8 @@ def _control_images(args: argparse.Namespace, count: int) -> list:
     return [control] * count
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
-
-    from .images import make_grid
+def _load_pipeline(args: argparse.Namespace):
+    """``(pipeline, model name, ControlNet sources)`` from --model/--controlnet/--adapter/--lora or the defaults."""
     from .pipeline import CCMPipeline
 
     if args.model is None:
@@ -115,6 +112,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         model, controlnets = args.model, args.controlnet or []
     pipe = CCMPipeline.from_pretrained(model, controlnet=controlnets or None, adapter=args.adapter, lora=args.lora)
+    return pipe, model, controlnets
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from .images import make_grid
+
+    pipe, model, controlnets = _load_pipeline(args)
     control_images = _control_images(args, len(controlnets)) if controlnets else []
     generator = torch.Generator().manual_seed(args.seed)
     output = pipe(
@@ -138,6 +145,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         make_grid(tiles).save(out.with_name(out.stem + "_grid" + out.suffix))
         print(f"control map: {control_path}")
     print(f"image: {out}  ({output.nfe} network evaluations, {output.timings['total']:.2f} s, model {model})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app.server import GenerationService, make_server, server_url
+
+    pipe, model, controlnets = _load_pipeline(args)
+    initial = _control_images(args, 1)[0] if controlnets and (args.control or args.image) else None
+    service = GenerationService(pipe, model=str(model), condition=args.condition,
+                                condition_options=_options(args.option), initial_prompt=args.prompt,
+                                initial_control=initial, default_steps=args.steps)
+    server = make_server(service, host=args.host, port=args.port, verbose=args.verbose)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"ccm serve: listening on {args.host}: anyone who reaches this address can use the model", file=sys.stderr)
+    print(f"ccm serve: open {server_url(server)}  (model {model}; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -200,6 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="outputs/ccm.png")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="a local web page to draw on: each stroke becomes an image")
+    srv.add_argument("--model", help="as for generate (default: the embedded model with its ControlNet for --condition)")
+    srv.add_argument("--controlnet", action="append", help="ControlNet folder/hub id (repeatable)")
+    srv.add_argument("--adapter", help="adapter folder or hub id")
+    srv.add_argument("--lora", help="LoRA file or folder (e.g. LCM-LoRA)")
+    srv.add_argument("--condition", help="picks the default ControlNet, and preprocesses uploads sent as 'image'")
+    srv.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
+    srv.add_argument("--control", help="a control map to start from (its size is the drawing size)")
+    srv.add_argument("--image", help="an image to start from, turned into the control map by --condition")
+    srv.add_argument("--size", type=int, help="resize the starting image to SIZE x SIZE first")
+    srv.add_argument("--prompt", default="", help="the prompt to start with")
+    srv.add_argument("--steps", type=int, default=4, help="the steps to start with")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    srv.add_argument("--port", type=int, default=7860, help="port (0: any free one)")
+    srv.add_argument("--verbose", action="store_true", help="log every request")
+    srv.set_defaults(func=cmd_serve)
 
     pre = sub.add_parser("preprocess", help="run a condition on an image and save the control map")
     pre.add_argument("--condition", required=True)

@@ -75,3 +75,32 @@ def test_plugins_and_conditions_listing(capsys):
     assert "ccm_sdk.builtin.samplers" in names and "failed" in listing
     assert main(["conditions"]) == 0
     assert "canny" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_serve_starts_a_server_that_generates(tmp_path, lcm_dir, controlnet_dir, photo):
+    import base64
+    import io
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    command = [sys.executable, "-m", "ccm_sdk.cli", "serve", "--model", str(lcm_dir), "--controlnet", str(controlnet_dir),
+               "--control", str(photo), "--prompt", "a cat", "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("ccm serve: open http://127.0.0.1:"), (line, server.stderr.read() if server.poll() is not None else "")
+        url = line.split()[3]
+        with urllib.request.urlopen(url + "api/info", timeout=60) as answer:
+            info = json.loads(answer.read())
+        assert info["prompt"] == "a cat" and info["size"] == [64, 64]
+        body = json.dumps({"prompt": "a cat", "control": info["control"], "steps": 1}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url + "api/generate", data=body), timeout=60) as answer:
+            result = json.loads(answer.read())
+        image = Image.open(io.BytesIO(base64.b64decode(result["image"].split(",", 1)[1])))
+        assert image.size == (64, 64) and result["nfe"] == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
