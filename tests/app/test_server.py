@@ -153,3 +153,18 @@ def test_decode_image_accepts_data_urls_and_bare_base64():
     png = encode_png(_sketch(mode="RGB"))
     assert decode_image(png, field="c").size == (64, 64)
     assert decode_image(png.split(",", 1)[1], field="c").tobytes() == _sketch(mode="RGB").tobytes()
+
+
+def test_page_script_parses(tmp_path):
+    import shutil
+    import subprocess
+    from importlib import resources
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page's script is not syntax-checked")
+    page = resources.files("ccm_sdk.app").joinpath("page.html").read_text()
+    script = tmp_path / "page.js"
+    script.write_text(page.split("<script>", 1)[1].split("</script>", 1)[0])
+    result = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
