@@ -205,21 +205,26 @@ def cmd_conditions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, *, start: str = "") -> None:
+    """The model and control-map options ``generate`` and ``serve`` share (``start``: what serve adds to the help)."""
+    parser.add_argument("--model", help=f"model folder, hub id or source:name (default: the embedded {EMBEDDED_MODEL} with its "
+                        "ControlNet for --condition; a tiny untrained demo model when that is not installed)")
+    parser.add_argument("--controlnet", action="append", help="ControlNet folder/hub id (repeatable)")
+    parser.add_argument("--adapter", help="adapter folder or hub id")
+    parser.add_argument("--lora", help="LoRA file or folder (e.g. LCM-LoRA)")
+    parser.add_argument("--condition", help="condition that turns --image into the control map (e.g. canny)")
+    parser.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
+    parser.add_argument("--image", help="input image, turned into the control map by --condition (as it is without one)" + start)
+    parser.add_argument("--control", help="a ready control map (not preprocessed; --condition still picks the default ControlNet)" + start)
+    parser.add_argument("--size", type=int, help="resize the input image to SIZE x SIZE first")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccm", description="Controllable consistency-model image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a controlled image")
-    gen.add_argument("--model", help=f"model folder, hub id or source:name (default: the embedded {EMBEDDED_MODEL} with its "
-                     "ControlNet for --condition; a tiny untrained demo model when that is not installed)")
-    gen.add_argument("--controlnet", action="append", help="ControlNet folder/hub id (repeatable)")
-    gen.add_argument("--adapter", help="adapter folder or hub id")
-    gen.add_argument("--lora", help="LoRA file or folder (e.g. LCM-LoRA)")
-    gen.add_argument("--condition", help="condition that turns --image into the control map (e.g. canny)")
-    gen.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
-    gen.add_argument("--image", help="input image, turned into the control map by --condition (as it is without one)")
-    gen.add_argument("--control", help="a ready control map (not preprocessed; --condition still picks the default ControlNet)")
-    gen.add_argument("--size", type=int, help="resize the input image to SIZE x SIZE first")
+    _add_model_arguments(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--steps", type=int, default=4)
     gen.add_argument("--guidance", type=float, default=8.0)
@@ -230,15 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="a local web page to draw on: each stroke becomes an image")
-    srv.add_argument("--model", help="as for generate (default: the embedded model with its ControlNet for --condition)")
-    srv.add_argument("--controlnet", action="append", help="ControlNet folder/hub id (repeatable)")
-    srv.add_argument("--adapter", help="adapter folder or hub id")
-    srv.add_argument("--lora", help="LoRA file or folder (e.g. LCM-LoRA)")
-    srv.add_argument("--condition", help="picks the default ControlNet, and preprocesses uploads sent as 'image'")
-    srv.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
-    srv.add_argument("--control", help="a control map to start from (its size is the drawing size)")
-    srv.add_argument("--image", help="an image to start from, turned into the control map by --condition")
-    srv.add_argument("--size", type=int, help="resize the starting image to SIZE x SIZE first")
+    _add_model_arguments(srv, start=" to start from (its size is the drawing size); requests sent as 'image' use --condition too")
     srv.add_argument("--prompt", default="", help="the prompt to start with")
     srv.add_argument("--steps", type=int, default=4, help="the steps to start with")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
