@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import types
-import warnings
 from pathlib import Path
 
 import pytest

@@ -29,7 +29,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override device")
     parser.add_argument("--validate", action="store_true", help="check the config and its names, run nothing")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse the cells an earlier, stopped run of the same config kept in <output-dir>/progress")
+                        help="reuse the cells an earlier, stopped run kept in <output-dir>/progress, where their settings are unchanged")
     parser.add_argument("--stop-after", metavar="DURATION",
                         help="stop between two cells once it has run this long (90, 45s, 20m, 2h, 1h30m); --resume goes on")
     parser.set_defaults(func=cmd_eval)

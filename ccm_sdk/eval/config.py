@@ -74,7 +74,8 @@ class MethodConfig(Section):
 
     name: str
     model: str = Field(description="model folder (diffusers layout) or hub id")
-    controlnets: dict[str, str] = Field(description="condition label -> ControlNet folder, hub id or 'provider:argument'")
+    controlnets: dict[str, str] = Field(default_factory=dict, description="condition label -> ControlNet folder, hub id or 'provider:argument'")
+    uncontrolled: bool = Field(default=False, description="generate from the caption alone: the Fidelity a method gets without control")
     adapter: str | None = None
     lora: str | None = None
     sampler: str = "consistency"
@@ -82,6 +83,12 @@ class MethodConfig(Section):
     steps: list[int] = Field(default_factory=lambda: [4], min_length=1)
     guidance_scale: float = 8.0
     controlnet_conditioning_scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _nothing_to_control_with(self):
+        if self.uncontrolled and (self.controlnets or self.adapter):
+            raise ValueError(f"method {self.name!r} is uncontrolled: it takes no controlnets and no adapter")
+        return self
 
 
 class PaperModels(Section):
@@ -99,13 +106,15 @@ class PaperModels(Section):
     cm_guidance_scale: float = 8.0
 
 
-# preset -> (paper row, model field, ControlNets field, uses the adapter, diffusion sampling)
-PRESETS: dict[str, tuple[str, str, str, bool, bool]] = {
+# preset -> (paper row, model field, ControlNets field (None: no control), uses the adapter, diffusion sampling)
+PRESETS: dict[str, tuple[str, str, str | None, bool, bool]] = {
     "dm-controlnet+dm": ("DM's ControlNet + DM", "dm", "dm_controlnets", False, True),
     "dm-controlnet+cm": ("DM's ControlNet + CM", "cm", "dm_controlnets", False, False),
     "dm-controlnet+cm+adapter": ("DM's ControlNet + CM + adapter", "cm", "dm_controlnets", True, False),
     "cm-controlnet+cm": ("CM's ControlNet + CM", "cm", "cm_controlnets", False, False),
     "cm-controlnet+dm": ("CM's ControlNet + DM", "dm", "cm_controlnets", False, True),
+    "cm": ("CM, no control", "cm", None, False, False),  # references: the Fidelity of the caption alone
+    "dm": ("DM, no control", "dm", None, False, True),
 }
 TABLE2_PRESETS = ("dm-controlnet+dm", "dm-controlnet+cm", "dm-controlnet+cm+adapter", "cm-controlnet+cm")
 
@@ -161,7 +170,8 @@ def preset_method(name: str, paper: PaperModels | None) -> MethodConfig:
     return MethodConfig(
         name=title,
         model=model,
-        controlnets=getattr(paper, controlnets_field),
+        controlnets={} if controlnets_field is None else getattr(paper, controlnets_field),
+        uncontrolled=controlnets_field is None,
         adapter=paper.adapter if adapter else None,
         sampler=paper.dm_sampler if diffusion else "consistency",
         steps=paper.dm_steps if diffusion else paper.cm_steps,
@@ -185,7 +195,7 @@ def expand_methods(config: EvalConfig, only: list[str] | None = None) -> list[Me
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise InputError(f"method names must be unique, got {names}")
-    for method in methods:
+    for method in (m for m in methods if not m.uncontrolled):
         missing = [c.title for c in config.conditions if c.title not in method.controlnets]
         if missing:
             raise InputError(f"method {method.name!r} has no ControlNet for condition(s) {missing}; add them to its controlnets")

@@ -2,10 +2,13 @@
 
 A cell is one method at one step count on one condition: its row of scores and its first
 ``show`` samples (as float16: they only make the figure), written as ``<folder>/<cell>/{row.json, samples.safetensors}`` when it is done
-(atomically: a cell is there whole or not at all). A cell is reused only by a run of the same
-config (a fingerprint of everything in it but ``output_dir`` and ``device``), so changing the
-samples, seeds, methods' settings or model paths starts over. Model files changed in place under
-the same paths are not detected: start over then (``ccm eval`` without ``--resume``).
+(atomically: a cell is there whole or not at all). A cell is reused only when everything it
+depends on is unchanged: a fingerprint of the config's shared settings (dataset, samples, seed,
+batch size, features) with the cell's own method (models, sampler, guidance...) and condition.
+So adding a method or a condition to a config keeps the cells already made, while changing the
+samples, seeds, a method's settings or its model paths makes those cells again. Model files
+changed in place under the same paths are not detected: start over then (``ccm eval`` without
+``--resume``).
 """
 
 from __future__ import annotations
@@ -25,15 +28,25 @@ from safetensors.torch import load_file, save_file
 from ..training.export import atomic_folder
 
 if TYPE_CHECKING:
-    from .config import EvalConfig
+    from .config import ConditionConfig, EvalConfig, MethodConfig
     from .runner import EvalRow
 
 ROW, SAMPLES = "row.json", "samples.safetensors"
 
 
-def config_fingerprint(config: EvalConfig) -> str:
-    """What makes two runs' cells interchangeable: the config without where it writes and runs."""
-    data = config.model_dump(mode="json", exclude={"output_dir", "device"})
+# what no cell depends on (where it writes and runs, the figure, the analyses), and what each cell
+# takes only its own part of (its method, its condition)
+_NOT_SHARED = {"output_dir", "device", "show", "warmup", "correlation", "methods", "paper", "conditions"}
+
+
+def cell_fingerprint(config: EvalConfig, method: MethodConfig, condition: ConditionConfig) -> str:
+    """What makes a cell of one run interchangeable with another's: the shared settings, its method and condition."""
+    data = {
+        "shared": config.model_dump(mode="json", exclude=_NOT_SHARED),
+        # of the method's ControlNets, only the one this cell uses
+        "method": {**method.model_dump(mode="json"), "controlnets": method.controlnets.get(condition.title)},
+        "condition": condition.model_dump(mode="json"),
+    }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -41,31 +54,32 @@ class EvalProgress:
     """The cells of one config in ``folder``."""
 
     def __init__(self, folder: str | os.PathLike, config: EvalConfig):
-        self.folder, self.fingerprint = Path(folder), config_fingerprint(config)
+        self.folder, self.config = Path(folder), config
 
     @staticmethod
     def cell_name(method: str, steps: int, condition: str) -> str:
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{method}--{steps}--{condition}")
 
-    def load(self, method: str, steps: int, condition: str) -> tuple[EvalRow, torch.Tensor] | None:
-        """The finished cell's row and samples, or None when this config has not finished it here."""
+    def load(self, method: MethodConfig, steps: int, condition: ConditionConfig) -> tuple[EvalRow, torch.Tensor] | None:
+        """The finished cell's row and samples, or None when it was not made here with these settings."""
         from .runner import EvalRow
 
-        cell = self.folder / self.cell_name(method, steps, condition)
+        cell = self.folder / self.cell_name(method.name, steps, condition.title)
         try:
             saved = json.loads((cell / ROW).read_text())
-            if saved.get("fingerprint") != self.fingerprint:
+            if saved.get("fingerprint") != cell_fingerprint(self.config, method, condition):
                 return None
             return EvalRow(**saved["row"]), load_file(str(cell / SAMPLES))["samples"].float()
         except (OSError, ValueError, KeyError, TypeError):  # missing, or not this format: compute it again
             return None
 
-    def save(self, row: EvalRow, samples: torch.Tensor) -> None:
+    def save(self, row: EvalRow, samples: torch.Tensor, method: MethodConfig, condition: ConditionConfig) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        fingerprint = cell_fingerprint(self.config, method, condition)
         with atomic_folder(self.folder / self.cell_name(row.method, row.steps, row.condition)) as tmp:
             # float16: the samples only make the figure (uint8), and the archive of a world build keeps them
             save_file({"samples": samples.detach().half().cpu().contiguous()}, str(tmp / SAMPLES))
-            (tmp / ROW).write_text(json.dumps({"fingerprint": self.fingerprint, "row": asdict(row)}, indent=1))
+            (tmp / ROW).write_text(json.dumps({"fingerprint": fingerprint, "row": asdict(row)}, indent=1))
 
     def clear(self) -> None:
         """Forget every kept cell (a run that starts over)."""

@@ -130,7 +130,7 @@ class _Pipelines:
     def __init__(self, device: torch.device):
         self.device, self._loaded = device, {}
 
-    def get(self, method: MethodConfig, controlnet: str):
+    def get(self, method: MethodConfig, controlnet: str | None):
         from ..models.adapter import load_adapter
         from ..pipeline import CCMPipeline, load_controlnet
 
@@ -143,7 +143,7 @@ class _Pipelines:
             self._loaded[key] = pipe
         pipe = self._loaded[key]
         pipe.set_adapter(None)
-        pipe.set_controlnets([load_controlnet(controlnet)])
+        pipe.set_controlnets([] if controlnet is None else [load_controlnet(controlnet)])
         pipe.set_adapter(None if method.adapter is None else load_adapter(method.adapter))
         return pipe
 
@@ -156,7 +156,8 @@ def _generate(pipe, method: MethodConfig, sampler, steps: int, captions: list[st
         stop = min(start + config.batch_size, len(captions))
         generators = [torch.Generator().manual_seed(config.seed + i) for i in range(start, stop)]
         output = pipe(
-            captions[start:stop], controls[start:stop], num_inference_steps=steps, guidance_scale=method.guidance_scale,
+            captions[start:stop], None if method.uncontrolled else controls[start:stop], height=controls.shape[-2], width=controls.shape[-1],
+            num_inference_steps=steps, guidance_scale=method.guidance_scale,
             controlnet_conditioning_scale=method.controlnet_conditioning_scale, generator=generators, sampler=sampler,
             output_type="pt",
         )  # fmt: skip
@@ -190,8 +191,8 @@ def run_evaluation(
 
     With ``progress`` (a folder), each finished cell (method, step count, condition) is kept there,
     and SIGTERM, SIGUSR1 or a :func:`~ccm_sdk.training.stop.time_limit` stop the run between two
-    cells with :class:`EvalInterrupted`; ``resume=True`` reuses the cells a run of the same config
-    kept there (else they are cleared first). Without it nothing is written.
+    cells with :class:`EvalInterrupted`; ``resume=True`` reuses the cells kept there whose settings
+    are unchanged (else they are cleared first). Without it nothing is written.
     """
     say = log or (lambda message: None)
     kept = None if progress is None else EvalProgress(progress, config)
@@ -223,16 +224,16 @@ def run_evaluation(
     with contextlib.ExitStack() as stack:
         stop = None if kept is None else stack.enter_context(StopSignals())
         for done, (method, spec, steps) in enumerate(cells, start=1):
-            found = None if kept is None else kept.load(method.name, steps, spec.title)
+            found = None if kept is None else kept.load(method, steps, spec)
             if found is not None:
                 row, shown = found
                 note = " (kept from an earlier run)"
             else:
-                row, generated = _cell(pipelines.get(method, method.controlnets[spec.title]), method, spec, steps, captions,
+                row, generated = _cell(pipelines.get(method, None if method.uncontrolled else method.controlnets[spec.title]), method, spec, steps, captions,
                                        controls[spec.title], conditions[spec.title], extractor, real_features, config)  # fmt: skip
                 shown, note = generated[:show], ""
                 if kept is not None:
-                    kept.save(row, shown)
+                    kept.save(row, shown, method, spec)
             result.rows.append(row)
             result.samples[(method.name, steps, spec.title)] = shown
             say(f"{method.name} | {steps} steps | {spec.title}: FID {row.fid:.3f}, Fidelity {row.fidelity:.4f}, "

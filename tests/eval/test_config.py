@@ -47,6 +47,16 @@ def test_table2_presets_expand_to_the_paper_rows():
     assert ct.controlnets == {"canny": "c", "sr4x": "d"}
 
 
+def test_uncontrolled_presets_need_no_controlnets():
+    config = load_eval_config(_config(methods=["cm", "dm"], paper={"dm": "dm", "cm": "cm"}))
+    cm, dm = expand_methods(config)
+    assert (cm.name, cm.uncontrolled, cm.controlnets, cm.sampler, cm.steps) == ("CM, no control", True, {}, "consistency", [4, 1])
+    assert (dm.name, dm.uncontrolled, dm.sampler, dm.steps) == ("DM, no control", True, "ddim", [50])
+    bad = {"name": "x", "model": "m", "uncontrolled": True, "controlnets": {"canny": "a"}}
+    with pytest.raises(InputError, match="'x' is uncontrolled: it takes no controlnets"):
+        load_eval_config(_config(methods=[bad]))
+
+
 def test_full_method_entries_and_filtering():
     method = {"name": "mine", "model": "m", "controlnets": {"canny": "x", "sr4x": "y"}, "steps": [2]}
     config = load_eval_config(_config(methods=["cm-controlnet+cm", method]))

@@ -84,6 +84,24 @@ def test_table2_methods_and_reverse_transfer_end_to_end(models, image_folder, tm
         assert Image.open(paths[kind]).size[0] > 200
 
 
+def test_uncontrolled_reference_rows(models, image_folder, tmp_path, lcm_dir):
+    from ccm_sdk.pipeline import CCMPipeline
+
+    config = _config(models, image_folder, tmp_path, methods=["cm", "cm-controlnet+cm"], num_samples=2, batch_size=2)
+    result = run_evaluation(config, log=None)
+    by_key = {(r.method, r.steps, r.condition): r for r in result.rows}
+    assert by_key[("CM, no control", 1, "canny")].nfe == 1
+    # the caption alone, with the eval's seeds: the same images for every condition, and not the controlled ones
+    plain = result.samples[("CM, no control", 2, "canny")]
+    torch.testing.assert_close(plain, result.samples[("CM, no control", 2, "mask")])
+    assert not torch.allclose(plain, result.samples[("CM's ControlNet + CM", 2, "canny")])
+    pipe = CCMPipeline.from_pretrained(lcm_dir)
+    captions = [(image_folder / f"{i:02d}.txt").read_text() for i in range(2)]
+    direct = pipe(captions, height=32, width=32, num_inference_steps=2, generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="pt").images
+    torch.testing.assert_close(plain, direct.float())
+    assert by_key[("CM, no control", 2, "canny")].fidelity != by_key[("CM's ControlNet + CM", 2, "canny")].fidelity
+
+
 def test_dataset_control_maps_and_a_factory_dataset(models, tmp_path, monkeypatch):
     module = tmp_path / "tiny_eval_data.py"
     module.write_text(
@@ -176,6 +194,19 @@ def test_a_stopped_evaluation_keeps_its_cells_and_resumes(models, image_folder, 
     assert len(calls) == 4 + 4
     run_evaluation(config, log=None, progress=progress, methods=["cm-controlnet+cm"])
     assert len(calls) == 8 + 2 and len(list(progress.iterdir())) == 2
+    # a method and a condition added to the config: the cells already made are kept
+    config.methods.append("cm")
+    config.conditions.append(config.conditions[0].model_copy(update={"label": "edges"}))
+    for nets in (config.paper.dm_controlnets, config.paper.cm_controlnets):
+        nets["edges"] = nets["canny"]
+    lines.clear()
+    run_evaluation(config, log=lines.append, progress=progress, resume=True)
+    # made: the dm-controlnet+cm cells were cleared by the run without resume (2), edges for both methods (4), cm (4)
+    assert len(calls) == 10 + 2 + 4 + 4 and sum("(kept from an earlier run)" in line for line in lines) == 2
+    # a changed method setting makes that method's cells again, and only those
+    config = config.model_copy(update={"paper": config.paper.model_copy(update={"cm_guidance_scale": 3.0})})
+    run_evaluation(config, log=None, progress=progress, resume=True)
+    assert len(calls) == 20 + 3 * 2 * 2  # every CM method (the CM's guidance), 2 steps x 2 conditions; not dm's
 
 
 def test_ccm_eval_stop_after_and_resume(models, image_folder, tmp_path, capsys, monkeypatch):

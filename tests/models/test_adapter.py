@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from ccm_sdk.errors import CorruptWeightsError, IncompatibleModelsError, InputError, MissingModelError, ShapeError
 from ccm_sdk.models.adapter import UnifiedAdapter, UnifiedAdapterConfig, controlnet_output_channels, load_adapter

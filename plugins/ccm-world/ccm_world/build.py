@@ -242,7 +242,8 @@ class WorldBuild:
         seconds_per_step, steps = stage_seconds(self.preset, unit)
         if seconds_per_step is None or steps is None:
             return None
-        return seconds_per_step * max(0, steps - self.checkpoint_step(unit))
+        done = 0 if self.state(unit) == "stale" else self.checkpoint_step(unit)  # a stale unit is built again from scratch
+        return seconds_per_step * max(0, steps - done)
 
     def plan(self, units: list[Unit]) -> str:
         rows = [("stage", "trainer", "steps", "s/step", "estimate", "status")]

@@ -121,7 +121,7 @@ def test_every_stage_builds_and_the_pack_loads_as_world_models(built, tmp_path):
     # the adapter on all seven conditions: DM's ControlNets + CM with and without it, pose and depth scored by the map nets
     rows = list(csv.DictReader(open(build.folder(build.by_name["adapter-eval"]) / "results.csv")))
     assert {r["condition"] for r in rows} == {"sketch", "edges", "hed", "depth", "pose", "mask", "sr4x"}
-    assert {r["method"] for r in rows} == {"DM's ControlNet + CM", "DM's ControlNet + CM + adapter"}
+    assert {r["method"] for r in rows} == {"DM's ControlNet + CM", "DM's ControlNet + CM + adapter", "CM, no control"}
     assert all(r["fidelity"] not in ("", "nan") for r in rows)
     # the reverse transfer beside both ControlNets on their own models, and the residual correlation
     analysis = build.folder(build.by_name["analysis-eval"])
@@ -162,8 +162,9 @@ def test_results_go_where_the_preset_says_with_their_figures_beside_them(built, 
 @pytest.mark.slow
 def test_stale_outputs_are_refused(built):
     build, _, _ = built
-    other = WorldBuild(load_preset("tiny", [("vae.seed", 9)]), build.work_dir)
+    other = WorldBuild(load_preset("tiny", [("vae.seed", 9), ("vae.seconds_per_step", 2.0)]), build.work_dir)
     assert other.state(other.by_name["text-encoder"]) == "done" and other.state(other.by_name["vae"]) == "stale"
+    assert other.estimate(other.by_name["vae"]) == 2.0 * other.preset.vae.max_steps  # all of it again
     with pytest.raises(BuildError, match="'vae' .* was built from another preset or config.*--force --stage vae"):
         other.run(until="vae")
     with pytest.raises(BuildError, match="'teacher' .* built from another preset"):
