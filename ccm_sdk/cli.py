@@ -47,7 +47,9 @@ EMBEDDED_MODEL = "world:lcm"  # the embedded default: ccm-world's consistency mo
 def embedded_default(condition: str) -> tuple[str, str] | None:
     """``(model, controlnet)`` of the embedded default for ``condition``, or None when it is not installed.
 
-    The ControlNet is the world's consistency-trained one for the condition, else its DM ControlNet.
+    The ControlNet is the world's DM ControlNet for the condition (CCM's "DM's ControlNet + CM"),
+    else its consistency-trained one: on the world as built so far the DM one measured better on
+    the consistency model (docs/results.md).
     """
     from .errors import MissingModelError, UnknownNameError
     from .models.loading import resolve_model_path
@@ -56,7 +58,7 @@ def embedded_default(condition: str) -> tuple[str, str] | None:
         resolve_model_path(EMBEDDED_MODEL)
     except (MissingModelError, UnknownNameError):
         return None
-    for kind in ("cm", "dm"):
+    for kind in ("dm", "cm"):
         controlnet = f"world:{kind}-controlnet-{condition}"
         try:
             resolve_model_path(controlnet)

@@ -255,14 +255,28 @@ def test_command_line(built, capsys):
 
 
 @pytest.mark.slow
-def test_ccm_generate_defaults_to_the_installed_world_models(built, tmp_path, capsys):
+def test_ccm_generate_defaults_to_the_installed_world_models(built, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from ccm_sdk.cli import embedded_default
     from ccm_sdk.cli import main as ccm
+    from ccm_sdk.errors import MissingModelError
+    from ccm_sdk.models import loading
 
-    assert embedded_default("sketch") == ("world:lcm", "world:cm-controlnet-sketch")
-    assert embedded_default("pose") == ("world:lcm", "world:dm-controlnet-pose")  # no CM ControlNet for pose: the DM one
+    assert embedded_default("sketch") == ("world:lcm", "world:dm-controlnet-sketch")
+    assert embedded_default("pose") == ("world:lcm", "world:dm-controlnet-pose")
+    resolve = loading.resolve_model_path
+
+    def without_dm(source, **kwargs):  # as when only the consistency-trained ControlNet is installed
+        if str(source).startswith("world:dm-"):
+            raise MissingModelError(f"{source} is not installed")
+        return resolve(source, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loading, "resolve_model_path", without_dm)
+        assert embedded_default("sketch") == ("world:lcm", "world:cm-controlnet-sketch")
+        with pytest.raises(MissingModelError, match="no ControlNet for the condition 'pose'"):
+            embedded_default("pose")
     item = WorldDataset(size=32, length=1, seed=5, conditions=("sketch",))[0]
     control = tmp_path / "sketch.png"
     Image.fromarray((item["controls"]["sketch"].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(control)
