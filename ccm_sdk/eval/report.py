@@ -48,6 +48,18 @@ def markdown_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def fidelity_noise(rows: list[EvalRow]) -> str:
+    """One sentence on the Fidelity column's sampling noise (its standard errors), or "" when none is known."""
+    errors = sorted(r.fidelity_sem for r in rows if r.fidelity_sem is not None and math.isfinite(r.fidelity_sem))
+    if not errors:
+        return ""
+    spread = _number(errors[0], 4) if errors[0] == errors[-1] else f"{_number(errors[0], 4)} to {_number(errors[-1], 4)}"
+    return (
+        f"Fidelity's standard error (standard deviation over a cell's images / sqrt(images)) is {spread} here: "
+        "two Fidelity values closer than about twice that are not told apart by this many samples."
+    )
+
+
 def _markdown(result: EvalResult) -> str:
     config = result.config
     parts = [
@@ -60,6 +72,8 @@ def _markdown(result: EvalResult) -> str:
         "",
         markdown_table(result),
     ]
+    if noise := fidelity_noise(result.rows):
+        parts += ["", noise]
     for i, analysis in enumerate(result.correlations):
         parts += ["", f"## Correlation: {analysis.label_a} vs {analysis.label_b}", "",
                   "| depth | " + " | ".join(analysis.names) + " |", "|---|" + "---|" * len(analysis.names),
@@ -123,13 +137,16 @@ def plot_metrics(result: EvalResult, path: Path) -> Path:
     width = 0.8 / max(1, len(groups))
     for axis, metric in zip(axes, ("fid", "fidelity")):
         for g, (method, steps) in enumerate(groups):
-            values = []
+            values, errors = [], []
             for title in conditions:
                 row = next((r for r in result.rows if r.method == method and r.steps == steps and r.condition == title), None)
                 values.append(getattr(row, metric) if row is not None else float("nan"))
-            axis.bar(np.arange(len(conditions)) + (g - (len(groups) - 1) / 2) * width, values, width, label=f"{method} ({steps})")
+                errors.append(row.fidelity_sem if row is not None and metric == "fidelity" else float("nan"))
+            error_bars = errors if any(math.isfinite(e) for e in errors) else None
+            axis.bar(np.arange(len(conditions)) + (g - (len(groups) - 1) / 2) * width, values, width, yerr=error_bars,
+                     capsize=2, label=f"{method} ({steps})")  # fmt: skip
         axis.set_xticks(range(len(conditions)), conditions)
-        axis.set_title("FID" if metric == "fid" else "Fidelity (mean |h(y) - c|)")
+        axis.set_title("FID" if metric == "fid" else "Fidelity (mean |h(y) - c|, bars: 1 standard error)")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=100)

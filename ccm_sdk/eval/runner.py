@@ -43,6 +43,8 @@ class EvalRow:
     fid: float
     fidelity: float
     num_samples: int
+    # standard error of the Fidelity mean over the images scored (std / sqrt(n)); NaN with fewer than two
+    fidelity_sem: float = float("nan")
 
 
 @dataclass
@@ -175,8 +177,11 @@ def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, caption
     generated, nfe, seconds = _generate(pipe, method, sampler, steps, captions, controls, config)
     fid = fid_from_features(extract_features(extractor, generated, batch_size=config.features.batch_size), real_features)
     values = fidelity_per_image(condition, generated, controls)
-    score = float(values[~torch.isnan(values)].mean()) if (~torch.isnan(values)).any() else float("nan")
-    return EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples), generated
+    scored = values[~torch.isnan(values)]
+    score = float(scored.mean()) if scored.numel() else float("nan")
+    sem = float(scored.std() / scored.numel() ** 0.5) if scored.numel() > 1 else float("nan")
+    row = EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples, sem)
+    return row, generated
 
 
 def run_evaluation(

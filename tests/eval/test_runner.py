@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -82,6 +83,25 @@ def test_table2_methods_and_reverse_transfer_end_to_end(models, image_folder, tm
     assert json.loads(paths["json"].read_text())["features"] == "pixels-8"
     for kind in ("samples", "metrics"):
         assert Image.open(paths[kind]).size[0] > 200
+
+
+def test_fidelity_standard_error_is_over_each_cells_images(models, image_folder, tmp_path):
+    from ccm_sdk.eval.fidelity import fidelity_per_image
+    from ccm_sdk.eval.report import fidelity_noise
+
+    config = _config(models, image_folder, tmp_path, methods=["cm"], show=4, conditions=[{"name": "mask"}])
+    result = run_evaluation(config, log=None)
+    assert len(result.rows) == 2
+    for row in result.rows:  # show == num_samples: the kept samples are every image the cell scored
+        values = fidelity_per_image("mask", result.samples[(row.method, row.steps, "mask")], result.controls["mask"])
+        assert row.fidelity == pytest.approx(float(values.mean()))
+        assert row.fidelity_sem == pytest.approx(float(values.std() / 2)) and row.fidelity_sem > 0
+    table = result.write()["markdown"].read_text()
+    low, high = sorted(r.fidelity_sem for r in result.rows)
+    assert f"standard error (standard deviation over a cell's images / sqrt(images)) is {low:.4f} to {high:.4f}" in table
+    assert "fidelity_sem" in next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    unknown = [dataclasses.replace(result.rows[0], fidelity_sem=float("nan"))]  # e.g. cells kept by an older version
+    assert fidelity_noise(unknown) == ""
 
 
 def test_uncontrolled_reference_rows(models, image_folder, tmp_path, lcm_dir):
