@@ -49,6 +49,13 @@ class DatasetConfig(Section):
         return self
 
 
+class LineF1Config(Section):
+    """Also score the line F1 of h(y) against c (for sparse line maps: sketch, canny, hed)."""
+
+    threshold: float = Field(default=0.3, ge=0, lt=1, description="a pixel whose mean over channels exceeds it is a line pixel")
+    tolerance: int = Field(default=1, ge=0, le=8, description="lines this many pixels apart (Chebyshev) still match")
+
+
 class ConditionConfig(Section):
     """A condition to evaluate: the registered condition that makes c (or reads it back as h(y))."""
 
@@ -59,6 +66,13 @@ class ConditionConfig(Section):
     )
     key: str | None = Field(default=None, description="dataset control key (default: the condition's name)")
     label: str | None = Field(default=None, description="column name in reports and key in a method's controlnets")
+    line_f1: LineF1Config | None = Field(default=None, description="also score line F1 (sparse line maps; not for mask)")
+
+    @model_validator(mode="after")
+    def _lines_of_a_mask(self):
+        if self.line_f1 is not None and self.name == "mask":
+            raise ValueError("line_f1 compares line maps; the mask condition's map is an image and a mask")
+        return self
 
     @property
     def title(self) -> str:

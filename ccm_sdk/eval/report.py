@@ -30,7 +30,7 @@ def _mean(values: list[float]) -> float:
 
 
 def markdown_table(result: EvalResult) -> str:
-    """| method | steps | NFE | time (s) | <condition> FID / Fidelity ... | mean |, plus the real-image floor."""
+    """| method | steps | NFE | time (s) | <condition> FID / Fidelity ... | mean |, plus the real and flat-image references."""
     conditions = [c.title for c in result.config.conditions]
     header = ["method", "steps", "NFE", "time (s)", *conditions, "mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -45,6 +45,25 @@ def markdown_table(result: EvalResult) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     floor = [f"- / {_number(result.real_fidelity[t], 3)}" for t in conditions]
     lines.append("| real images (Fidelity floor) | - | - | - | " + " | ".join(floor) + f" | - / {_number(_mean(list(result.real_fidelity.values())), 3)} |")
+    if result.flat_fidelity:
+        flat = [f"- / {_number(result.flat_fidelity[t], 3)}" for t in conditions]
+        mean = _number(_mean(list(result.flat_fidelity.values())), 3)
+        lines.append("| flat images (mean colour, no content) | - | - | - | " + " | ".join(flat) + f" | - / {mean} |")
+    return "\n".join(lines)
+
+
+def line_f1_table(result: EvalResult) -> str:
+    """| method | steps | <line condition> F1 ... |, plus the real images' F1; "" when no condition asks for it."""
+    specs = [c for c in result.config.conditions if c.line_f1 is not None]
+    if not specs:
+        return ""
+    header = ["method", "steps", *(f"{c.title} (±{c.line_f1.tolerance} px)" for c in specs)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, steps in _groups(result.rows):
+        rows = {r.condition: r for r in result.rows if r.method == method and r.steps == steps}
+        cells = ["" if c.title not in rows else _number(rows[c.title].line_f1, 3) for c in specs]
+        lines.append(f"| {method} | {steps} | " + " | ".join(cells) + " |")
+    lines.append("| real images | - | " + " | ".join(_number(result.real_line_f1.get(c.title, float("nan")), 3) for c in specs) + " |")
     return "\n".join(lines)
 
 
@@ -74,6 +93,9 @@ def _markdown(result: EvalResult) -> str:
     ]
     if noise := fidelity_noise(result.rows):
         parts += ["", noise]
+    if lines := line_f1_table(result):
+        parts += ["", "Line F1 (higher is better): how many of c's lines h(y) draws and how many of h(y)'s lines are in c, "
+                  "within the tolerance shown; an empty h(y) scores 0 where Fidelity would reward it.", "", lines]  # fmt: skip
     for i, analysis in enumerate(result.correlations):
         parts += ["", f"## Correlation: {analysis.label_a} vs {analysis.label_b}", "",
                   "| depth | " + " | ".join(analysis.names) + " |", "|---|" + "---|" * len(analysis.names),
@@ -119,37 +141,41 @@ def plot_samples(result: EvalResult, path: Path) -> Path:
             if column == 0:
                 axis.set_ylabel(labels[row], fontsize=7, rotation=0, ha="right", va="center")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, bbox_inches="tight")  # row labels can be wider than the margin
     plt.close(figure)
     return path
 
 
 def plot_metrics(result: EvalResult, path: Path) -> Path:
-    """Two grouped bar charts (FID, Fidelity): conditions on the x axis, one bar per (method, steps)."""
+    """Grouped bar charts (FID, Fidelity, and line F1 where asked): conditions on the x axis, one bar per (method, steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    conditions = [c.title for c in result.config.conditions]
+    all_conditions = [c.title for c in result.config.conditions]
+    panels = [("fid", "FID", all_conditions), ("fidelity", "Fidelity (mean |h(y) - c|, bars: 1 standard error)", all_conditions)]
+    if line_conditions := [c.title for c in result.config.conditions if c.line_f1 is not None]:
+        panels.append(("line_f1", "line F1 (higher is better)", line_conditions))
     groups = _groups(result.rows)
-    figure, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.4 * len(conditions) * 2) + 2.5, 3.6))
+    widths = [max(3.5, 1.4 * len(conditions)) for _, _, conditions in panels]
+    figure, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 2.5, 3.6), gridspec_kw={"width_ratios": widths})
     width = 0.8 / max(1, len(groups))
-    for axis, metric in zip(axes, ("fid", "fidelity")):
+    for axis, (metric, title, conditions) in zip(axes, panels):
         for g, (method, steps) in enumerate(groups):
             values, errors = [], []
-            for title in conditions:
-                row = next((r for r in result.rows if r.method == method and r.steps == steps and r.condition == title), None)
+            for condition in conditions:
+                row = next((r for r in result.rows if r.method == method and r.steps == steps and r.condition == condition), None)
                 values.append(getattr(row, metric) if row is not None else float("nan"))
                 errors.append(row.fidelity_sem if row is not None and metric == "fidelity" else float("nan"))
             error_bars = errors if any(math.isfinite(e) for e in errors) else None
             axis.bar(np.arange(len(conditions)) + (g - (len(groups) - 1) / 2) * width, values, width, yerr=error_bars,
                      capsize=2, label=f"{method} ({steps})")  # fmt: skip
         axis.set_xticks(range(len(conditions)), conditions)
-        axis.set_title("FID" if metric == "fid" else "Fidelity (mean |h(y) - c|, bars: 1 standard error)")
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        axis.set_title(title, fontsize=9)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(figure)
     return path
 

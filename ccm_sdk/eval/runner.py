@@ -26,7 +26,7 @@ from ..training.stop import StopSignals
 from .config import ConditionConfig, EvalConfig, MethodConfig, check_names, expand_methods
 from .features import extract_features, load_extractor
 from .fid import fid_from_features
-from .fidelity import fidelity, fidelity_per_image
+from .fidelity import fidelity, fidelity_per_image, line_f1_per_image
 from .progress import EvalProgress
 
 
@@ -45,6 +45,7 @@ class EvalRow:
     num_samples: int
     # standard error of the Fidelity mean over the images scored (std / sqrt(n)); NaN with fewer than two
     fidelity_sem: float = float("nan")
+    line_f1: float = float("nan")  # mean line F1 of h(y) against c, where the condition asks for it (higher is better)
 
 
 @dataclass
@@ -55,6 +56,10 @@ class EvalResult:
     reals: torch.Tensor  # the first ``show`` real images
     controls: dict[str, torch.Tensor]  # per condition, the first ``show`` control maps
     samples: dict[tuple[str, int, str], torch.Tensor] = field(default_factory=dict)  # (method, steps, condition)
+    # h(flat image) against c, where each real image is replaced by its mean colour: what an image with
+    # no content scores (on sparse maps such as edges, an empty h(y) scores the share of lines in c)
+    flat_fidelity: dict[str, float] = field(default_factory=dict)
+    real_line_f1: dict[str, float] = field(default_factory=dict)  # h(x_real)'s line F1 against c, per line_f1 condition
     correlations: list[Any] = field(default_factory=list)  # CorrelationResult per config.correlation entry
     feature_extractor: str = ""
 
@@ -62,6 +67,8 @@ class EvalResult:
         return {
             "rows": [asdict(r) for r in self.rows],
             "real_fidelity": self.real_fidelity,
+            "flat_fidelity": self.flat_fidelity,
+            "real_line_f1": self.real_line_f1,
             "features": self.feature_extractor,
             "correlation": [c.to_dict() for c in self.correlations],
             "config": self.config.model_dump(mode="json"),
@@ -168,6 +175,14 @@ def _generate(pipe, method: MethodConfig, sampler, steps: int, captions: list[st
     return torch.cat(images), nfe, seconds / len(captions)
 
 
+def _line_f1(condition: Condition, spec: ConditionConfig, images: torch.Tensor, controls: torch.Tensor) -> float:
+    """The mean line F1 of ``images`` against ``controls`` where ``spec`` asks for it, else NaN."""
+    if spec.line_f1 is None:
+        return float("nan")
+    options = spec.line_f1
+    return float(line_f1_per_image(condition, images, controls, threshold=options.threshold, tolerance=options.tolerance).mean())
+
+
 def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, captions: list[str], controls: torch.Tensor,
           condition: Condition, extractor, real_features: torch.Tensor, config: EvalConfig) -> tuple[EvalRow, torch.Tensor]:  # fmt: skip
     """Generate and score one cell: its row and the generated images."""
@@ -180,7 +195,8 @@ def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, caption
     scored = values[~torch.isnan(values)]
     score = float(scored.mean()) if scored.numel() else float("nan")
     sem = float(scored.std() / scored.numel() ** 0.5) if scored.numel() > 1 else float("nan")
-    row = EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples, sem)
+    lines = _line_f1(condition, spec, generated, controls)
+    row = EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples, sem, lines)
     return row, generated
 
 
@@ -217,12 +233,16 @@ def run_evaluation(
     conditions = {spec.title: get_condition(spec.name, **spec.options) for spec in config.conditions}
     controls = {spec.title: control_maps(spec, conditions[spec.title], images, items, config.seed) for spec in config.conditions}
     real_fidelity = {title: fidelity(conditions[title], images, controls[title]) for title in conditions}
+    flat = images.mean(dim=(2, 3), keepdim=True).expand_as(images).contiguous()
+    flat_fidelity = {title: fidelity(conditions[title], flat, controls[title]) for title in conditions}
+    real_line_f1 = {spec.title: _line_f1(conditions[spec.title], spec, images, controls[spec.title]) for spec in config.conditions
+                    if spec.line_f1 is not None}  # fmt: skip
     # 3. features of the real images
     extractor = load_extractor(config.features, device=device)
     real_features = extract_features(extractor, images, batch_size=config.features.batch_size)
     show = min(config.show, config.num_samples)
     result = EvalResult(config, [], real_fidelity, images[:show], {t: c[:show] for t, c in controls.items()},
-                        feature_extractor=getattr(extractor, "name", type(extractor).__name__))  # fmt: skip
+                        feature_extractor=getattr(extractor, "name", type(extractor).__name__), flat_fidelity=flat_fidelity, real_line_f1=real_line_f1)  # fmt: skip
     # 4. every method x condition x step count (a cell), kept as it is done when there is a progress folder
     pipelines = _Pipelines(device)
     cells = [(method, spec, steps) for method in method_configs for spec in config.conditions for steps in method.steps]

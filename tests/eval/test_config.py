@@ -110,6 +110,8 @@ def test_preset_needs_its_models():
         ({"dataset": {"path": "a", "factory": "m:f"}}, "exactly one of dataset.name, dataset.path"),
         ({"conditions": [{"name": "canny"}, {"name": "canny"}]}, "labels must be unique"),
         ({"conditions": []}, "conditions"),
+        ({"conditions": [{"name": "mask", "line_f1": {}}]}, "line_f1 compares line maps"),
+        ({"conditions": [{"name": "canny", "line_f1": {"tolerance": -1}}]}, "tolerance"),
     ],
 )
 def test_invalid_configs_raise_input_errors(changes, message):

@@ -1,4 +1,4 @@
-"""Fidelity against hand-computed values: the general mean |h(y) - c| and the mask condition's unmasked-region rule."""
+"""Fidelity against hand-computed values: the general mean |h(y) - c|, the mask condition's unmasked-region rule, line F1."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ccm_sdk.conditions.mask import MaskCondition
-from ccm_sdk.errors import ChannelMismatchError, ImageSizeError, InputError
-from ccm_sdk.eval.fidelity import fidelity, fidelity_per_image
+from ccm_sdk.errors import ChannelMismatchError, ImageSizeError, InputError, ShapeError
+from ccm_sdk.eval.fidelity import fidelity, fidelity_per_image, line_f1_per_image, line_scores
 from ccm_sdk.interfaces import Condition
 
 
@@ -71,3 +71,52 @@ def test_control_with_the_wrong_channels_or_size_raises():
         fidelity("canny", y, torch.rand(1, 4, 8, 8))
     with pytest.raises(ImageSizeError):
         fidelity("canny", y, torch.rand(1, 3, 4, 4))
+
+
+def _lines(*pixels, size=8):
+    """A [1, 3, size, size] map with 1 at each (row, column) of ``pixels``."""
+    m = torch.zeros(1, 3, size, size)
+    for r, c in pixels:
+        m[0, :, r, c] = 1.0
+    return m
+
+
+def test_line_scores_by_hand():
+    line = [(2, c) for c in range(1, 7)]  # six pixels of a horizontal line
+    c = _lines(*line)
+    same = line_scores(c, c)
+    assert same["precision"].item() == same["recall"].item() == same["f1"].item() == 1.0
+    shifted = _lines(*[(3, col) for _, col in line])  # one pixel lower
+    assert line_scores(shifted, c, tolerance=1)["f1"].item() == 1.0
+    assert line_scores(shifted, c, tolerance=0)["f1"].item() == 0.0
+    # three of the six drawn, plus three stray pixels far away: precision 3/6, recall 3/6
+    half = _lines(*line[:3], (6, 0), (6, 1), (7, 7))
+    scores = line_scores(half, c, tolerance=0)
+    assert scores["precision"].item() == pytest.approx(0.5) and scores["recall"].item() == pytest.approx(0.5)
+    assert scores["f1"].item() == pytest.approx(0.5)
+    # an empty h(y) draws nothing wrong but misses everything; with no lines in c either, it is perfect
+    empty = torch.zeros_like(c)
+    nothing = line_scores(empty, c)
+    assert (nothing["precision"].item(), nothing["recall"].item(), nothing["f1"].item()) == (1.0, 0.0, 0.0)
+    assert line_scores(empty, empty)["f1"].item() == 1.0
+    assert line_scores(c, empty)["f1"].item() == 0.0
+
+
+def test_line_pixels_are_the_channel_mean_above_the_threshold():
+    c = _lines((4, 4))
+    faint = c.clone()
+    faint[0, 1:] = 0  # one channel of three at 1: mean 1/3
+    assert line_scores(faint, c, threshold=0.3)["f1"].item() == 1.0
+    assert line_scores(faint, c, threshold=0.4)["f1"].item() == 0.0
+
+
+def test_line_f1_of_a_condition_and_its_errors():
+    c = _lines(*[(r, 3) for r in range(8)])
+    y = c.clone()  # Identity: h(y) = y
+    assert line_f1_per_image(Identity(), y, c).tolist() == [1.0]
+    with pytest.raises(InputError, match="mask condition"):
+        line_f1_per_image(MaskCondition(), torch.rand(1, 3, 8, 8), torch.rand(1, 4, 8, 8))
+    with pytest.raises(ShapeError, match="one shape"):
+        line_scores(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
+    with pytest.raises(InputError, match="threshold"):
+        line_scores(c, c, threshold=1.5)

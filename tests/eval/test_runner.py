@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -85,19 +86,31 @@ def test_table2_methods_and_reverse_transfer_end_to_end(models, image_folder, tm
         assert Image.open(paths[kind]).size[0] > 200
 
 
-def test_fidelity_standard_error_is_over_each_cells_images(models, image_folder, tmp_path):
+def test_fidelity_standard_error_and_the_flat_image_reference(models, image_folder, tmp_path):
     from ccm_sdk.eval.fidelity import fidelity_per_image
     from ccm_sdk.eval.report import fidelity_noise
 
-    config = _config(models, image_folder, tmp_path, methods=["cm"], show=4, conditions=[{"name": "mask"}])
+    canny = {"name": "canny", "options": {"low_threshold": 50, "high_threshold": 100}, "line_f1": {"tolerance": 1}}
+    config = _config(models, image_folder, tmp_path, methods=["cm"], show=4, conditions=[{"name": "mask"}, canny])
     result = run_evaluation(config, log=None)
-    assert len(result.rows) == 2
-    for row in result.rows:  # show == num_samples: the kept samples are every image the cell scored
+    assert len(result.rows) == 4
+    # a flat image has no edges, so it scores the share of edge pixels in c: the metric's "empty" reference
+    assert result.flat_fidelity["canny"] == pytest.approx(float(result.controls["canny"].double().mean()))
+    assert result.flat_fidelity["canny"] > 0
+    assert result.flat_fidelity["mask"] > result.real_fidelity["mask"] == 0
+    assert result.real_line_f1 == {"canny": 1.0}  # c = canny(x_real): h(x_real) draws exactly c's lines
+    for row in result.rows:  # line F1 where the condition asks for it, and only there
+        assert (0 <= row.line_f1 <= 1) if row.condition == "canny" else math.isnan(row.line_f1)
+    for row in (r for r in result.rows if r.condition == "mask"):  # show == num_samples: every image the cell scored
         values = fidelity_per_image("mask", result.samples[(row.method, row.steps, "mask")], result.controls["mask"])
         assert row.fidelity == pytest.approx(float(values.mean()))
         assert row.fidelity_sem == pytest.approx(float(values.std() / 2)) and row.fidelity_sem > 0
     table = result.write()["markdown"].read_text()
-    low, high = sorted(r.fidelity_sem for r in result.rows)
+    assert f"| flat images (mean colour, no content) | - | - | - | - / {result.flat_fidelity['mask']:.3f} |" in table
+    canny_f1 = next(r.line_f1 for r in result.rows if r.condition == "canny" and r.steps == 2)
+    assert "| method | steps | canny (±1 px) |" in table and f"| CM, no control | 2 | {canny_f1:.3f} |" in table
+    assert "| real images | - | 1.000 |" in table
+    low, high = min(r.fidelity_sem for r in result.rows), max(r.fidelity_sem for r in result.rows)
     assert f"standard error (standard deviation over a cell's images / sqrt(images)) is {low:.4f} to {high:.4f}" in table
     assert "fidelity_sem" in next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     unknown = [dataclasses.replace(result.rows[0], fidelity_sem=float("nan"))]  # e.g. cells kept by an older version
