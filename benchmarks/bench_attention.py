@@ -2,10 +2,11 @@
 
 Prints, per resolution, the share of a 4-step controlled generation spent inside scaled-dot-product
 attention (torch.profiler, self CPU time) for CCMPipeline's exact path and for diffusers' pipeline
-on the same tiny weights, diffusers' share in attention and convolutions together, the lower bound that share puts on exact/diffusers for any exact change
-that leaves attention as it is, and the attention shapes that occur. Then, on the largest of those
-shapes, times the exact alternatives side by side (SDPA's default kernel, its math backend, and
-softmax(QK^T)V in query blocks) as ratios to the default.
+on the same tiny weights, diffusers' share in attention and convolutions together, the lower bound
+that share puts on exact/diffusers for any exact change that leaves attention as it is, and the
+attention shapes that occur. Then, on the largest of those shapes, times the exact alternatives
+side by side (SDPA's default kernel, its math backend, and softmax(QK^T)V in query blocks) as
+ratios to the default.
 
     python benchmarks/bench_attention.py [--sizes 256 512] [--repeats 5] [--threads N]
 """
@@ -100,7 +101,11 @@ def main() -> None:
         ref = diffusers_pipeline(paths["lcm"], paths["cn"], LCMScheduler)
         print("\nshare of 4-step controlled generation spent in attention (self CPU time)")
         print(f"{'size':>6} {'ccm exact':>10} {'diffusers':>10} {'bound on exact/diff':>20} {'diffusers attn+conv':>20}")
-        scores = lambda qk: qk[0][-2] * qk[1][-2]  # noqa: E731  (query length x key length)
+
+        def scores(qk) -> int:
+            """Query length x key length of a (query shape, key shape) pair."""
+            return qk[0][-2] * qk[1][-2]
+
         seen: collections.Counter = collections.Counter()
         for size in args.sizes:
             image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
