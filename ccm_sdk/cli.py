@@ -84,6 +84,25 @@ def _default_models(args: argparse.Namespace) -> tuple[str | Path, list[str]]:
     return model, args.controlnet or [str(default_controlnet)]
 
 
+def _call_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-call inputs of the condition: ``--mask`` (the inpainting region) for the mask condition."""
+    mask_path = getattr(args, "mask", None)
+    if mask_path is None:
+        if args.condition == "mask" and getattr(args, "image", None) is not None:
+            raise SystemExit("ccm: --condition mask with --image needs --mask PATH (white = the region to generate)")
+        return {}
+    if args.condition != "mask":
+        raise SystemExit(f"ccm: --mask is the inpainting region of --condition mask, got --condition {args.condition!r}")
+    if getattr(args, "image", None) is None:
+        raise SystemExit("ccm: --mask needs --image (the picture to inpaint); a ready --control map holds its mask already")
+    from PIL import Image
+
+    mask = Image.open(mask_path).convert("L")
+    if getattr(args, "size", None):
+        mask = mask.resize((args.size, args.size), Image.NEAREST)
+    return {"mask": mask}
+
+
 def _control_images(args: argparse.Namespace, count: int) -> list:
     """The control map(s): ``--control`` as it is, or ``--image`` run through ``--condition`` (or as it is)."""
     from PIL import Image
@@ -95,11 +114,12 @@ def _control_images(args: argparse.Namespace, count: int) -> list:
     source_path = args.control or args.image
     if source_path is None:
         raise SystemExit("ccm: --image or --control is required when a ControlNet is used")
+    call_options = _call_options(args)
     source = Image.open(source_path)
     if args.size:
         source = source.convert("RGBA" if source.mode == "RGBA" else "RGB").resize((args.size, args.size))
     if args.image is not None and args.condition:
-        control = get_condition(args.condition, **_options(args.option))(source, output_type="pil")[0]
+        control = get_condition(args.condition, **_options(args.option))(source, output_type="pil", **call_options)[0]
     else:
         control = source if source.mode == "RGBA" else source.convert("RGB")  # RGBA: a 4-channel mask map
     return [control] * count
@@ -177,7 +197,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from . import get_condition
 
     condition = get_condition(args.condition, **_options(args.option))
-    control = condition(Image.open(args.image), output_type="pil")[0]
+    control = condition(Image.open(args.image), output_type="pil", **_call_options(args))[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     control.save(args.out)
     print(f"{args.condition} control map: {args.out} ({control.width}x{control.height}, {condition.channels} channels)")
@@ -221,6 +241,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, start: str = "") ->
     parser.add_argument("--size", type=int, help="resize the input image to SIZE x SIZE first")
 
 
+MASK_HELP = "with --condition mask: the region to generate (white) in a black-and-white image the size of --image"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccm", description="Controllable consistency-model image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", default="consistency")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="outputs/ccm.png")
+    gen.add_argument("--mask", help=MASK_HELP)
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="a local web page to draw on: each stroke becomes an image")
@@ -250,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--image", required=True)
     pre.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
     pre.add_argument("--out", required=True)
+    pre.add_argument("--mask", help=MASK_HELP)
     pre.set_defaults(func=cmd_preprocess)
 
     plug = sub.add_parser("plugins", help="list plugins, their versions, and those that failed")

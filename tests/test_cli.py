@@ -68,6 +68,52 @@ def test_preprocess_writes_control_map(tmp_path, photo, capsys):
     assert "unknown condition 'nope'" in capsys.readouterr().err
 
 
+@pytest.fixture()
+def mask_file(tmp_path):
+    import numpy as np
+
+    region = np.zeros((64, 64), np.uint8)
+    region[16:40, 8:56] = 255
+    path = tmp_path / "region.png"
+    Image.fromarray(region).save(path)
+    return path
+
+
+def test_preprocess_mask_takes_the_region_from_mask(tmp_path, photo, mask_file):
+    import numpy as np
+
+    out = tmp_path / "masked.png"
+    assert main(["preprocess", "--condition", "mask", "--image", str(photo), "--mask", str(mask_file), "--out", str(out)]) == 0
+    control = np.asarray(Image.open(out))
+    region = np.asarray(Image.open(mask_file)) > 127
+    assert control.shape == (64, 64, 4)
+    assert (control[..., 3][region] == 255).all() and (control[..., 3][~region] == 0).all()
+    assert (control[..., :3][region] == 0).all()  # the region to generate is blanked
+    assert (control[..., :3][~region] == np.asarray(Image.open(photo))[~region]).all()
+
+
+def test_generate_inpaints_the_mask_region(tmp_path, lcm_dir, photo, mask_file, capsys):
+    import numpy as np
+
+    from ccm_sdk.testing.tiny import save_tiny_controlnet
+
+    inpaint_controlnet = save_tiny_controlnet(tmp_path / "cn-mask", lcm_dir, conditioning_channels=4)
+    out = tmp_path / "inpainted.png"
+    args = ["generate", "--model", str(lcm_dir), "--controlnet", str(inpaint_controlnet), "--prompt", "a cat", "--steps", "1"]
+    assert main([*args, "--condition", "mask", "--image", str(photo), "--mask", str(mask_file), "--out", str(out)]) == 0
+    control = np.asarray(Image.open(tmp_path / "inpainted_control.png"))
+    assert control.shape == (64, 64, 4)
+    assert (control[..., 3] > 0).sum() == 24 * 48
+    with pytest.raises(SystemExit, match="needs --mask PATH"):
+        main([*args, "--condition", "mask", "--image", str(photo)])
+    with pytest.raises(SystemExit, match="inpainting region of --condition mask"):
+        main([*args, "--condition", "canny", "--image", str(photo), "--mask", str(mask_file)])
+    with pytest.raises(SystemExit, match="--mask needs --image"):
+        main([*args, "--condition", "mask", "--control", str(photo), "--mask", str(mask_file)])
+    assert main([*args, "--condition", "mask", "--image", str(photo), "--mask", str(tmp_path / "no.png"), "--out", str(out)]) == 2
+    assert "no.png" in capsys.readouterr().err
+
+
 def test_plugins_and_conditions_listing(capsys):
     assert main(["plugins", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
