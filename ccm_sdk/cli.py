@@ -103,10 +103,18 @@ def _call_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"mask": mask}
 
 
-def _control_images(args: argparse.Namespace, count: int) -> list:
-    """The control map(s): ``--control`` as it is, or ``--image`` run through ``--condition`` (or as it is)."""
+def _open_source(path: str, size: int | None):
+    """The input image at ``path``, resized to ``size`` x ``size`` when given (RGBA stays RGBA)."""
     from PIL import Image
 
+    source = Image.open(path)
+    if size:
+        source = source.convert("RGBA" if source.mode == "RGBA" else "RGB").resize((size, size))
+    return source
+
+
+def _control_images(args: argparse.Namespace, count: int) -> list:
+    """The control map(s): ``--control`` as it is, or ``--image`` run through ``--condition`` (or as it is)."""
     from . import get_condition
 
     if args.control is not None and args.image is not None:
@@ -115,9 +123,7 @@ def _control_images(args: argparse.Namespace, count: int) -> list:
     if source_path is None:
         raise SystemExit("ccm: --image or --control is required when a ControlNet is used")
     call_options = _call_options(args)
-    source = Image.open(source_path)
-    if args.size:
-        source = source.convert("RGBA" if source.mode == "RGBA" else "RGB").resize((args.size, args.size))
+    source = _open_source(source_path, args.size)
     if args.image is not None and args.condition:
         control = get_condition(args.condition, **_options(args.option))(source, output_type="pil", **call_options)[0]
     else:
@@ -175,9 +181,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     pipe, model, controlnets = _load_pipeline(args)
     initial = _control_images(args, 1)[0] if controlnets and (args.control or args.image) else None
+    inpainting = {}
+    if initial is not None and args.mask is not None:  # the page paints on the picture and its mask
+        inpainting = {"initial_image": _open_source(args.image, args.size).convert("RGB"), "initial_mask": _call_options(args)["mask"]}
     service = GenerationService(pipe, model=str(model), condition=args.condition,
                                 condition_options=_options(args.option), initial_prompt=args.prompt,
-                                initial_control=initial, default_steps=args.steps)
+                                initial_control=initial, default_steps=args.steps, **inpainting)
     server = make_server(service, host=args.host, port=args.port, verbose=args.verbose)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"ccm serve: listening on {args.host}: anyone who reaches this address can use the model", file=sys.stderr)
@@ -227,6 +236,9 @@ def cmd_conditions(args: argparse.Namespace) -> int:
     return 0
 
 
+MASK_HELP = "with --condition mask: the region to generate (white) in a black-and-white image the size of --image"
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, *, start: str = "") -> None:
     """The model and control-map options ``generate`` and ``serve`` share (``start``: what serve adds to the help)."""
     parser.add_argument("--model", help=f"model folder, hub id or source:name (default: the embedded {EMBEDDED_MODEL} with its "
@@ -239,9 +251,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, start: str = "") ->
     parser.add_argument("--image", help="input image, turned into the control map by --condition (as it is without one)" + start)
     parser.add_argument("--control", help="a ready control map (not preprocessed; --condition still picks the default ControlNet)" + start)
     parser.add_argument("--size", type=int, help="resize the input image to SIZE x SIZE first")
-
-
-MASK_HELP = "with --condition mask: the region to generate (white) in a black-and-white image the size of --image"
+    parser.add_argument("--mask", help=MASK_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,7 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", default="consistency")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="outputs/ccm.png")
-    gen.add_argument("--mask", help=MASK_HELP)
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="a local web page to draw on: each stroke becomes an image")

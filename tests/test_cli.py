@@ -114,6 +114,37 @@ def test_generate_inpaints_the_mask_region(tmp_path, lcm_dir, photo, mask_file, 
     assert "no.png" in capsys.readouterr().err
 
 
+def test_serve_inpainting_starts_with_the_picture_and_its_mask(tmp_path, lcm_dir, photo, mask_file, monkeypatch):
+    import numpy as np
+
+    from ccm_sdk.app import server as server_module
+    from ccm_sdk.testing.tiny import save_tiny_controlnet
+
+    started = {}
+
+    class _Server:
+        server_address = ("127.0.0.1", 1)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt  # as Ctrl-C: cmd_serve returns
+
+        def server_close(self):
+            started["closed"] = True
+
+    def fake_make_server(service, **kwargs):
+        started["service"] = service
+        return _Server()
+
+    monkeypatch.setattr(server_module, "make_server", fake_make_server)
+    inpaint_controlnet = save_tiny_controlnet(tmp_path / "cn-mask", lcm_dir, conditioning_channels=4)
+    assert main(["serve", "--model", str(lcm_dir), "--controlnet", str(inpaint_controlnet), "--condition", "mask",
+                 "--image", str(photo), "--mask", str(mask_file), "--prompt", "a cat"]) == 0
+    info = started["service"].info()
+    assert started["closed"] and info["control_channels"] == 4
+    assert np.array_equal(np.asarray(server_module.decode_image(info["image"], field="image")), np.asarray(Image.open(photo)))
+    assert np.array_equal(np.asarray(server_module.decode_image(info["mask"], field="mask")), np.asarray(Image.open(mask_file)))
+
+
 def test_plugins_and_conditions_listing(capsys):
     assert main(["plugins", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)

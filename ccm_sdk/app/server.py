@@ -38,6 +38,8 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     control: str | None = Field(None, description="a ready control map: PNG/JPEG as a data URL or bare base64")
     image: str | None = Field(None, description="an image to turn into the control map with the server's condition")
+    mask: str | None = Field(None, description="with 'image' and an inpainting (4-channel) ControlNet: the region to "
+                                               "generate, white on black")
     steps: int = Field(4, ge=1, le=50)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     guidance: float = Field(8.0, ge=0.0, le=30.0)
@@ -47,6 +49,8 @@ class GenerateRequest(BaseModel):
     def _one_source(self) -> GenerateRequest:
         if self.control is not None and self.image is not None:
             raise ValueError("send 'control' (a ready control map) or 'image' (to preprocess), not both")
+        if self.mask is not None and self.image is None:
+            raise ValueError("'mask' goes with 'image' (the picture to inpaint); a ready 'control' map holds its mask already")
         return self
 
 
@@ -76,13 +80,18 @@ class GenerationService:
     """A loaded pipeline behind a lock: one generation at a time, requests in, data URLs out."""
 
     def __init__(self, pipe: Any, *, model: str, condition: str | None = None, condition_options: dict[str, Any] | None = None,
-                 initial_prompt: str = "", initial_control: Image.Image | None = None, default_steps: int = 4):
+                 initial_prompt: str = "", initial_control: Image.Image | None = None, default_steps: int = 4,
+                 initial_image: Image.Image | None = None, initial_mask: Image.Image | None = None):
         self.pipe = pipe
         self.model = model
         self.condition = condition
         self.condition_options = condition_options or {}
         self.initial_prompt = initial_prompt
         self.initial_control = initial_control
+        if initial_image is None and initial_control is not None and initial_control.mode == "RGBA" and self.control_channels == 4:
+            # a ready inpainting map: its colours are the picture (masked pixels 0), its alpha the mask
+            initial_image, initial_mask = initial_control.convert("RGB"), initial_control.getchannel("A")
+        self.initial_image, self.initial_mask = initial_image, initial_mask
         self.default_steps = default_steps
         self._lock = threading.Lock()
         if initial_control is not None:
@@ -108,6 +117,8 @@ class GenerationService:
             "steps": self.default_steps,
             "prompt": self.initial_prompt,
             "control": encode_png(self.initial_control) if self.initial_control is not None else None,
+            "image": encode_png(self.initial_image) if self.initial_image is not None else None,
+            "mask": encode_png(self.initial_mask) if self.initial_mask is not None else None,
         }
 
     def _control_map(self, request: GenerateRequest) -> Image.Image | None:
@@ -118,15 +129,28 @@ class GenerationService:
         if request.control is None and request.image is None:
             raise InputError("this model has a ControlNet: send 'control' (a control map) or 'image' (to preprocess)")
         if request.image is not None:
-            if self.condition is None:
-                raise InputError("'image' needs a condition to preprocess it, and the server has none: start it with "
-                                 "--condition, or send a ready control map as 'control'")
-            from .. import get_condition
-
-            return get_condition(self.condition, **self.condition_options)(decode_image(request.image, field="image").convert("RGB"), output_type="pil")[0]
+            return self._preprocess(request)
         control = decode_image(request.control, field="control")
         # a canvas exports RGBA; a 3-channel ControlNet takes its colours, a 4-channel one (mask) all four
         return control.convert("RGBA" if self.control_channels == 4 else "RGB")
+
+    def _preprocess(self, request: GenerateRequest) -> Image.Image:
+        """``image`` through the server's condition; with ``mask``, through the inpainting (mask) condition."""
+        from .. import get_condition
+
+        image = decode_image(request.image, field="image").convert("RGB")
+        if request.mask is None:
+            if self.condition is None:
+                raise InputError("'image' needs a condition to preprocess it, and the server has none: start it with "
+                                 "--condition, or send a ready control map as 'control'")
+            if self.condition == "mask":
+                raise InputError("this server inpaints (condition 'mask'): send 'mask' (white = the region to generate) with 'image'")
+            return get_condition(self.condition, **self.condition_options)(image, output_type="pil")[0]
+        if self.control_channels != 4:
+            raise InputError(f"'mask' needs an inpainting ControlNet (4 conditioning channels); this server's takes {self.control_channels}")
+        options = self.condition_options if self.condition == "mask" else {}
+        mask = decode_image(request.mask, field="mask").convert("L")
+        return get_condition("mask", **options)(image, mask=mask, output_type="pil")[0]
 
     def generate(self, request: GenerateRequest) -> dict[str, Any]:
         """Run one request; raises :class:`CCMError` subclasses for input the pipeline refuses."""

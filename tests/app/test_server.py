@@ -149,6 +149,57 @@ def test_image_without_condition_is_refused(pipe):
         service.generate(GenerateRequest(prompt="x", image=encode_png(_sketch())))
 
 
+@pytest.fixture(scope="module")
+def inpaint_pipe(lcm_dir, tmp_path_factory):
+    from ccm_sdk.testing.tiny import save_tiny_controlnet
+
+    controlnet = save_tiny_controlnet(tmp_path_factory.mktemp("models") / "cn-inpaint", lcm_dir, conditioning_channels=4)
+    return CCMPipeline.from_pretrained(lcm_dir, controlnet=[controlnet])
+
+
+def _region(size: int = 64) -> Image.Image:
+    region = np.zeros((size, size), np.uint8)
+    region[10:30, 20:50] = 255
+    return Image.fromarray(region)
+
+
+def test_inpainting_server_takes_a_picture_and_a_mask(inpaint_pipe):
+    from ccm_sdk import get_condition
+    from ccm_sdk.app.server import GenerateRequest
+
+    photo = Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype("uint8"))
+    service = GenerationService(inpaint_pipe, model="tiny", condition="mask")
+    answer = service.generate(GenerateRequest(prompt="x", image=encode_png(photo), mask=encode_png(_region()), steps=2, seed=3))
+    control = _image(answer["control"])
+    assert control.mode == "RGBA"
+    assert np.array_equal(np.asarray(control.getchannel("A")) > 0, np.asarray(_region()) > 0)
+    expected_map = get_condition("mask")(photo, mask=_region(), output_type="pil")[0]
+    direct = inpaint_pipe("x", expected_map, num_inference_steps=2, generator=torch.Generator().manual_seed(3)).images[0]
+    np.testing.assert_array_equal(np.asarray(_image(answer["image"]).convert("RGB")), np.asarray(direct))
+    with pytest.raises(InputError, match="send 'mask'"):
+        service.generate(GenerateRequest(prompt="x", image=encode_png(photo)))
+
+
+def test_inpainting_page_gets_the_picture_and_mask_of_a_ready_map(inpaint_pipe):
+    from ccm_sdk import get_condition
+
+    photo = Image.fromarray((np.random.default_rng(2).random((64, 64, 3)) * 255).astype("uint8"))
+    ready = get_condition("mask")(photo, mask=_region(), output_type="pil")[0]
+    info = GenerationService(inpaint_pipe, model="tiny", initial_control=ready).info()
+    assert info["control_channels"] == 4
+    assert np.array_equal(np.asarray(_image(info["mask"])), np.asarray(ready.getchannel("A")))
+    assert np.array_equal(np.asarray(_image(info["image"])), np.asarray(ready.convert("RGB")))
+    given = GenerationService(inpaint_pipe, model="tiny", initial_control=ready, initial_image=photo, initial_mask=_region()).info()
+    assert np.array_equal(np.asarray(_image(given["image"])), np.asarray(photo))  # the picture before masking
+
+
+def test_mask_is_refused_where_it_cannot_apply(served):
+    code, answer = _post(served, {"prompt": "x", "control": encode_png(_sketch()), "mask": encode_png(_region())})
+    assert code == 400 and "'mask' goes with 'image'" in answer["error"]
+    code, answer = _post(served, {"prompt": "x", "image": encode_png(_sketch()), "mask": encode_png(_region())})
+    assert code == 400 and "needs an inpainting ControlNet (4 conditioning channels); this server's takes 3" in answer["error"]
+
+
 def test_decode_image_accepts_data_urls_and_bare_base64():
     png = encode_png(_sketch(mode="RGB"))
     assert decode_image(png, field="c").size == (64, 64)
