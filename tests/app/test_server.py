@@ -219,3 +219,60 @@ def test_page_script_parses(tmp_path):
     script.write_text(page.split("<script>", 1)[1].split("</script>", 1)[0])
     result = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+PAGE_HARNESS = r"""
+// A stand-in DOM for the page's script: canvases record nothing, fetch answers /api/info with
+// INFO and records each generate request's keys; the test then draws one stroke.
+const served = JSON.parse(process.env.INFO), posted = [];
+function context2d(name) {
+  return new Proxy({}, { get(target, key) {
+    if (key in target) return target[key];
+    if (key === "getImageData") return (x, y, w, h) => ({ data: new Uint8ClampedArray(w * h * 4) });
+    return () => {};
+  } });
+}
+function element(id) {
+  return { id, value: "1", checked: id === "live", style: {}, textContent: "", listeners: {}, add() {}, setPointerCapture() {},
+           addEventListener(event, handler) { this.listeners[event] = handler; }, getContext() { return context2d(id); },
+           toDataURL() { return "data:image/png;base64," + id; }, getBoundingClientRect() { return { left: 0, top: 0, width: 64, height: 64 }; } };
+}
+const elements = {};
+global.document = { getElementById: (id) => (elements[id] ||= element(id)), createElement: () => element("offscreen"),
+                    querySelector: () => element("heading") };
+global.Image = class { set src(value) { setTimeout(() => this.onload(), 0); } };
+global.Option = class {};
+global.fetch = async (url, options) => {
+  if (url === "/api/info") return { json: async () => served };
+  posted.push(Object.keys(JSON.parse(options.body)).sort());
+  return { ok: true, json: async () => ({ image: "data:image/png;base64,x", nfe: 4, seconds: 0.1 }) };
+};
+setTimeout(async () => {
+  elements.canvas.listeners.pointerdown({ clientX: 5, clientY: 5, pointerId: 1 });
+  elements.canvas.listeners.pointerup({});
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  console.log(JSON.stringify({ posted, upload: elements["upload-label"] ? elements["upload-label"].textContent : null }));
+}, 50);
+"""
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_page_sends_a_control_map_or_a_picture_and_its_mask(tmp_path, channels):
+    import shutil
+    import subprocess
+    from importlib import resources
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page's script is not run")
+    page = resources.files("ccm_sdk.app").joinpath("page.html").read_text()
+    script = tmp_path / "page.js"
+    script.write_text(PAGE_HARNESS + page.split("<script>", 1)[1].split("</script>", 1)[0].replace('"use strict";', ""))
+    info = {"model": "m", "controlnets": 1, "control_channels": channels, "condition": None, "size": [64, 64], "steps": 4,
+            "prompt": "a cat", "control": None, "image": None, "mask": None}
+    result = subprocess.run([node, str(script)], capture_output=True, text=True, timeout=60, env={"INFO": json.dumps(info)})
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)
+    sent = {"control_scale", "prompt", "seed", "steps"} | ({"image", "mask"} if channels == 4 else {"control"})
+    assert run["posted"] and all(set(keys) == sent for keys in run["posted"])
+    assert (run["upload"] == "load a picture") == (channels == 4)
