@@ -113,8 +113,11 @@ def _open_source(path: str, size: int | None):
     return source
 
 
-def _control_images(args: argparse.Namespace, count: int) -> list:
-    """The control map(s): ``--control`` as it is, or ``--image`` run through ``--condition`` (or as it is)."""
+def _control_images(args: argparse.Namespace, count: int, call_options: dict[str, Any] | None = None) -> list:
+    """The control map(s): ``--control`` as it is, or ``--image`` run through ``--condition`` (or as it is).
+
+    ``call_options``: the condition's per-call inputs when the caller has read them already.
+    """
     from . import get_condition
 
     if args.control is not None and args.image is not None:
@@ -122,7 +125,8 @@ def _control_images(args: argparse.Namespace, count: int) -> list:
     source_path = args.control or args.image
     if source_path is None:
         raise SystemExit("ccm: --image or --control is required when a ControlNet is used")
-    call_options = _call_options(args)
+    if call_options is None:
+        call_options = _call_options(args)
     source = _open_source(source_path, args.size)
     if args.image is not None and args.condition:
         control = get_condition(args.condition, **_options(args.option))(source, output_type="pil", **call_options)[0]
@@ -180,10 +184,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app.server import GenerationService, make_server, server_url
 
     pipe, model, controlnets = _load_pipeline(args)
-    initial = _control_images(args, 1)[0] if controlnets and (args.control or args.image) else None
-    inpainting = {}
-    if initial is not None and args.mask is not None:  # the page paints on the picture and its mask
-        inpainting = {"initial_image": _open_source(args.image, args.size).convert("RGB"), "initial_mask": _call_options(args)["mask"]}
+    initial, inpainting = None, {}
+    if controlnets and (args.control or args.image):
+        call_options = _call_options(args)
+        initial = _control_images(args, 1, call_options)[0]
+        if "mask" in call_options:  # the page paints on the picture and its mask
+            inpainting = {"initial_image": _open_source(args.image, args.size).convert("RGB"), "initial_mask": call_options["mask"]}
     service = GenerationService(pipe, model=str(model), condition=args.condition,
                                 condition_options=_options(args.option), initial_prompt=args.prompt,
                                 initial_control=initial, default_steps=args.steps, **inpainting)

@@ -223,12 +223,15 @@ def test_page_script_parses(tmp_path):
 
 PAGE_HARNESS = r"""
 // A stand-in DOM for the page's script: canvases record nothing, fetch answers /api/info with
-// INFO and records each generate request's keys; the test then draws one stroke.
-const served = JSON.parse(process.env.INFO), posted = [];
+// INFO and records each generate request's keys; the test then draws one stroke and presses
+// "keep painting on this". Canvases record which of them drew an image or filled a rectangle.
+const served = JSON.parse(process.env.INFO), posted = [], painted = [];
+let offscreen = 0;
 function context2d(name) {
   return new Proxy({}, { get(target, key) {
     if (key in target) return target[key];
     if (key === "getImageData") return (x, y, w, h) => ({ data: new Uint8ClampedArray(w * h * 4) });
+    if (key === "drawImage" || key === "fillRect") return () => painted.push(`${name}.${key}`);
     return () => {};
   } });
 }
@@ -238,7 +241,8 @@ function element(id) {
            toDataURL() { return "data:image/png;base64," + id; }, getBoundingClientRect() { return { left: 0, top: 0, width: 64, height: 64 }; } };
 }
 const elements = {};
-global.document = { getElementById: (id) => (elements[id] ||= element(id)), createElement: () => element("offscreen"),
+global.document = { getElementById: (id) => (elements[id] ||= element(id)),
+                    createElement: () => element(["picture", "mask"][offscreen++]),
                     querySelector: () => element("heading") };
 global.Image = class { set src(value) { setTimeout(() => this.onload(), 0); } };
 global.Option = class {};
@@ -251,7 +255,12 @@ setTimeout(async () => {
   elements.canvas.listeners.pointerdown({ clientX: 5, clientY: 5, pointerId: 1 });
   elements.canvas.listeners.pointerup({});
   await new Promise((resolve) => setTimeout(resolve, 50));
-  console.log(JSON.stringify({ posted, upload: elements["upload-label"] ? elements["upload-label"].textContent : null }));
+  const before = painted.length, requests = posted.length;
+  elements.keep.onclick();
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  console.log(JSON.stringify({ posted, upload: elements["upload-label"] ? elements["upload-label"].textContent : null,
+                               kept: painted.slice(before), keepShown: elements.keep.style.display !== "none",
+                               requestedAfterKeep: posted.length > requests, status: elements.status.textContent }));
 }, 50);
 """
 
@@ -276,3 +285,11 @@ def test_page_sends_a_control_map_or_a_picture_and_its_mask(tmp_path, channels):
     sent = {"control_scale", "prompt", "seed", "steps"} | ({"image", "mask"} if channels == 4 else {"control"})
     assert run["posted"] and all(set(keys) == sent for keys in run["posted"])
     assert (run["upload"] == "load a picture") == (channels == 4)
+    # "keep painting on this": inpainting only; the result becomes the picture and the mask is cleared
+    assert run["keepShown"] == (channels == 4)
+    assert not run["requestedAfterKeep"]
+    if channels == 4:
+        assert "picture.drawImage" in run["kept"] and "mask.fillRect" in run["kept"]
+        assert "next region" in run["status"]
+    else:
+        assert run["kept"] == []
