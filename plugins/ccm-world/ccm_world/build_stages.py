@@ -408,5 +408,18 @@ def run_eval(preset: Preset, unit: Unit, work_dir: Path, models_dir: Path, log: 
         for figure in figures:  # beside the results file, so that its links work where it is read
             shutil.copyfile(figure, target.parent / "images" / f"{target.stem}-{figure.name}")
             markdown = markdown.replace(f"]({figure.name})", f"](images/{target.stem}-{figure.name})")
-        target.write_text(header + markdown)
+        write_results_file(target, header + markdown.removeprefix("# Evaluation results\n\n"))
     return {"rows": len(result.rows), "results": str(written["markdown"])}
+
+
+DISCUSSION_MARKER = "<!-- written by hand: ccm-world build keeps everything below this line -->"
+
+
+def write_results_file(target: Path, generated: str) -> None:
+    """Write a stage's results file, keeping the hand-written discussion of an earlier one (after DISCUSSION_MARKER)."""
+    kept = ""
+    if target.is_file():
+        earlier = target.read_text()
+        if DISCUSSION_MARKER in earlier:
+            kept = "\n" + earlier[earlier.index(DISCUSSION_MARKER):]
+    target.write_text(generated.rstrip("\n") + "\n" + kept)

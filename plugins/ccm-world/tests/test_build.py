@@ -17,7 +17,7 @@ from ccm_sdk.training.core import Trainer
 from ccm_world import WorldDataset
 from ccm_world.build import DONE, WorldBuild, cli, main
 from ccm_world.build_config import BuildError, PackSizeError, load_preset
-from ccm_world.build_stages import stage_seconds
+from ccm_world.build_stages import DISCUSSION_MARKER, stage_seconds, write_results_file
 from ccm_world.pack import MANIFEST, check_size
 
 
@@ -148,15 +148,28 @@ def test_results_go_where_the_preset_says_with_their_figures_beside_them(built, 
     work = tmp_path / "work"
     shutil.copytree(build.work_dir, work)
     target = tmp_path / "docs" / "results-analysis.md"
+    target.parent.mkdir()
+    discussion = f"{DISCUSSION_MARKER}\n\n## What it says\n\nWritten by hand.\n"
+    target.write_text(f"# Results: an earlier run\n\n| stale | table |\n\n{discussion}")
     again = WorldBuild(load_preset("tiny", [("analysis_eval.results", str(target))]), work, models_dir=ccm_world.MODELS_DIR,
                        log=lambda m: None)  # fmt: skip
     assert again.run(stage="analysis-eval", force=True)[0].status == "built"
     text = target.read_text()
     assert text.startswith("# Results: the reverse transfer and the correlation of the two sketch ControlNets")
+    assert text.endswith(discussion) and "stale" not in text and text.count("\n# ") == 0  # one title; the discussion kept
     links = [line[line.index("](") + 2 : -1] for line in text.splitlines() if line.startswith("![")]
     assert sorted(links) == ["images/results-analysis-correlation_0.png", "images/results-analysis-metrics.png",
                              "images/results-analysis-samples.png"]  # fmt: skip
     assert all((target.parent / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+
+
+def test_a_results_file_keeps_its_hand_written_discussion(tmp_path):
+    target = tmp_path / "results.md"
+    write_results_file(target, "# Results\n\nfirst table\n")
+    assert target.read_text() == "# Results\n\nfirst table\n"  # nothing to keep yet
+    target.write_text(target.read_text() + f"\n{DISCUSSION_MARKER}\nwhat the numbers mean\n")
+    write_results_file(target, "# Results\n\nsecond table\n\n")
+    assert target.read_text() == f"# Results\n\nsecond table\n\n{DISCUSSION_MARKER}\nwhat the numbers mean\n"
 
 
 @pytest.mark.slow
