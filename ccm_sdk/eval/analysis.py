@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import InputError, ShapeError
 from .config import MethodConfig, PaperModels, preset_method
+from .figures import save_figure
 
 
 def reverse_transfer_method(paper: PaperModels) -> MethodConfig:
@@ -134,12 +135,7 @@ class CorrelationResult:
             if i == 0:
                 axis.set_ylabel("amplitude", fontsize=8)
                 axis.legend(fontsize=7)
-        figure.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        return path
+        return save_figure(figure, path)
 
 
 @torch.no_grad()

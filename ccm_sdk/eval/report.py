@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .figures import save_figure
 from .runner import EvalResult, EvalRow
 
 
@@ -140,10 +141,7 @@ def plot_samples(result: EvalResult, path: Path) -> Path:
                 axis.set_title(title, fontsize=9)
             if column == 0:
                 axis.set_ylabel(labels[row], fontsize=7, rotation=0, ha="right", va="center")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100, bbox_inches="tight")  # row labels can be wider than the margin
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, bbox_inches="tight")  # row labels can be wider than the margin
 
 
 def plot_metrics(result: EvalResult, path: Path) -> Path:
@@ -174,10 +172,7 @@ def plot_metrics(result: EvalResult, path: Path) -> Path:
         axis.set_xticks(range(len(conditions)), conditions)
         axis.set_title(title, fontsize=9)
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    figure.tight_layout()
-    figure.savefig(path, dpi=100, bbox_inches="tight")  # the legend sits outside the axes
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, bbox_inches="tight")  # the legend sits outside the axes
 
 
 def write_report(result: EvalResult, output_dir) -> dict[str, Any]:

@@ -113,7 +113,7 @@ class AdapterTrainer(Trainer):
         online = self.denoiser(self.model, k, inputs, control, timestep_cond)
         target = self.denoiser(self.unwrapped(), k, inputs, control, timestep_cond)
         f_online, f_target = consistency_pair(
-            online, target, self.base.schedule, inputs.latents, draws.consistency, num_points=cfg.num_points
+            online, target, self.base.schedule, inputs.latents, draws.consistency, num_points=cfg.num_points, boundary=cfg.boundary
         )
         return distance(draws.consistency.distance, f_online, f_target, huber_c=cfg.huber_c)
 

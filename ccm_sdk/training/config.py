@@ -104,6 +104,11 @@ class ConsistencyConfig(Section):
     """The consistency-training loss (method doc, section 3.2)."""
 
     num_points: int = Field(default=50, ge=2, description="N: points of the skipping-step grid; n ~ U{0..N-2}")
+    boundary: bool = Field(
+        default=False,
+        description="prepend t=0 to the grid (n ~ U{0..N-1}): c_skip(0) = 1, so the lowest pair's target is the "
+        "noised data itself, the boundary condition f(x, 0) = x; LCM's grid k-1, 2k-1, ... has no such point",
+    )
     distance: Literal["l1", "l2", "huber", "random"] = Field(default="l1", description="d; 'random' picks one per step")
     huber_c: float = Field(default=0.001, gt=0.0, description="c of the pseudo-Huber distance sqrt((a-b)^2+c^2)-c")
     w: float = Field(default=7.0, ge=0.0, description="guidance w fed as the w-embedding (guidance_scale - 1)")

@@ -1,6 +1,7 @@
 """The consistency-training (CT) objective (method doc, section 3.2), shared by three trainers.
 
     n ~ U{0..N-2} on the skipping-step grid t_0 < ... < t_{N-1}; one noise z
+    (with ``boundary``: t = 0 prepended and n ~ U{0..N-1}, so the lowest target is x_0 itself)
     x_{t_{n+1}} = sqrt(abar_{n+1}) x0 + sqrt(1 - abar_{n+1}) z,   x_{t_n} likewise with the same z
     loss = d( f(x_{t_{n+1}}, t_{n+1}),  stopgrad f(x_{t_n}, t_n) )
 
@@ -36,7 +37,7 @@ class ConsistencyDraws:
 def sample_draws(latents: torch.Tensor, config: ConsistencyConfig) -> ConsistencyDraws:
     """Draw n, z, w and the distance from the (checkpointed) global RNG."""
     batch = latents.shape[0]
-    n = torch.randint(0, config.num_points - 1, (batch,))
+    n = torch.randint(0, config.num_points if config.boundary else config.num_points - 1, (batch,))
     noise = torch.randn_like(latents)
     if config.w_range is not None:
         low, high = config.w_range
@@ -46,9 +47,11 @@ def sample_draws(latents: torch.Tensor, config: ConsistencyConfig) -> Consistenc
     return ConsistencyDraws(n=n, noise=noise, w=w, distance=pick_distance(config.distance))
 
 
-def grid_timesteps(schedule: NoiseSchedule, num_points: int, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t_n, t_{n+1}) on the skipping-step grid, as long tensors [B]."""
+def grid_timesteps(schedule: NoiseSchedule, num_points: int, n: torch.Tensor, *, boundary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_n, t_{n+1}) on the skipping-step grid (after a leading t = 0 with ``boundary``), as long tensors [B]."""
     grid = torch.from_numpy(schedule.skipping_grid(num_points))
+    if boundary:
+        grid = torch.cat([grid.new_zeros(1), grid])
     if int(n.max()) + 1 >= len(grid) or int(n.min()) < 0:
         raise InputError(f"grid index n must lie in 0..{len(grid) - 2}, got {n.tolist()}")
     return grid[n.cpu()], grid[n.cpu() + 1]
@@ -62,9 +65,10 @@ def consistency_pair(
     draws: ConsistencyDraws,
     *,
     num_points: int,
+    boundary: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x_{t_{n+1}}, t_{n+1}) with gradients, f(x_{t_n}, t_n) without), both float32."""
-    t_low, t_high = grid_timesteps(schedule, num_points, draws.n)
+    t_low, t_high = grid_timesteps(schedule, num_points, draws.n, boundary=boundary)
     device = latents.device
     x_high = schedule.add_noise(latents, draws.noise, t_high)
     x_low = schedule.add_noise(latents, draws.noise, t_low)

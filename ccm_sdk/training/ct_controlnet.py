@@ -76,7 +76,7 @@ class CTControlNetTrainer(ControlNetTrainer):
                 target_net.controlnet_cond_embedding = inner
 
         try:
-            f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws, num_points=cfg.num_points)
+            f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws, num_points=cfg.num_points, boundary=cfg.boundary)
         finally:
             hook.remove()
         return distance(draws.distance, f_online, f_target, huber_c=cfg.huber_c)

@@ -133,7 +133,8 @@ class DreamBoothTrainer(Trainer):
         online = self.denoiser(self.model, inputs, timestep_cond)
         target = self.denoiser(self.unwrapped(), inputs, timestep_cond)
         f_online, f_target = consistency_pair(
-            online, target, self.base.schedule, inputs.latents, draws, num_points=cfg.consistency.num_points
+            online, target, self.base.schedule, inputs.latents, draws, num_points=cfg.consistency.num_points,
+            boundary=cfg.consistency.boundary,
         )
         k, c = inputs.num_instance, cfg.consistency.huber_c
         loss = distance(draws.distance, f_online[:k], f_target[:k], huber_c=c)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ccm_sdk.pipeline import CCMPipeline
-from ccm_sdk.training.ct import ConsistencyDraws, consistency_pair
+from ccm_sdk.training.config import ConsistencyConfig
+from ccm_sdk.training.ct import ConsistencyDraws, consistency_pair, grid_timesteps, sample_draws
 from ccm_sdk.training.ct_controlnet import CTControlNetTrainer
 
 
@@ -62,6 +63,31 @@ def test_f_goes_through_the_kernel_op_and_the_target_has_no_gradient(trainer, fi
     online, target = consistency_pair(denoise, denoise, trainer.base.schedule, inputs.latents, _draws(inputs.latents, "l1"), num_points=50)
     assert len(calls) == 2
     assert online.requires_grad and not target.requires_grad
+
+
+def test_the_boundary_grid_starts_at_zero_and_its_lowest_target_is_the_noised_data(trainer, fixed_batches, by_hand):
+    schedule = trainer.base.schedule
+    low, high = grid_timesteps(schedule, 50, torch.tensor([0, 1, 49]), boundary=True)
+    assert low.tolist() == [0, 19, 979] and high.tolist() == [19, 39, 999]
+    assert grid_timesteps(schedule, 50, torch.tensor([0]))[0].tolist() == [19]  # LCM's grid has no t = 0
+    with pytest.raises(Exception, match="0..49"):
+        grid_timesteps(schedule, 50, torch.tensor([50]), boundary=True)
+    # n ~ U{0..N-1} with the boundary point (N pairs), U{0..N-2} without
+    torch.manual_seed(0)
+    latents = torch.zeros(4000, 1)
+    assert int(sample_draws(latents, ConsistencyConfig(num_points=5, boundary=True)).n.max()) == 4
+    assert int(sample_draws(latents, ConsistencyConfig(num_points=5)).n.max()) == 3
+    # c_skip(0) = 1, c_out(0) = 0: the target at t = 0 is x_0 itself, whatever the network says
+    _, (inputs,) = fixed_batches(trainer)
+    draws = _draws(inputs.latents, "l1")
+    draws.n = torch.tensor([0, 0])
+    denoise = trainer.denoiser(trainer.model, inputs, trainer.base.guidance_cond(trainer.unet, draws.w))
+    online, target = consistency_pair(denoise, denoise, schedule, inputs.latents, draws, num_points=50, boundary=True)
+    x_0 = by_hand.add_noise(inputs.latents, draws.noise, torch.tensor([0, 0]))
+    torch.testing.assert_close(target, x_0, atol=1e-6, rtol=0)
+    _, f_19 = _by_hand(trainer, inputs, draws, by_hand)  # n = 0 there: grid[0] = 19
+    torch.testing.assert_close(online.detach(), f_19, atol=1e-5, rtol=1e-4)
+    assert (online.detach() - target).abs().mean() > 1e-3  # so the pair (0, 19) has a loss to learn from
 
 
 def test_only_the_controlnet_gets_gradients(trainer, fixed_batches, assert_gradients):

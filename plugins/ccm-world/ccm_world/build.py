@@ -545,14 +545,20 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m ccm_world.buil
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``ccm-world build ...``."""
+    """``ccm-world build ...`` and ``ccm-world noise-levels ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ccm-world build [--preset full|tiny|FILE] [--stage NAME | --until NAME] [--work-dir DIR] ...\n\n"
-              "commands:\n  build   rebuild the world's models stage by stage (ccm-world build --help)")  # fmt: skip
+        print("usage: ccm-world build [--preset full|tiny|FILE] [--stage NAME | --until NAME] [--work-dir DIR] ...\n"
+              "       ccm-world noise-levels --condition NAME --out DIR LABEL=CONTROLNET ...\n\n"
+              "commands:\n  build         rebuild the world's models stage by stage (ccm-world build --help)\n"
+              "  noise-levels  one consistency step from each noise level, per ControlNet (ccm-world noise-levels --help)")  # fmt: skip
         return 0 if argv else 2
+    if argv[0] == "noise-levels":
+        from .noise_levels import main as noise_levels
+
+        return noise_levels(argv[1:])
     if argv[0] != "build":
-        print(f"error: unknown command {argv[0]!r}; commands: build", file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; commands: build, noise-levels", file=sys.stderr)
         return 2
     return main(argv[1:], prog="ccm-world build")
 

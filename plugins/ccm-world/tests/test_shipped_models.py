@@ -67,3 +67,22 @@ def test_the_embedded_default_draws_the_sketch_it_is_given():
     with_control = line_f1_per_image("sketch", controlled, sketches).mean().item()
     without = line_f1_per_image("sketch", free, sketches).mean().item()
     assert with_control > 0.5 and with_control > without + 0.3, (with_control, without)
+
+
+@pytest.mark.slow
+def test_noise_levels_command_on_the_shipped_models(tmp_path, capsys):
+    from ccm_world.build import cli
+
+    out = tmp_path / "levels"
+    code = cli(["noise-levels", "--condition", "sketch", "--out", str(out), "--scenes", "6", "--strengths", "0.1,1.0",
+                "no control=", "DM's ControlNet=world:dm-controlnet-sketch"])  # fmt: skip
+    assert code == 0
+    curves = json.loads((out / "noise-levels.json").read_text())
+    assert [c["label"] for c in curves] == ["no control", "DM's ControlNet"] and curves[0]["timesteps"] == [99, 999]
+    # from pure noise the sketch tells the model where the shapes are: a lower error than the caption alone
+    assert curves[1]["errors"][1] < curves[0]["errors"][1]
+    assert (out / "noise-levels.png").is_file() and capsys.readouterr().out == (out / "noise-levels.md").read_text()
+    assert cli(["noise-levels", "--condition", "sketch", "--out", str(out), "no-equals-sign"]) == 2
+    with pytest.raises(SystemExit):
+        cli(["noise-levels", "--condition", "sketch", "--out", str(out), "--strengths", "0.1,high", "no control="])
+    assert "comma-separated numbers" in capsys.readouterr().err
