@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from ccm_sdk.errors import InputError, ShapeError
-from ccm_sdk.eval.noise_levels import NoiseLevelCurve, error_by_noise_level, markdown_table, plot_curves, save_curves
+from ccm_sdk.eval.noise_levels import (
+    NoiseLevelCurve,
+    consistency_error_by_level,
+    error_by_noise_level,
+    markdown_table,
+    plot_curves,
+    save_curves,
+)
+from ccm_sdk.training.ct import grid_timesteps
 from ccm_sdk.pipeline import CCMPipeline
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -28,7 +36,7 @@ def pipe(lcm_dir):
 
 def test_the_error_is_one_img2img_step_against_the_images(pipe, images):
     curve = error_by_noise_level(pipe, PROMPTS, images, [0.1, 1.0], seed=5, batch_size=2)
-    assert curve.strengths == [0.1, 1.0] and len(curve.errors) == 2
+    assert curve.metric == "reconstruction" and len(curve.errors) == 2
     assert curve.timesteps[0] < curve.timesteps[1] == 999
     # by hand, batches of 2 with seeds 5 and 7 (seed + the batch's first index)
     parts = []
@@ -71,14 +79,42 @@ def test_bad_input_says_what_was_expected(pipe, images, kwargs, error, match):
 
 
 def test_table_json_and_plot(tmp_path):
-    base = NoiseLevelCurve("no control", [0.5, 1.0], [499, 999], [0.1, 0.2])
-    other = NoiseLevelCurve("controlnet", [0.5, 1.0], [499, 999], [0.05, 0.3])
+    base = NoiseLevelCurve("no control", [499, 999], [0.1, 0.2])
+    other = NoiseLevelCurve("controlnet", [499, 999], [0.05, 0.3])
     table = markdown_table([base, other])
     assert table.splitlines()[0] == "| model | t=499 | t=999 |"
     assert "| no control | 0.1000 | 0.2000 |" in table and "| controlnet | 0.0500 (0.50x) | 0.3000 (1.50x) |" in table
-    assert json.loads(save_curves([base, other], tmp_path / "c.json").read_text())[1]["errors"] == [0.05, 0.3]
+    saved = json.loads(save_curves([base, other], tmp_path / "c.json").read_text())
+    assert saved[1] == {"label": "controlnet", "metric": "reconstruction", "timesteps": [499, 999], "errors": [0.05, 0.3]}
     assert plot_curves([base, other], tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(InputError, match="different timesteps"):
-        markdown_table([base, NoiseLevelCurve("x", [0.5], [499], [0.1])])
+        markdown_table([base, NoiseLevelCurve("x", [499], [0.1])])
     with pytest.raises(InputError, match="at least one curve"):
         markdown_table([])
+
+
+def test_the_consistency_error_is_the_ct_loss_on_held_out_images(pipe, images):
+    curve = consistency_error_by_level(pipe, PROMPTS, images, [0, 30], seed=4, guidance_scale=8.0)
+    assert curve.metric == "consistency" and curve.timesteps == [39, 639]
+    # by hand: posterior-mean latents, one noise, the UNet with the w-embedding of guidance 8, f at both ends
+    latents = pipe.encode_image(images, height=64, width=64, batch=3)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+    prompt = pipe.prepare_prompt(PROMPTS, guidance_scale=8.0, num_images_per_prompt=1, do_cfg=False)
+    for n, value in zip([0, 30], curve.errors):
+        ends = []
+        for t in (int(t) for t in grid_timesteps(pipe.schedule, 50, torch.tensor([n]))):
+            x = pipe.schedule.add_noise(latents, noise, t)
+            with torch.no_grad():
+                eps = pipe.unet(x, t, encoder_hidden_states=prompt.embeds, timestep_cond=prompt.timestep_cond).sample
+            ends.append(pipe.schedule.consistency(eps, x, t)[0])
+        assert value == pytest.approx((ends[1] - ends[0]).abs().mean().item(), rel=1e-5)
+    with pytest.raises(InputError, match=r"grid indices in 0..48"):
+        consistency_error_by_level(pipe, PROMPTS, images, [49])
+
+
+def test_the_consistency_error_runs_the_controlnet(lcm_dir, controlnet_dir, images, control_image):
+    pipe = CCMPipeline.from_pretrained(lcm_dir, controlnet=str(controlnet_dir))
+    maps = control_image.expand(3, -1, -1, -1)
+    full = consistency_error_by_level(pipe, PROMPTS, images, [10], control_image=maps, batch_size=2)
+    zero = consistency_error_by_level(pipe, PROMPTS, images, [10], control_image=torch.zeros_like(maps), batch_size=2)
+    assert full.errors != zero.errors and all(e > 0 for e in full.errors)

@@ -74,14 +74,16 @@ def test_noise_levels_command_on_the_shipped_models(tmp_path, capsys):
     from ccm_world.build import cli
 
     out = tmp_path / "levels"
-    code = cli(["noise-levels", "--condition", "sketch", "--out", str(out), "--scenes", "6", "--strengths", "0.1,1.0",
+    code = cli(["noise-levels", "--condition", "sketch", "--out", str(out), "--scenes", "6", "--strengths", "0.1,1.0", "--grid", "0,48",
                 "no control=", "DM's ControlNet=world:dm-controlnet-sketch"])  # fmt: skip
     assert code == 0
-    curves = json.loads((out / "noise-levels.json").read_text())
+    saved = json.loads((out / "noise-levels.json").read_text())
+    curves = [c for c in saved if c["metric"] == "reconstruction"]
     assert [c["label"] for c in curves] == ["no control", "DM's ControlNet"] and curves[0]["timesteps"] == [99, 999]
+    assert [c["timesteps"] for c in saved if c["metric"] == "consistency"] == [[39, 999], [39, 999]]
     # from pure noise the sketch tells the model where the shapes are: a lower error than the caption alone
     assert curves[1]["errors"][1] < curves[0]["errors"][1]
-    assert (out / "noise-levels.png").is_file() and capsys.readouterr().out == (out / "noise-levels.md").read_text()
+    assert (out / "noise-levels.png").is_file() and (out / "consistency.png").is_file() and capsys.readouterr().out == (out / "noise-levels.md").read_text()
     assert cli(["noise-levels", "--condition", "sketch", "--out", str(out), "no-equals-sign"]) == 2
     with pytest.raises(SystemExit):
         cli(["noise-levels", "--condition", "sketch", "--out", str(out), "--strengths", "0.1,high", "no control="])
