@@ -164,6 +164,10 @@ class CTControlNetTrainConfig(ControlNetTrainConfig):
 
     trainer: Literal["ct_controlnet"] = "ct_controlnet"
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+    target_ema_decay: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="psi^-: 0 is the method's stopgrad(psi); > 0 an EMA of psi with this decay (the original CT target)",
+    )  # fmt: skip
 
 
 class ControlNetSpec(Section):

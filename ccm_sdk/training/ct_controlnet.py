@@ -5,7 +5,8 @@ The consistency model's UNet is frozen; only the ControlNet psi trains, with
     d( f_{theta,psi}(x_{t_{n+1}}, t_{n+1}, c, c_ctrl),  f_{theta,psi^-}(x_{t_n}, t_n, c, c_ctrl) ),  psi^- = stopgrad(psi)
 
 (``ct.py``). No diffusion model is needed. A UNet with a guidance embedding gets w as
-``timestep_cond``; the ControlNet gets none, as at inference.
+``timestep_cond``; the ControlNet gets none, as at inference. ``target_ema_decay > 0`` makes psi^-
+an exponential moving average of psi instead (consistency models' original CT target).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from .config import CTControlNetTrainConfig
 from .controls import ControlInputs, ControlNetTrainer, controlnet_residuals
 from .ct import ConsistencyDraws, Denoise, consistency_pair, sample_draws
+from .ema import EmaTarget
 from .losses import distance
 
 
@@ -37,6 +39,23 @@ class CTControlNetTrainer(ControlNetTrainer):
 
     name = "ct_controlnet"
     config_class = CTControlNetTrainConfig
+
+    def build(self) -> nn.Module:
+        controlnet = super().build()
+        decay = self.config.target_ema_decay
+        self.ema = EmaTarget(controlnet, decay, self.device) if decay > 0 else None
+        return controlnet
+
+    def after_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unwrapped())
+
+    def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.ema.state() if self.ema is not None else {}
+
+    def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.ema is not None:
+            self.ema.load(weights)
 
     def sample_draws(self, inputs: ControlInputs) -> ConsistencyDraws:
         return sample_draws(inputs.latents, self.config.consistency)
@@ -59,6 +78,11 @@ class CTControlNetTrainer(ControlNetTrainer):
         cfg = self.config.consistency
         timestep_cond = self.base.guidance_cond(self.unet, draws.w)
         online = self.denoiser(self.model, inputs, timestep_cond)
+        if self.ema is not None:
+            target = self.denoiser(self.ema.module, inputs, timestep_cond)
+            f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws,
+                                                  num_points=cfg.num_points, boundary=cfg.boundary)  # fmt: skip
+            return distance(draws.distance, f_online, f_target, huber_c=cfg.huber_c)
         # the target uses the same weights without DDP's wrapper: it runs without gradients
         target_net = self.unwrapped()
         target_denoise = self.denoiser(target_net, inputs, timestep_cond)

@@ -27,6 +27,7 @@ from ..errors import IncompatibleModelsError, TrainingError
 from ..pipeline import CCMPipeline
 from .config import LCDTrainConfig
 from .core import Trainer
+from .ema import EmaTarget
 from .export import save_pipeline_with_unet, save_unet_lora
 from .frozen import FrozenBase, freeze, place
 from .lora import add_unet_lora
@@ -77,12 +78,8 @@ class LCDTrainer(Trainer):
         freeze(teacher)
         self.teacher = place(teacher, self.device, self.weight_dtype)
         # 3. the EMA target network (decay 0: the student itself under no_grad)
-        self.target = None
-        if cfg.ema_decay > 0:
-            self.target = copy.deepcopy(student)
-            freeze(self.target)
-            self.target.to(self.device)
-            self._ema_names = [name for name, p in student.named_parameters() if p.requires_grad]
+        self.ema = EmaTarget(student, cfg.ema_decay, self.device) if cfg.ema_decay > 0 else None
+        self.target = self.ema.module if self.ema is not None else None
         self.grid = torch.from_numpy(self.base.schedule.skipping_grid(cfg.num_ddim_timesteps))
         self.skip = self.base.schedule.num_train_timesteps // cfg.num_ddim_timesteps
         self.enable_gradient_checkpointing(student)
@@ -151,27 +148,16 @@ class LCDTrainer(Trainer):
         images = self.sample_images(current, batch, consistency=True, guidance_scale=guidance)
         return [("generated", images), ("data", batch["images"])]
 
-    @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        if self.target is None:
-            return
-        online = dict(self.unwrapped().named_parameters())
-        target = dict(self.target.named_parameters())
-        for name in self._ema_names:
-            target[name].lerp_(online[name].detach(), 1.0 - self.config.ema_decay)
+        if self.ema is not None:
+            self.ema.update(self.unwrapped())
 
     def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self.target is None:
-            return {}
-        target = dict(self.target.named_parameters())
-        return {"ema": {name: target[name] for name in self._ema_names}}
+        return self.ema.state() if self.ema is not None else {}
 
     def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        if self.target is None:
-            return
-        if "ema" not in weights or set(weights["ema"]) != set(self._ema_names):
-            raise TrainingError("the checkpoint has no EMA target weights matching this run (was ema_decay changed?)")
-        self.target.load_state_dict(weights["ema"], strict=False)
+        if self.ema is not None:
+            self.ema.load(weights)
 
     def save_outputs(self, output_dir: Path) -> dict[str, Path]:
         if self.config.mode == "lora":

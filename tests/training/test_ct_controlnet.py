@@ -5,9 +5,12 @@ from __future__ import annotations
 import ccm_kernels
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from ccm_sdk.cli import main
+from ccm_sdk.errors import TrainingError
 from ccm_sdk.pipeline import CCMPipeline
-from ccm_sdk.training.config import ConsistencyConfig
+from ccm_sdk.training.config import ConsistencyConfig, dump_config
 from ccm_sdk.training.ct import ConsistencyDraws, consistency_pair, grid_timesteps, sample_draws
 from ccm_sdk.training.ct_controlnet import CTControlNetTrainer
 
@@ -88,6 +91,47 @@ def test_the_boundary_grid_starts_at_zero_and_its_lowest_target_is_the_noised_da
     _, f_19 = _by_hand(trainer, inputs, draws, by_hand)  # n = 0 there: grid[0] = 19
     torch.testing.assert_close(online.detach(), f_19, atol=1e-5, rtol=1e-4)
     assert (online.detach() - target).abs().mean() > 1e-3  # so the pair (0, 19) has a loss to learn from
+
+
+def test_an_ema_target_follows_the_controlnet_and_is_what_the_online_side_chases(make_config, controlnet_dir, fixed_batches):
+    plain = CTControlNetTrainer(make_config("ct_controlnet", controlnet=str(controlnet_dir)))
+    plain.setup()
+    trainer = CTControlNetTrainer(make_config("ct_controlnet", controlnet=str(controlnet_dir), target_ema_decay=0.9))
+    trainer.setup()
+    assert plain.ema is None and trainer.ema is not None
+    _, (inputs,) = fixed_batches(trainer)
+    draws = _draws(inputs.latents, "l1")
+    # a fresh EMA equals psi: the same loss as the method's stopgrad(psi)
+    assert trainer.compute_loss(inputs, draws).item() == pytest.approx(plain.compute_loss(inputs, draws).item(), rel=1e-5)
+    online = dict(trainer.unwrapped().named_parameters())["controlnet_mid_block.weight"]
+    target = dict(trainer.ema.module.named_parameters())["controlnet_mid_block.weight"]
+    before = target.detach().clone()
+    with torch.no_grad():
+        online.add_(1.0)
+    trainer.after_optimizer_step()
+    torch.testing.assert_close(target, 0.9 * before + 0.1 * online.detach())
+    assert not target.requires_grad
+    # the moved online weights no longer match the target: the loss differs from stopgrad(psi)'s
+    with torch.no_grad():
+        plain_online = dict(plain.unwrapped().named_parameters())["controlnet_mid_block.weight"]
+        plain_online.add_(1.0)
+    assert trainer.compute_loss(inputs, draws).item() != pytest.approx(plain.compute_loss(inputs, draws).item(), rel=1e-3)
+    assert set(trainer.extra_weights()["ema"]) == set(trainer.ema.names) and plain.extra_weights() == {}
+    with pytest.raises(TrainingError, match="no EMA target weights"):
+        trainer.load_extra_weights({})
+
+
+@pytest.mark.slow
+def test_cli_resume_is_exact_with_an_ema_target(make_config, tmp_path):
+    common = dict(train__max_steps=4, checkpoint__every=2, target_ema_decay=0.9)
+    reference = CTControlNetTrainer(make_config("ct_controlnet", output_dir=str(tmp_path / "reference"), **common)).train()
+    config_file = dump_config(make_config("ct_controlnet", output_dir=str(tmp_path / "resumed"), **common), tmp_path / "ct.yaml")
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--max_steps", "2"]) == 0
+    assert main(["train", "ct_controlnet", "--config", str(config_file), "--resume"]) == 0
+    name = "controlnet/diffusion_pytorch_model.safetensors"
+    ours, theirs = load_file(str(tmp_path / "resumed" / name)), load_file(str(reference.output_dir / name))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (tmp_path / "resumed" / "loss.csv").read_text() == (reference.output_dir / "loss.csv").read_text()
 
 
 def test_only_the_controlnet_gets_gradients(trainer, fixed_batches, assert_gradients):
