@@ -19,7 +19,7 @@ from torch import nn
 from .config import CTControlNetTrainConfig
 from .controls import ControlInputs, ControlNetTrainer, controlnet_residuals
 from .ct import ConsistencyDraws, Denoise, consistency_pair, sample_draws
-from .ema import EmaTarget
+from .ema import EmaTarget, EmaTargetHooks
 from .losses import distance
 
 
@@ -34,7 +34,7 @@ class _Fixed(nn.Module):
         return self.value
 
 
-class CTControlNetTrainer(ControlNetTrainer):
+class CTControlNetTrainer(EmaTargetHooks, ControlNetTrainer):
     """Trains a ControlNet for a consistency model with the consistency-training loss."""
 
     name = "ct_controlnet"
@@ -45,17 +45,6 @@ class CTControlNetTrainer(ControlNetTrainer):
         decay = self.config.target_ema_decay
         self.ema = EmaTarget(controlnet, decay, self.device) if decay > 0 else None
         return controlnet
-
-    def after_optimizer_step(self) -> None:
-        if self.ema is not None:
-            self.ema.update(self.unwrapped())
-
-    def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        return self.ema.state() if self.ema is not None else {}
-
-    def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        if self.ema is not None:
-            self.ema.load(weights)
 
     def sample_draws(self, inputs: ControlInputs) -> ConsistencyDraws:
         return sample_draws(inputs.latents, self.config.consistency)

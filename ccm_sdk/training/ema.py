@@ -38,3 +38,20 @@ class EmaTarget:
         if "ema" not in weights or set(weights["ema"]) != set(self.names):
             raise TrainingError("the checkpoint has no EMA target weights matching this run (was the EMA decay changed?)")
         self.module.load_state_dict(weights["ema"], strict=False)
+
+
+class EmaTargetHooks:
+    """Trainer hooks that keep ``self.ema`` (an :class:`EmaTarget` or None) updated and checkpointed."""
+
+    ema: EmaTarget | None = None
+
+    def after_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unwrapped())
+
+    def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.ema.state() if self.ema is not None else {}
+
+    def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.ema is not None:
+            self.ema.load(weights)

@@ -27,7 +27,7 @@ from ..errors import IncompatibleModelsError, TrainingError
 from ..pipeline import CCMPipeline
 from .config import LCDTrainConfig
 from .core import Trainer
-from .ema import EmaTarget
+from .ema import EmaTarget, EmaTargetHooks
 from .export import save_pipeline_with_unet, save_unet_lora
 from .frozen import FrozenBase, freeze, place
 from .lora import add_unet_lora
@@ -48,7 +48,7 @@ class LCDDraws:
     w: torch.Tensor  # [B] guidance w
 
 
-class LCDTrainer(Trainer):
+class LCDTrainer(EmaTargetHooks, Trainer):
     """Distils a diffusion model's UNet into a latent consistency model (full UNet or LoRA)."""
 
     name = "lcd"
@@ -147,17 +147,6 @@ class LCDTrainer(Trainer):
         guidance = (cfg.w_min + cfg.w_max) / 2 + 1.0
         images = self.sample_images(current, batch, consistency=True, guidance_scale=guidance)
         return [("generated", images), ("data", batch["images"])]
-
-    def after_optimizer_step(self) -> None:
-        if self.ema is not None:
-            self.ema.update(self.unwrapped())
-
-    def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        return self.ema.state() if self.ema is not None else {}
-
-    def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        if self.ema is not None:
-            self.ema.load(weights)
 
     def save_outputs(self, output_dir: Path) -> dict[str, Path]:
         if self.config.mode == "lora":
