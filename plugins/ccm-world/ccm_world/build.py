@@ -94,6 +94,24 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
+# Trainer options added after units were built, at values that train exactly as before: left out of
+# a unit's spec while they hold that value, so that adding them does not make finished units stale.
+NEUTRAL_OPTIONS: dict[tuple[str, ...], Any] = {
+    ("consistency", "boundary"): False,
+    ("target_ema_decay",): 0.0,
+}
+
+
+def _drop_neutral_options(config: dict[str, Any]) -> None:
+    for path, neutral in NEUTRAL_OPTIONS.items():
+        *parents, key = path
+        section = config
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and key in section and section[key] == neutral:
+            del section[key]
+
+
 class WorldBuild:
     """One preset built into one work directory; ``run`` does (or resumes) the selected stages."""
 
@@ -155,6 +173,7 @@ class WorldBuild:
             if steps is not None:
                 config["train"]["max_steps"] = steps
             config["data"].pop("num_workers", None)
+            _drop_neutral_options(config)
             return {"config": config, "data": p.data.model_dump(), "conditions": list(unit_conditions(p, unit))}
         if unit.kind == "text-encoder":
             return {**p.text_encoder.model_dump(), "vocabulary": list(WORLD_VOCABULARY)}

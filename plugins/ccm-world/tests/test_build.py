@@ -380,3 +380,20 @@ def test_a_partial_pack_previews_an_unfinished_stage_from_its_last_checkpoint(bu
     packed = f"{net}/diffusion_pytorch_model.safetensors"
     assert manifest["files"][packed]["sha256"] == json.loads((ccm_world.MODELS_DIR / MANIFEST).read_text())["files"][packed]["sha256"]
     assert again.state(again.by_name[net]) == "partial"  # a preview finishes nothing
+
+
+def test_options_at_their_neutral_value_leave_fingerprints_alone(tmp_path):
+    def build(*overrides):
+        return WorldBuild(load_preset("tiny", list(overrides)), tmp_path / "work", models_dir=tmp_path / "models", log=lambda m: None)
+
+    plain = build()
+    unit = next(u for u in plain.by_name.values() if u.name.startswith("cm-controlnet-"))
+    config = plain.spec(unit)["config"]
+    assert "boundary" not in config["consistency"] and "target_ema_decay" not in config
+    # written out at the neutral value: the same fingerprint, so finished units stay done
+    same = build(("cm_controlnets.config.consistency.boundary", False), ("cm_controlnets.config.target_ema_decay", 0.0))
+    assert same.fingerprint(same.by_name[unit.name]) == plain.fingerprint(unit)
+    # any other value trains differently: a new fingerprint
+    for override in (("cm_controlnets.config.consistency.boundary", True), ("cm_controlnets.config.target_ema_decay", 0.95)):
+        other = build(override)
+        assert other.fingerprint(other.by_name[unit.name]) != plain.fingerprint(unit), override
