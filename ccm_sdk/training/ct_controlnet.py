@@ -67,11 +67,21 @@ class CTControlNetTrainer(EmaTargetHooks, ControlNetTrainer):
         cfg = self.config.consistency
         timestep_cond = self.base.guidance_cond(self.unet, draws.w)
         online = self.denoiser(self.model, inputs, timestep_cond)
+        hook = None
         if self.ema is not None:
             target = self.denoiser(self.ema.module, inputs, timestep_cond)
+        else:
+            target, hook = self._stopgrad_target(inputs, timestep_cond)
+        try:
             f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws,
                                                   num_points=cfg.num_points, boundary=cfg.boundary)  # fmt: skip
-            return distance(draws.distance, f_online, f_target, huber_c=cfg.huber_c)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return distance(draws.distance, f_online, f_target, huber_c=cfg.huber_c)
+
+    def _stopgrad_target(self, inputs: ControlInputs, timestep_cond) -> tuple[Denoise, Any]:
+        """psi^- = stopgrad(psi), and the hook to remove once the online pass and the target have run."""
         # the target uses the same weights without DDP's wrapper: it runs without gradients
         target_net = self.unwrapped()
         target_denoise = self.denoiser(target_net, inputs, timestep_cond)
@@ -88,8 +98,4 @@ class CTControlNetTrainer(EmaTargetHooks, ControlNetTrainer):
             finally:
                 target_net.controlnet_cond_embedding = inner
 
-        try:
-            f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws, num_points=cfg.num_points, boundary=cfg.boundary)
-        finally:
-            hook.remove()
-        return distance(draws.distance, f_online, f_target, huber_c=cfg.huber_c)
+        return target, hook
