@@ -56,6 +56,17 @@ def test_nfe_and_timings(pipe, control_image):
     assert out.timings["total"] >= out.timings["denoise"] > 0
 
 
+def test_guidance_embedding_is_remembered_only_under_inference_mode(pipe, control_image):
+    a, b = _gen(pipe, control_image, guidance_scale=8.0).images, _gen(pipe, control_image, guidance_scale=2.0).images
+    assert (a - b).abs().max() > 1e-4  # each scale gets its own w-embedding
+    assert torch.equal(_gen(pipe, control_image, guidance_scale=8.0).images, a)
+    fresh = pipe.prepare_prompt("a red circle", guidance_scale=8.0, num_images_per_prompt=1, do_cfg=False)
+    assert not fresh.timestep_cond.is_inference()  # usable where autograd runs, e.g. in training
+    with torch.inference_mode():
+        remembered = pipe.prepare_prompt("a red circle", guidance_scale=8.0, num_images_per_prompt=1, do_cfg=False)
+    assert torch.equal(fresh.timestep_cond, remembered.timestep_cond)
+
+
 def test_callback_and_batch(pipe, control_image):
     seen = []
     out = pipe(["a", "b"], control_image, num_images_per_prompt=2, callback=lambda d: seen.append(d["i"]), output_type="pt")

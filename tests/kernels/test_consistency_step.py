@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -209,6 +211,33 @@ def test_op_backward_matches_autograd_of_reference(prediction_type, variant, mon
     ref_outs, ref_grads = run_with_grads(consistency_step_reference, m, s, coefficients, kwargs)
     for actual, expected in zip(outs + grads, ref_outs + ref_grads, strict=True):
         torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inference_calls_skip_the_registered_op_with_the_same_numbers(variant, monkeypatch):
+    consistency_module = importlib.import_module("ccm_kernels.consistency_step")
+    m, s, coefficients, kwargs = make_inputs((2, 4, 5, 3), variant=variant)
+    calls = []
+    real_op = consistency_module._consistency_step_op
+    monkeypatch.setattr(torch.ops.ccm_kernels, "consistency_step", lambda *a: calls.append(a) or real_op(*a))
+    with torch.no_grad():
+        direct = consistency_step(m, s, *coefficients, **kwargs)
+    assert calls == []  # no gradient wanted: the reference runs without the op's dispatch
+    monkeypatch.setattr(consistency_module, "_reference_directly", lambda *_: False)
+    with torch.no_grad():
+        through_op = consistency_step(m, s, *coefficients, **kwargs)
+    assert len(calls) == 1
+    for a, b in zip(direct, through_op, strict=True):
+        assert (a is None and b is None) or (torch.equal(a, b) and a.is_contiguous())
+
+
+def test_gradients_still_go_through_the_registered_op(monkeypatch):
+    consistency_module = importlib.import_module("ccm_kernels.consistency_step")
+    m, s, coefficients, kwargs = make_inputs((2, 3, 4))
+    m.requires_grad_()
+    assert not consistency_module._reference_directly(m, s, kwargs["noise"])
+    denoised, x_next = consistency_step(m, s, *coefficients, **kwargs)
+    assert denoised.grad_fn is not None and "ccm_kernels_consistency_step" in type(denoised.grad_fn).__name__
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
