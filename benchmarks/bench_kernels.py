@@ -3,8 +3,9 @@
     python benchmarks/bench_kernels.py                 # CUDA when available, else CPU
     python benchmarks/bench_kernels.py --device cpu --quick --no-compile
 
-Rows per case: the public op (the Triton kernel on CUDA; on CPU it dispatches to the reference, so
-the row measures the op's dispatch and checks), the eager unfused reference, and torch.compile of
+Rows per case: the public op (the Triton kernel on CUDA; on CPU it runs the reference, so the row
+measures the op's checks, plus the custom op's dispatch where gradients are wanted: a consistency
+step without them calls the reference directly), the eager unfused reference, and torch.compile of
 that reference (inductor's own fusion). Times are medians; every row of a case runs in this process
 on the same inputs, so the ratios are like for like.
 
