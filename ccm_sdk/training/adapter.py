@@ -88,7 +88,7 @@ class AdapterTrainer(Trainer):
         )
 
     def sample_draws(self, inputs: AdapterInputs) -> AdapterDraws:
-        draws = sample_draws(inputs.latents, self.config.consistency)
+        draws = sample_draws(inputs.latents, self.config.consistency, self.base.schedule)
         return AdapterDraws(consistency=draws, k=int(torch.randint(len(self.controlnets), ())))
 
     def denoiser(self, adapter: torch.nn.Module, k: int, inputs: AdapterInputs, control: torch.Tensor, timestep_cond) -> Denoise:

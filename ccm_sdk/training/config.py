@@ -103,12 +103,19 @@ class HubConfig(Section):
 class ConsistencyConfig(Section):
     """The consistency-training loss (method doc, section 3.2)."""
 
-    num_points: int = Field(default=50, ge=2, description="N: points of the skipping-step grid; n ~ U{0..N-2}")
+    num_points: int = Field(default=50, ge=2, description="N: points of the skipping-step grid; n ~ U{0..N-2} by default")
     boundary: bool = Field(
         default=False,
         description="prepend t=0 to the grid (n ~ U{0..N-1}): c_skip(0) = 1, so the lowest pair's target is the "
         "noised data itself, the boundary condition f(x, 0) = x; LCM's grid k-1, 2k-1, ... has no such point",
     )
+    pair_sampling: Literal["uniform", "lognormal"] = Field(
+        default="uniform",
+        description="how n is drawn: 'uniform' (the method), or 'lognormal': improved CT's discretised lognormal over "
+        "sigma = sqrt((1 - abar) / abar), which draws the low-noise pairs more often",
+    )
+    lognormal_mean: float = Field(default=-1.1, description="P_mean of 'lognormal' pair sampling (improved CT's value)")
+    lognormal_std: float = Field(default=2.0, gt=0.0, description="P_std of 'lognormal' pair sampling (improved CT's value)")
     distance: Literal["l1", "l2", "huber", "random"] = Field(default="l1", description="d; 'random' picks one per step")
     huber_c: float = Field(default=0.001, gt=0.0, description="c of the pseudo-Huber distance sqrt((a-b)^2+c^2)-c")
     w: float = Field(default=7.0, ge=0.0, description="guidance w fed as the w-embedding (guidance_scale - 1)")

@@ -1,6 +1,6 @@
 """The consistency-training (CT) objective (method doc, section 3.2), shared by three trainers.
 
-    n ~ U{0..N-2} on the skipping-step grid t_0 < ... < t_{N-1}; one noise z
+    n ~ U{0..N-2} on the skipping-step grid t_0 < ... < t_{N-1} (or improved CT's lognormal); one noise z
     (with ``boundary``: t = 0 prepended and n ~ U{0..N-1}, so the lowest target is x_0 itself)
     x_{t_{n+1}} = sqrt(abar_{n+1}) x0 + sqrt(1 - abar_{n+1}) z,   x_{t_n} likewise with the same z
     loss = d( f(x_{t_{n+1}}, t_{n+1}),  stopgrad f(x_{t_n}, t_n) )
@@ -11,6 +11,7 @@ the target side runs under ``torch.no_grad`` with the same weights (psi^- = stop
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,10 +35,15 @@ class ConsistencyDraws:
     distance: str  # a concrete distance (a 'random' config picks one per step)
 
 
-def sample_draws(latents: torch.Tensor, config: ConsistencyConfig) -> ConsistencyDraws:
-    """Draw n, z, w and the distance from the (checkpointed) global RNG."""
+def sample_draws(latents: torch.Tensor, config: ConsistencyConfig, schedule: NoiseSchedule | None = None) -> ConsistencyDraws:
+    """Draw n, z, w and the distance from the (checkpointed) global RNG (``schedule``: for lognormal pairs)."""
     batch = latents.shape[0]
-    n = torch.randint(0, config.num_points if config.boundary else config.num_points - 1, (batch,))
+    if config.pair_sampling == "lognormal":
+        if schedule is None:
+            raise InputError("lognormal pair sampling needs the noise schedule (its sigmas weight the pairs)")
+        n = torch.multinomial(pair_probabilities(schedule, config), batch, replacement=True)
+    else:
+        n = torch.randint(0, config.num_points if config.boundary else config.num_points - 1, (batch,))
     noise = torch.randn_like(latents)
     if config.w_range is not None:
         low, high = config.w_range
@@ -45,6 +51,26 @@ def sample_draws(latents: torch.Tensor, config: ConsistencyConfig) -> Consistenc
     else:
         w = torch.full((batch,), float(config.w))
     return ConsistencyDraws(n=n, noise=noise, w=w, distance=pick_distance(config.distance))
+
+
+def pair_probabilities(schedule: NoiseSchedule, config: ConsistencyConfig) -> torch.Tensor:
+    """p(n) of each grid pair (t_n, t_{n+1}); 'lognormal' follows improved consistency training
+    (Song & Dhariwal 2023): erf((log sigma_{n+1} - P_mean) / (sqrt(2) P_std)) - erf(... sigma_n ...),
+    normalised, with sigma = sqrt((1 - abar) / abar) (0 at t = 0, infinite where abar is 0)."""
+    grid = torch.from_numpy(schedule.skipping_grid(config.num_points))
+    if config.boundary:
+        grid = torch.cat([grid.new_zeros(1), grid])
+    pairs = len(grid) - 1
+    if config.pair_sampling == "uniform":
+        return torch.full((pairs,), 1.0 / pairs, dtype=torch.float64)
+    alpha = schedule.alpha(grid).double()
+    alpha = torch.where(grid == 0, torch.ones_like(alpha), alpha)  # t = 0 is the data itself: sigma 0
+    log_sigma = (0.5 * ((1 - alpha).log() - alpha.log()))  # -inf at sigma 0, +inf at abar 0: erf takes both
+    cdf = torch.erf((log_sigma - config.lognormal_mean) / (math.sqrt(2.0) * config.lognormal_std))
+    weights = (cdf[1:] - cdf[:-1]).clamp(min=0.0)
+    if not float(weights.sum()) > 0.0:
+        raise InputError(f"lognormal pair sampling (mean {config.lognormal_mean}, std {config.lognormal_std}) puts no mass on the grid")
+    return weights / weights.sum()
 
 
 def grid_timesteps(schedule: NoiseSchedule, num_points: int, n: torch.Tensor, *, boundary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ class CTControlNetTrainer(EmaTargetHooks, ControlNetTrainer):
         return controlnet
 
     def sample_draws(self, inputs: ControlInputs) -> ConsistencyDraws:
-        return sample_draws(inputs.latents, self.config.consistency)
+        return sample_draws(inputs.latents, self.config.consistency, self.base.schedule)
 
     @property
     def validation_sampler(self) -> dict[str, Any]:

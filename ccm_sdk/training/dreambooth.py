@@ -119,7 +119,7 @@ class DreamBoothTrainer(Trainer):
         )
 
     def sample_draws(self, inputs: DreamBoothInputs) -> ConsistencyDraws:
-        return sample_draws(inputs.latents, self.config.consistency)
+        return sample_draws(inputs.latents, self.config.consistency, self.base.schedule)
 
     def denoiser(self, unet: torch.nn.Module, inputs: DreamBoothInputs, timestep_cond: torch.Tensor | None) -> Denoise:
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

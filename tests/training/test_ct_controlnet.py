@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import ccm_kernels
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ccm_sdk.cli import main
-from ccm_sdk.errors import TrainingError
+from ccm_sdk.errors import InputError, TrainingError
 from ccm_sdk.pipeline import CCMPipeline
 from ccm_sdk.training.config import ConsistencyConfig, dump_config
-from ccm_sdk.training.ct import ConsistencyDraws, consistency_pair, grid_timesteps, sample_draws
+from ccm_sdk.training.ct import ConsistencyDraws, consistency_pair, grid_timesteps, pair_probabilities, sample_draws
 from ccm_sdk.training.ct_controlnet import CTControlNetTrainer
 
 
@@ -66,6 +68,38 @@ def test_f_goes_through_the_kernel_op_and_the_target_has_no_gradient(trainer, fi
     online, target = consistency_pair(denoise, denoise, trainer.base.schedule, inputs.latents, _draws(inputs.latents, "l1"), num_points=50)
     assert len(calls) == 2
     assert online.requires_grad and not target.requires_grad
+
+
+def test_lognormal_pairs_follow_improved_ct_and_favour_low_noise(trainer, fixed_batches, make_config, controlnet_dir):
+    schedule = trainer.base.schedule
+    config = ConsistencyConfig(pair_sampling="lognormal")
+    p = pair_probabilities(schedule, config)
+    # by hand, improved CT's formula on the 50-point grid 19, 39, ..., 999
+    abar = [float(schedule.alphas_cumprod[t]) for t in range(19, 1000, 20)]
+    cdf = [math.erf((0.5 * math.log((1 - a) / a) + 1.1) / (math.sqrt(2) * 2.0)) if a > 0 else 1.0 for a in abar]
+    expected = torch.tensor([hi - lo for lo, hi in zip(cdf, cdf[1:])], dtype=torch.float64)
+    torch.testing.assert_close(p, expected / expected.sum())
+    assert len(p) == 49 and p[0] > 4 / 49 and p[-1] < 1 / 49  # the lowest pair 5x as often as uniform, the noisiest rarely
+    uniform = pair_probabilities(schedule, ConsistencyConfig())
+    assert torch.equal(uniform, torch.full((49,), 1 / 49, dtype=torch.float64))
+    with_boundary = pair_probabilities(schedule, ConsistencyConfig(pair_sampling="lognormal", boundary=True))
+    assert len(with_boundary) == 50 and with_boundary[0] > p[0]  # t = 0 has sigma 0: the pair (0, 19) gets erf's whole low tail
+    # the draws follow p
+    torch.manual_seed(0)
+    n = sample_draws(torch.zeros(20000, 1), config, schedule).n
+    torch.testing.assert_close(torch.bincount(n, minlength=49).double() / 20000, p, atol=0.006, rtol=0)
+    # and the trainer draws them: a step runs, and its pairs lean to low noise
+    trainer = CTControlNetTrainer(make_config("ct_controlnet", controlnet=str(controlnet_dir), consistency__pair_sampling="lognormal"))
+    trainer.setup()
+    _, (inputs,) = fixed_batches(trainer)
+    torch.manual_seed(1)
+    picks = torch.cat([trainer.sample_draws(inputs).n for _ in range(200)])
+    assert (picks < 10).float().mean() > 0.35  # uniform: 10/49 = 0.20
+    assert torch.isfinite(trainer.compute_loss(inputs, trainer.sample_draws(inputs)))
+    with pytest.raises(InputError, match="noise schedule"):
+        sample_draws(inputs.latents, config)
+    with pytest.raises(InputError, match="no mass"):
+        pair_probabilities(schedule, ConsistencyConfig(pair_sampling="lognormal", lognormal_mean=80.0, lognormal_std=0.1))
 
 
 def test_the_boundary_grid_starts_at_zero_and_its_lowest_target_is_the_noised_data(trainer, fixed_batches, by_hand):

@@ -99,6 +99,9 @@ def _print(message: str) -> None:
 NEUTRAL_OPTIONS: dict[tuple[str, ...], Any] = {
     ("consistency", "boundary"): False,
     ("target_ema_decay",): 0.0,
+    ("consistency", "pair_sampling"): "uniform",
+    ("consistency", "lognormal_mean"): -1.1,
+    ("consistency", "lognormal_std"): 2.0,
 }
 
 

@@ -389,11 +389,16 @@ def test_options_at_their_neutral_value_leave_fingerprints_alone(tmp_path):
     plain = build()
     unit = next(u for u in plain.by_name.values() if u.name.startswith("cm-controlnet-"))
     config = plain.spec(unit)["config"]
-    assert "boundary" not in config["consistency"] and "target_ema_decay" not in config
+    new_keys = ("boundary", "pair_sampling", "lognormal_mean", "lognormal_std")
+    assert not set(new_keys) & set(config["consistency"]) and "target_ema_decay" not in config
     # written out at the neutral value: the same fingerprint, so finished units stay done
-    same = build(("cm_controlnets.config.consistency.boundary", False), ("cm_controlnets.config.target_ema_decay", 0.0))
+    neutral = [("cm_controlnets.config.consistency.boundary", False), ("cm_controlnets.config.target_ema_decay", 0.0),
+               ("cm_controlnets.config.consistency.pair_sampling", "uniform"), ("cm_controlnets.config.consistency.lognormal_mean", -1.1),
+               ("cm_controlnets.config.consistency.lognormal_std", 2.0)]  # fmt: skip
+    same = build(*neutral)
     assert same.fingerprint(same.by_name[unit.name]) == plain.fingerprint(unit)
     # any other value trains differently: a new fingerprint
-    for override in (("cm_controlnets.config.consistency.boundary", True), ("cm_controlnets.config.target_ema_decay", 0.95)):
+    for override in (("cm_controlnets.config.consistency.boundary", True), ("cm_controlnets.config.target_ema_decay", 0.95),
+                     ("cm_controlnets.config.consistency.pair_sampling", "lognormal")):  # fmt: skip
         other = build(override)
         assert other.fingerprint(other.by_name[unit.name]) != plain.fingerprint(unit), override
