@@ -53,13 +53,17 @@ def sample_draws(latents: torch.Tensor, config: ConsistencyConfig, schedule: Noi
     return ConsistencyDraws(n=n, noise=noise, w=w, distance=pick_distance(config.distance))
 
 
+def _grid(schedule: NoiseSchedule, num_points: int, boundary: bool) -> torch.Tensor:
+    """The skipping-step grid as a long tensor, after a leading t = 0 with ``boundary``."""
+    grid = torch.from_numpy(schedule.skipping_grid(num_points))
+    return torch.cat([grid.new_zeros(1), grid]) if boundary else grid
+
+
 def pair_probabilities(schedule: NoiseSchedule, config: ConsistencyConfig) -> torch.Tensor:
     """p(n) of each grid pair (t_n, t_{n+1}); 'lognormal' follows improved consistency training
     (Song & Dhariwal 2023): erf((log sigma_{n+1} - P_mean) / (sqrt(2) P_std)) - erf(... sigma_n ...),
     normalised, with sigma = sqrt((1 - abar) / abar) (0 at t = 0, infinite where abar is 0)."""
-    grid = torch.from_numpy(schedule.skipping_grid(config.num_points))
-    if config.boundary:
-        grid = torch.cat([grid.new_zeros(1), grid])
+    grid = _grid(schedule, config.num_points, config.boundary)
     pairs = len(grid) - 1
     if config.pair_sampling == "uniform":
         return torch.full((pairs,), 1.0 / pairs, dtype=torch.float64)
@@ -75,9 +79,7 @@ def pair_probabilities(schedule: NoiseSchedule, config: ConsistencyConfig) -> to
 
 def grid_timesteps(schedule: NoiseSchedule, num_points: int, n: torch.Tensor, *, boundary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(t_n, t_{n+1}) on the skipping-step grid (after a leading t = 0 with ``boundary``), as long tensors [B]."""
-    grid = torch.from_numpy(schedule.skipping_grid(num_points))
-    if boundary:
-        grid = torch.cat([grid.new_zeros(1), grid])
+    grid = _grid(schedule, num_points, boundary)
     if int(n.max()) + 1 >= len(grid) or int(n.min()) < 0:
         raise InputError(f"grid index n must lie in 0..{len(grid) - 2}, got {n.tolist()}")
     return grid[n.cpu()], grid[n.cpu() + 1]
