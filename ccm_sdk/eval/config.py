@@ -159,6 +159,11 @@ class EvalConfig(Section):
     paper: PaperModels | None = None
     show: int = Field(default=4, ge=1, description="samples per method and condition in samples.png")
     warmup: bool = Field(default=True, description="one untimed generation per method and step count first")
+    fid_floor: bool = Field(
+        default=True,
+        description="also score a second, disjoint set of num_samples real images against the first: the FID that "
+        "two samples of the same distribution get at this size (needs 2 x num_samples items in the dataset)",
+    )
     correlation: list[CorrelationConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

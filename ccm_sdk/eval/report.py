@@ -68,6 +68,19 @@ def line_f1_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def colour_table(result: EvalResult) -> str:
+    """| method | steps | <condition> colour accuracy ... |, plus the real images'; "" when the dataset has no colour targets."""
+    if not any(math.isfinite(r.colour_accuracy) for r in result.rows) and not math.isfinite(result.real_colour_accuracy):
+        return ""
+    conditions = [c.title for c in result.config.conditions]
+    lines = ["| method | steps | " + " | ".join(conditions) + " |", "|" + "---|" * (len(conditions) + 2)]
+    for method, steps in _groups(result.rows):
+        rows = {r.condition: r for r in result.rows if r.method == method and r.steps == steps}
+        lines.append(f"| {method} | {steps} | " + " | ".join("" if t not in rows else _number(rows[t].colour_accuracy, 3) for t in conditions) + " |")
+    lines.append("| real images | - | " + " | ".join(_number(result.real_colour_accuracy, 3) for _ in conditions) + " |")
+    return "\n".join(lines)
+
+
 def fidelity_noise(rows: list[EvalRow]) -> str:
     """One sentence on the Fidelity column's sampling noise (its standard errors), or "" when none is known."""
     errors = sorted(r.fidelity_sem for r in rows if r.fidelity_sem is not None and math.isfinite(r.fidelity_sem))
@@ -92,11 +105,17 @@ def _markdown(result: EvalResult) -> str:
         "",
         markdown_table(result),
     ]
+    if math.isfinite(result.fid_floor):
+        parts += ["", f"FID floor: a second set of {config.num_samples} real images against the first scores "
+                  f"{_number(result.fid_floor, 2)}; FID differences well inside that are sampling noise at this size."]  # fmt: skip
     if noise := fidelity_noise(result.rows):
         parts += ["", noise]
     if lines := line_f1_table(result):
         parts += ["", "Line F1 (higher is better): how many of c's lines h(y) draws and how many of h(y)'s lines are in c, "
                   "within the tolerance shown; an empty h(y) scores 0 where Fidelity would reward it.", "", lines]  # fmt: skip
+    if colours := colour_table(result):
+        parts += ["", "Colour accuracy (higher is better): the share of regions (the background and each object, from the "
+                  "dataset's labels) whose mean generated colour is nearest to the colour the caption asks for.", "", colours]  # fmt: skip
     for i, analysis in enumerate(result.correlations):
         parts += ["", f"## Correlation: {analysis.label_a} vs {analysis.label_b}", "",
                   "| depth | " + " | ".join(analysis.names) + " |", "|---|" + "---|" * len(analysis.names),

@@ -23,6 +23,7 @@ from ..errors import ChannelMismatchError, EvalInterrupted, InputError
 from ..interfaces import Condition
 from ..registry import get_condition, get_sampler
 from ..training.stop import StopSignals
+from .colour import ColourTargets, colour_accuracy
 from .config import ConditionConfig, EvalConfig, MethodConfig, check_names, expand_methods
 from .features import extract_features, load_extractor
 from .fid import fid_from_features
@@ -46,6 +47,7 @@ class EvalRow:
     # standard error of the Fidelity mean over the images scored (std / sqrt(n)); NaN with fewer than two
     fidelity_sem: float = float("nan")
     line_f1: float = float("nan")  # mean line F1 of h(y) against c, where the condition asks for it (higher is better)
+    colour_accuracy: float = float("nan")  # share of regions in the asked colour, where the dataset knows them (colour.py)
 
 
 @dataclass
@@ -62,6 +64,10 @@ class EvalResult:
     real_line_f1: dict[str, float] = field(default_factory=dict)  # h(x_real)'s line F1 against c, per line_f1 condition
     correlations: list[Any] = field(default_factory=list)  # CorrelationResult per config.correlation entry
     feature_extractor: str = ""
+    real_colour_accuracy: float = float("nan")  # the real images' colour accuracy (NaN: the dataset has no colour targets)
+    # FID of a second, disjoint set of real images of the same size against the first: what two samples
+    # of the very same distribution score at this sample count (NaN: the dataset is too small)
+    fid_floor: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +75,8 @@ class EvalResult:
             "real_fidelity": self.real_fidelity,
             "flat_fidelity": self.flat_fidelity,
             "real_line_f1": self.real_line_f1,
+            "real_colour_accuracy": self.real_colour_accuracy,
+            "fid_floor": self.fid_floor,
             "features": self.feature_extractor,
             "correlation": [c.to_dict() for c in self.correlations],
             "config": self.config.model_dump(mode="json"),
@@ -184,7 +192,8 @@ def _line_f1(condition: Condition, spec: ConditionConfig, images: torch.Tensor, 
 
 
 def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, captions: list[str], controls: torch.Tensor,
-          condition: Condition, extractor, real_features: torch.Tensor, config: EvalConfig) -> tuple[EvalRow, torch.Tensor]:  # fmt: skip
+          condition: Condition, extractor, real_features: torch.Tensor, config: EvalConfig,
+          colours: list[ColourTargets] | None) -> tuple[EvalRow, torch.Tensor]:  # fmt: skip
     """Generate and score one cell: its row and the generated images."""
     sampler = get_sampler(method.sampler, **method.sampler_options)
     if config.warmup:
@@ -196,8 +205,24 @@ def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, caption
     score = float(scored.mean()) if scored.numel() else float("nan")
     sem = float(scored.std() / scored.numel() ** 0.5) if scored.numel() > 1 else float("nan")
     lines = _line_f1(condition, spec, generated, controls)
-    row = EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples, sem, lines)
+    colour = float("nan") if colours is None else colour_accuracy(generated, colours)
+    row = EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples, sem, lines, colour)
     return row, generated
+
+
+def _colour_targets(dataset, count: int) -> list[ColourTargets] | None:
+    """The dataset's colour targets for its first ``count`` items, when it has them (``colour_targets``)."""
+    method = getattr(dataset, "colour_targets", None)
+    return None if method is None else [method(i) for i in range(count)]
+
+
+def _fid_floor(dataset, config: EvalConfig, extractor, real_features: torch.Tensor) -> float:
+    """FID of real images num_samples .. 2 num_samples - 1 against the first num_samples (NaN if too few)."""
+    n = config.num_samples
+    if len(dataset) < 2 * n:
+        return float("nan")
+    second = torch.stack([dataset[i]["image"] for i in range(n, 2 * n)]).float()
+    return fid_from_features(extract_features(extractor, second, batch_size=config.features.batch_size), real_features)
 
 
 def run_evaluation(
@@ -238,11 +263,15 @@ def run_evaluation(
     real_line_f1 = {spec.title: _line_f1(conditions[spec.title], spec, images, controls[spec.title]) for spec in config.conditions
                     if spec.line_f1 is not None}  # fmt: skip
     # 3. features of the real images
+    colours = _colour_targets(dataset, config.num_samples)
+    real_colour = float("nan") if colours is None else colour_accuracy(images, colours)
     extractor = load_extractor(config.features, device=device)
     real_features = extract_features(extractor, images, batch_size=config.features.batch_size)
+    floor = _fid_floor(dataset, config, extractor, real_features) if config.fid_floor else float("nan")
     show = min(config.show, config.num_samples)
     result = EvalResult(config, [], real_fidelity, images[:show], {t: c[:show] for t, c in controls.items()},
-                        feature_extractor=getattr(extractor, "name", type(extractor).__name__), flat_fidelity=flat_fidelity, real_line_f1=real_line_f1)  # fmt: skip
+                        feature_extractor=getattr(extractor, "name", type(extractor).__name__), flat_fidelity=flat_fidelity,
+                        real_line_f1=real_line_f1, real_colour_accuracy=real_colour, fid_floor=floor)  # fmt: skip
     # 4. every method x condition x step count (a cell), kept as it is done when there is a progress folder
     pipelines = _Pipelines(device)
     cells = [(method, spec, steps) for method in method_configs for spec in config.conditions for steps in method.steps]
@@ -255,7 +284,7 @@ def run_evaluation(
                 note = " (kept from an earlier run)"
             else:
                 row, generated = _cell(pipelines.get(method, None if method.uncontrolled else method.controlnets[spec.title]), method, spec, steps, captions,
-                                       controls[spec.title], conditions[spec.title], extractor, real_features, config)  # fmt: skip
+                                       controls[spec.title], conditions[spec.title], extractor, real_features, config, colours)  # fmt: skip
                 shown, note = generated[:show], ""
                 if kept is not None:
                     kept.save(row, shown, method, spec)

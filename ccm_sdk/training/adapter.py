@@ -20,10 +20,9 @@ from ..pipeline import CCMPipeline, load_controlnet
 from .config import AdapterTrainConfig
 from .controls import ControlSource, check_condition_fits, controlnet_residuals
 from .core import Trainer
-from .ct import ConsistencyDraws, Denoise, consistency_pair, sample_draws
+from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
 from .export import atomic_folder
 from .frozen import FrozenBase, freeze, place
-from .losses import distance
 
 
 @dataclass
@@ -112,10 +111,8 @@ class AdapterTrainer(Trainer):
         timestep_cond = self.base.guidance_cond(self.unet, draws.consistency.w)
         online = self.denoiser(self.model, k, inputs, control, timestep_cond)
         target = self.denoiser(self.unwrapped(), k, inputs, control, timestep_cond)
-        f_online, f_target = consistency_pair(
-            online, target, self.base.schedule, inputs.latents, draws.consistency, num_points=cfg.num_points, boundary=cfg.boundary
-        )
-        return distance(draws.consistency.distance, f_online, f_target, huber_c=cfg.huber_c)
+        f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws.consistency, cfg)
+        return consistency_loss(f_online, f_target, draws.consistency, self.base.schedule, cfg)
 
     def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
         """For each ControlNet: its control maps, then images from the consistency model through the adapter."""

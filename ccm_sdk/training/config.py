@@ -100,8 +100,25 @@ class HubConfig(Section):
         return self
 
 
+#: Named consistency-training recipes: the values a recipe gives the keys a config leaves out.
+#: 'ccm' is the method as the CCM paper states it (L1, adjacent pairs of the N = 50 grid, stopgrad
+#: target); 'relative-gap' pairs each t with the grid point at or below t / 2 and uses pseudo-Huber,
+#: which learns control where 'ccm' does not (docs/training.md, "Choosing a consistency-training recipe").
+CONSISTENCY_RECIPES: dict[str, dict[str, Any]] = {
+    "ccm": {"distance": "l1", "gap_ratio": None, "huber_c": 0.001},
+    "relative-gap": {"distance": "huber", "gap_ratio": 0.5, "huber_c": 0.03},
+}
+DEFAULT_CONSISTENCY_RECIPE = "relative-gap"
+
+
 class ConsistencyConfig(Section):
-    """The consistency-training loss (method doc, section 3.2)."""
+    """The consistency-training loss (method doc, section 3.2), from a named recipe plus any key set explicitly."""
+
+    recipe: Literal["ccm", "relative-gap"] = Field(
+        default=DEFAULT_CONSISTENCY_RECIPE,
+        description="named recipe that fills distance, huber_c and gap_ratio where the config leaves them out: "
+        "'ccm' (the paper's L1 on adjacent grid pairs) or 'relative-gap' (pairs (t/2, t), pseudo-Huber)",
+    )
 
     num_points: int = Field(default=50, ge=2, description="N: points of the skipping-step grid; n ~ U{0..N-2} by default")
     boundary: bool = Field(
@@ -116,10 +133,37 @@ class ConsistencyConfig(Section):
     )
     lognormal_mean: float = Field(default=-1.1, description="P_mean of 'lognormal' pair sampling (improved CT's value)")
     lognormal_std: float = Field(default=2.0, gt=0.0, description="P_std of 'lognormal' pair sampling (improved CT's value)")
-    distance: Literal["l1", "l2", "huber", "random"] = Field(default="l1", description="d; 'random' picks one per step")
-    huber_c: float = Field(default=0.001, gt=0.0, description="c of the pseudo-Huber distance sqrt((a-b)^2+c^2)-c")
+    data_target_above: int = Field(
+        default=1000, ge=0, le=1000,
+        description="pairs whose upper timestep t_{n+1} is at least this take the data x_0 itself as their target (the "
+        "pair's low end moved to t = 0, CT's coarsest discretisation); 1000: never (the method), 0: every pair",
+    )
+    gap_ratio: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="None: each pair's low end is the adjacent grid point (the method); r: the highest grid point at "
+        "or below (1 - r) t_{n+1} (a gap relative to t, as in easy consistency tuning), the data where there is none "
+        "(left out: the recipe's)",
+    )
+    weighting: Literal["uniform", "output_scale", "ict"] = Field(
+        default="uniform",
+        description="per-pair weight: 'uniform' (the method); 'output_scale': 1 / (df / d model output) at t_{n+1}, "
+        "so a branch on a frozen model is trained as strongly at low noise as at high; 'ict': improved CT's "
+        "1 / (sigma_{n+1} - sigma_n). Weights are normalised to mean 1 over the grid's pairs",
+    )
+    distance: Literal["l1", "l2", "huber", "random"] = Field(default="l1", description="d; 'random' picks one per step (left out: the recipe's)")
+    huber_c: float = Field(default=0.001, gt=0.0, description="c of the pseudo-Huber distance sqrt((a-b)^2+c^2)-c (left out: the recipe's)")
     w: float = Field(default=7.0, ge=0.0, description="guidance w fed as the w-embedding (guidance_scale - 1)")
     w_range: tuple[float, float] | None = Field(default=None, description="sample w ~ U[w_min, w_max] per sample instead")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_recipe(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        recipe = data.get("recipe", DEFAULT_CONSISTENCY_RECIPE)
+        if recipe not in CONSISTENCY_RECIPES:
+            return data  # the Literal field names the accepted recipes
+        return {**CONSISTENCY_RECIPES[recipe], **data}
 
     @model_validator(mode="after")
     def _ordered_range(self):

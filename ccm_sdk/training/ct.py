@@ -3,7 +3,12 @@
     n ~ U{0..N-2} on the skipping-step grid t_0 < ... < t_{N-1} (or improved CT's lognormal); one noise z
     (with ``boundary``: t = 0 prepended and n ~ U{0..N-1}, so the lowest target is x_0 itself)
     x_{t_{n+1}} = sqrt(abar_{n+1}) x0 + sqrt(1 - abar_{n+1}) z,   x_{t_n} likewise with the same z
-    loss = d( f(x_{t_{n+1}}, t_{n+1}),  stopgrad f(x_{t_n}, t_n) )
+    loss = lambda(n) d( f(x_{t_{n+1}}, t_{n+1}),  stopgrad f(x_{t_n}, t_n) )
+
+The pair schedule says where each pair's low end lies: the adjacent grid point (the method), or
+the data itself (``data_target_above``: the target of a pair whose t_{n+1} is at or above that
+timestep is x_0, CT's coarsest discretisation, marked by t_n = DATA_TARGET). lambda(n) is the
+``weighting`` (uniform, the branch's output scale, or improved CT's 1 / (sigma_{n+1} - sigma_n)).
 
 f goes through ``NoiseSchedule.consistency`` (the ``consistency_step`` kernel op) on both sides;
 the target side runs under ``torch.no_grad`` with the same weights (psi^- = stopgrad(psi)).
@@ -20,9 +25,10 @@ import torch
 from ..errors import InputError
 from ..schedule import NoiseSchedule
 from .config import ConsistencyConfig
-from .losses import pick_distance
+from .losses import distance, pick_distance
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t [B]) -> raw model output
+DATA_TARGET = -1  # a pair's low end at the data: its target is x_0 itself
 
 
 @dataclass
@@ -33,6 +39,10 @@ class ConsistencyDraws:
     noise: torch.Tensor  # like the latents
     w: torch.Tensor  # [B] guidance w for the w-embedding
     distance: str  # a concrete distance (a 'random' config picks one per step)
+
+    def rows(self, rows: slice) -> ConsistencyDraws:
+        """The draws of some samples of the batch."""
+        return ConsistencyDraws(n=self.n[rows], noise=self.noise[rows], w=self.w[rows], distance=self.distance)
 
 
 def sample_draws(latents: torch.Tensor, config: ConsistencyConfig, schedule: NoiseSchedule | None = None) -> ConsistencyDraws:
@@ -85,22 +95,96 @@ def grid_timesteps(schedule: NoiseSchedule, num_points: int, n: torch.Tensor, *,
     return grid[n.cpu()], grid[n.cpu() + 1]
 
 
+def pair_timesteps(schedule: NoiseSchedule, config: ConsistencyConfig, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_low, t_high) of each drawn pair under the config's pair schedule; t_low is DATA_TARGET where the
+    target is the data itself."""
+    t_low, t_high = grid_timesteps(schedule, config.num_points, n, boundary=config.boundary)
+    if config.gap_ratio is not None:
+        grid = _grid(schedule, config.num_points, config.boundary)
+        below = torch.searchsorted(grid, ((1 - config.gap_ratio) * t_high).floor().long(), right=True) - 1
+        below = torch.minimum(below, n)  # never above the adjacent point
+        t_low = torch.where(below >= 0, grid[below.clamp(min=0)], torch.full_like(t_low, DATA_TARGET))
+    return torch.where(t_high >= config.data_target_above, torch.full_like(t_low, DATA_TARGET), t_low), t_high
+
+
+def output_scale(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """|d f(x, t) / d model_output| per timestep: how strongly a change of the network's output moves f
+    (c_out sqrt(1 - abar) for v-prediction; 0.14 at t = 19 against 1.0 at t = 999 on the world's schedule)."""
+    _, c_out = schedule.scalings(t)
+    alpha = schedule.alpha(t).float()
+    if schedule.prediction_type == "v_prediction":
+        return c_out * (1 - alpha).sqrt()
+    if schedule.prediction_type == "epsilon":
+        return c_out * ((1 - alpha) / alpha).sqrt()
+    return c_out
+
+
+def _sigma(schedule: NoiseSchedule, config: ConsistencyConfig, t: torch.Tensor) -> torch.Tensor:
+    """sigma = sqrt((1 - abar) / abar) per timestep, 0 at DATA_TARGET. Where abar is 0 (zero terminal SNR)
+    sigma is infinite; it continues the grid's top ratio instead: sigma_{N-1}^2 / sigma_{N-2}."""
+    grid = _grid(schedule, config.num_points, config.boundary)
+    alpha = schedule.alpha(grid).double()
+    sigmas = ((1 - alpha) / alpha).sqrt()
+    finite = sigmas[torch.isfinite(sigmas)]
+    if len(finite) >= 2:
+        sigmas = torch.where(torch.isfinite(sigmas), sigmas, finite[-1] ** 2 / finite[-2])
+    index = torch.searchsorted(grid, t.clamp(min=0))
+    return torch.where(t == DATA_TARGET, torch.zeros_like(sigmas[index]), sigmas[index])
+
+
+def _raw_weights(schedule: NoiseSchedule, config: ConsistencyConfig, t_low: torch.Tensor, t_high: torch.Tensor) -> torch.Tensor:
+    if config.weighting == "output_scale":
+        power = 2 if config.distance == "l2" else 1
+        return output_scale(schedule, t_high).double().pow(-power)
+    if config.weighting == "ict":
+        return 1.0 / (_sigma(schedule, config, t_high) - _sigma(schedule, config, t_low))
+    return torch.ones(t_high.shape, dtype=torch.float64)
+
+
+def pair_weights(schedule: NoiseSchedule, config: ConsistencyConfig, t_low: torch.Tensor, t_high: torch.Tensor) -> torch.Tensor:
+    """lambda per pair ([B] float32), normalised to mean 1 over every pair of the grid."""
+    every = torch.arange(len(_grid(schedule, config.num_points, config.boundary)) - 1)
+    grid_low, grid_high = pair_timesteps(schedule, config, every)
+    norm = _raw_weights(schedule, config, grid_low, grid_high).mean()
+    return (_raw_weights(schedule, config, t_low.cpu(), t_high.cpu()) / norm).float()
+
+
 def consistency_pair(
     online: Denoise,
     target: Denoise,
     schedule: NoiseSchedule,
     latents: torch.Tensor,
     draws: ConsistencyDraws,
-    *,
-    num_points: int,
-    boundary: bool = False,
+    config: ConsistencyConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f(x_{t_{n+1}}, t_{n+1}) with gradients, f(x_{t_n}, t_n) without), both float32."""
-    t_low, t_high = grid_timesteps(schedule, num_points, draws.n, boundary=boundary)
+    """(f(x_{t_{n+1}}, t_{n+1}) with gradients, f(x_{t_n}, t_n) without), both float32. Where t_n is
+    DATA_TARGET the target is x_0 itself; ``target`` runs only when some pair has its low end on the grid."""
+    t_low, t_high = pair_timesteps(schedule, config, draws.n)
     device = latents.device
     x_high = schedule.add_noise(latents, draws.noise, t_high)
-    x_low = schedule.add_noise(latents, draws.noise, t_low)
     f_high, _ = schedule.consistency(online(x_high, t_high.to(device)).float(), x_high.float(), t_high)
+    data = t_low == DATA_TARGET
+    if bool(data.all()):
+        return f_high, latents.float()
+    # the target side runs on the whole batch (its conditioning is batched); data rows are replaced after
+    t_low = torch.where(data, t_high, t_low)
+    x_low = schedule.add_noise(latents, draws.noise, t_low)
     with torch.no_grad():
         f_low, _ = schedule.consistency(target(x_low, t_low.to(device)).float(), x_low.float(), t_low)
+    if bool(data.any()):
+        f_low = torch.where(_rows(data, f_low), latents.float(), f_low)
     return f_high, f_low
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def consistency_loss(f_online: torch.Tensor, f_target: torch.Tensor, draws: ConsistencyDraws, schedule: NoiseSchedule,
+                     config: ConsistencyConfig) -> torch.Tensor:  # fmt: skip
+    """lambda(n) d(f_online, f_target), averaged over the batch (d averaged over each sample's elements)."""
+    if config.weighting == "uniform":
+        return distance(draws.distance, f_online, f_target, huber_c=config.huber_c)
+    per_sample = distance(draws.distance, f_online, f_target, huber_c=config.huber_c, reduce=False)
+    t_low, t_high = pair_timesteps(schedule, config, draws.n)
+    return (per_sample * pair_weights(schedule, config, t_low, t_high).to(per_sample.device)).mean()

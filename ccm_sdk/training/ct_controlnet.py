@@ -18,9 +18,8 @@ from torch import nn
 
 from .config import CTControlNetTrainConfig
 from .controls import ControlInputs, ControlNetTrainer, controlnet_residuals
-from .ct import ConsistencyDraws, Denoise, consistency_pair, sample_draws
+from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
 from .ema import EmaTarget, EmaTargetHooks
-from .losses import distance
 
 
 class _Fixed(nn.Module):
@@ -73,12 +72,11 @@ class CTControlNetTrainer(EmaTargetHooks, ControlNetTrainer):
         else:
             target, hook = self._stopgrad_target(inputs, timestep_cond)
         try:
-            f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws,
-                                                  num_points=cfg.num_points, boundary=cfg.boundary)  # fmt: skip
+            f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws, cfg)
         finally:
             if hook is not None:
                 hook.remove()
-        return distance(draws.distance, f_online, f_target, huber_c=cfg.huber_c)
+        return consistency_loss(f_online, f_target, draws, self.base.schedule, cfg)
 
     def _stopgrad_target(self, inputs: ControlInputs, timestep_cond) -> tuple[Denoise, Any]:
         """psi^- = stopgrad(psi), and the hook to remove once the online pass and the target have run."""

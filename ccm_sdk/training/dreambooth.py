@@ -21,12 +21,11 @@ from ..pipeline import CCMPipeline
 from .batches import JointBatches, StepBatches
 from .config import DreamBoothTrainConfig
 from .core import Trainer
-from .ct import ConsistencyDraws, Denoise, consistency_pair, sample_draws
+from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
 from .data import IMAGE_EXTENSIONS, RecaptionedDataset, open_dataset
 from .export import save_pipeline_with_unet, save_unet_lora
 from .frozen import FrozenBase
 from .lora import add_unet_lora
-from .losses import distance
 
 
 @dataclass
@@ -132,14 +131,13 @@ class DreamBoothTrainer(Trainer):
         timestep_cond = self.base.guidance_cond(self.unwrapped(), draws.w)
         online = self.denoiser(self.model, inputs, timestep_cond)
         target = self.denoiser(self.unwrapped(), inputs, timestep_cond)
-        f_online, f_target = consistency_pair(
-            online, target, self.base.schedule, inputs.latents, draws, num_points=cfg.consistency.num_points,
-            boundary=cfg.consistency.boundary,
-        )
-        k, c = inputs.num_instance, cfg.consistency.huber_c
-        loss = distance(draws.distance, f_online[:k], f_target[:k], huber_c=c)
+        f_online, f_target = consistency_pair(online, target, self.base.schedule, inputs.latents, draws, cfg.consistency)
+        k = inputs.num_instance
+        schedule, instance, prior = self.base.schedule, slice(None, k), slice(k, None)
+        loss = consistency_loss(f_online[instance], f_target[instance], draws.rows(instance), schedule, cfg.consistency)
         if k < f_online.shape[0]:
-            loss = loss + cfg.prior_loss_weight * distance(draws.distance, f_online[k:], f_target[k:], huber_c=c)
+            prior_loss = consistency_loss(f_online[prior], f_target[prior], draws.rows(prior), schedule, cfg.consistency)
+            loss = loss + cfg.prior_loss_weight * prior_loss
         return loss
 
     def save_outputs(self, output_dir: Path) -> dict[str, Path]:

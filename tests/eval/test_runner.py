@@ -155,11 +155,51 @@ def test_dataset_control_maps_and_a_factory_dataset(models, tmp_path, monkeypatc
     assert [(r.method, r.steps, r.nfe) for r in result.rows] == [("ct", 1, 1)]
     assert result.controls["canny"].shape == (3, 3, 32, 32)  # 1-channel maps widened to the condition's 3
     assert result.real_fidelity["canny"] > 0  # random maps are not canny's output: the floor shows it
+    assert math.isnan(result.real_colour_accuracy) and math.isnan(result.rows[0].colour_accuracy)  # no colour targets
+    assert math.isnan(result.fid_floor)  # 3 items: no second set of 3
     with pytest.raises(InputError, match="fewer than num_samples=5"):
         run_evaluation(config.model_copy(update={"num_samples": 5}), log=None)
     bad = config.model_copy(update={"dataset": config.dataset.model_copy(update={"factory": "no_such_module:make"})})
     with pytest.raises(InputError, match="not an importable"):
         run_evaluation(bad, log=None)
+
+
+def test_colour_column_and_fid_floor_for_a_dataset_with_colour_targets(models, tmp_path, monkeypatch):
+    module = tmp_path / "tiny_colour_data.py"
+    module.write_text(
+        "import torch\n"
+        "from ccm_sdk.eval.colour import ColourTargets\n"
+        "PALETTE = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])\n"
+        "REGIONS = torch.zeros(32, 32, dtype=torch.long)\n"
+        "REGIONS[8:24, 8:24] = 1\n"
+        "class Data(list):\n"
+        "    def colour_targets(self, index):\n"
+        "        return ColourTargets(REGIONS, torch.tensor([index % 2, 1 - index % 2]), PALETTE)\n"
+        "def make(n=6):\n"
+        "    items = []\n"
+        "    for i in range(n):\n"
+        "        image = PALETTE[REGIONS if i % 2 == 0 else 1 - REGIONS].permute(2, 0, 1).contiguous()\n"
+        "        items.append({'image': image, 'caption': 'x', 'controls': {'edges': torch.zeros(1, 32, 32)}})\n"
+        "    return Data(items)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = {
+        "output_dir": str(tmp_path / "out"), "dataset": {"factory": "tiny_colour_data:make", "options": {"n": 6}},
+        "num_samples": 3, "device": "cpu", "warmup": False,
+        "conditions": [{"name": "canny", "control": "dataset", "key": "edges"}],
+        "methods": [{"name": "ct", "model": models["cm"], "controlnets": {"canny": models["cm_controlnets"]["canny"]}, "steps": [1]}],
+    }  # fmt: skip
+    result = run_evaluation(load_eval_config(raw), log=None)
+    assert result.real_colour_accuracy == 1.0  # the real images are painted exactly as asked
+    assert 0.0 <= result.rows[0].colour_accuracy <= 1.0
+    assert math.isfinite(result.fid_floor) and result.fid_floor >= 0.0
+    result.write(tmp_path / "report")
+    report = (tmp_path / "report" / "results.md").read_text()
+    assert "Colour accuracy" in report and "| real images | - | 1.000 |" in report and "FID floor" in report
+    # too few items for a second real set: no floor; no colour targets: no colour column
+    small = run_evaluation(load_eval_config({**raw, "dataset": {"factory": "tiny_colour_data:make", "options": {"n": 5}}}), log=None)
+    assert math.isnan(small.fid_floor)
+    assert math.isnan(run_evaluation(load_eval_config({**raw, "fid_floor": False}), log=None).fid_floor)
 
 
 def test_ccm_eval_command(models, image_folder, tmp_path, capsys):

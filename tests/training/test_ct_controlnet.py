@@ -65,7 +65,7 @@ def test_f_goes_through_the_kernel_op_and_the_target_has_no_gradient(trainer, fi
     real = ccm_kernels.consistency_step
     monkeypatch.setattr(ccm_kernels, "consistency_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     denoise = trainer.denoiser(trainer.model, inputs, trainer.base.guidance_cond(trainer.unet, torch.full((2,), 7.0)))
-    online, target = consistency_pair(denoise, denoise, trainer.base.schedule, inputs.latents, _draws(inputs.latents, "l1"), num_points=50)
+    online, target = consistency_pair(denoise, denoise, trainer.base.schedule, inputs.latents, _draws(inputs.latents, "l1"), ConsistencyConfig())
     assert len(calls) == 2
     assert online.requires_grad and not target.requires_grad
 
@@ -119,7 +119,7 @@ def test_the_boundary_grid_starts_at_zero_and_its_lowest_target_is_the_noised_da
     draws = _draws(inputs.latents, "l1")
     draws.n = torch.tensor([0, 0])
     denoise = trainer.denoiser(trainer.model, inputs, trainer.base.guidance_cond(trainer.unet, draws.w))
-    online, target = consistency_pair(denoise, denoise, schedule, inputs.latents, draws, num_points=50, boundary=True)
+    online, target = consistency_pair(denoise, denoise, schedule, inputs.latents, draws, ConsistencyConfig(boundary=True))
     x_0 = by_hand.add_noise(inputs.latents, draws.noise, torch.tensor([0, 0]))
     torch.testing.assert_close(target, x_0, atol=1e-6, rtol=0)
     _, f_19 = _by_hand(trainer, inputs, draws, by_hand)  # n = 0 there: grid[0] = 19

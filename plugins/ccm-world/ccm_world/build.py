@@ -102,6 +102,10 @@ NEUTRAL_OPTIONS: dict[tuple[str, ...], Any] = {
     ("consistency", "pair_sampling"): "uniform",
     ("consistency", "lognormal_mean"): -1.1,
     ("consistency", "lognormal_std"): 2.0,
+    ("consistency", "data_target_above"): 1000,
+    ("consistency", "gap_ratio"): None,
+    ("consistency", "weighting"): "uniform",
+    ("consistency", "recipe"): "ccm",  # the recipe every consistency-trained unit was built with before recipes had names
 }
 
 

@@ -17,11 +17,12 @@ from torch.utils.data import Dataset
 from ccm_sdk.conditions.mask import MaskCondition, random_masks
 from ccm_sdk.conditions.sr import SRCondition
 from ccm_sdk.errors import InputError, UnknownNameError
+from ccm_sdk.eval.colour import ColourTargets
 
 from . import render
 from .generate import SceneConfig, sample_scene
 from .scene import Scene
-from .vocabulary import COLORS, SHAPES, SIZES
+from .vocabulary import COLORS, PALETTE, SHAPES, SIZES
 
 # Control-map keys, named after the SDK condition whose ControlNet each one feeds.
 WORLD_CONDITIONS: tuple[str, ...] = ("canny", "sketch", "hed", "depth", "pose", "mask", "sr")
@@ -174,6 +175,16 @@ class WorldDataset(Dataset):
             "index": index,
             "scene": scene,
         }
+
+    def colour_targets(self, index: int) -> ColourTargets:
+        """Which pixels are the background and each object, and the palette colour the caption asks of each
+        (``ccm eval``'s colour column)."""
+        self._check_index(int(index))
+        scene = self.scene(int(index))
+        _, labels = render.render_labels(scene, self.supersample)
+        asked = [COLORS.index(scene.background.color), *(COLORS.index(obj.color) for obj in scene.objects)]
+        palette = torch.tensor([PALETTE[name] for name in COLORS], dtype=torch.float32) / 255.0
+        return ColourTargets(torch.from_numpy(labels.astype(np.int64)), torch.tensor(asked), palette)
 
     def save_folder(self, path: str | os.PathLike, n: int, *, start: int = 0) -> Path:
         """Write samples ``start .. start+n-1`` in the folder-dataset layout.
