@@ -5,10 +5,14 @@
     x_{t_{n+1}} = sqrt(abar_{n+1}) x0 + sqrt(1 - abar_{n+1}) z,   x_{t_n} likewise with the same z
     loss = lambda(n) d( f(x_{t_{n+1}}, t_{n+1}),  stopgrad f(x_{t_n}, t_n) )
 
-The pair schedule says where each pair's low end lies: the adjacent grid point (the method), or
-the data itself (``data_target_above``: the target of a pair whose t_{n+1} is at or above that
-timestep is x_0, CT's coarsest discretisation, marked by t_n = DATA_TARGET). lambda(n) is the
-``weighting`` (uniform, the branch's output scale, or improved CT's 1 / (sigma_{n+1} - sigma_n)).
+The pair schedule says where each pair's low end lies: the adjacent grid point (the method); the
+grid point at or below (1 - r) t_{n+1} (``gap_ratio`` r: a gap relative to t, so that a chain of
+bootstrapped targets from t = 999 down to the data has about log(T) / -log(1 - r) links instead of
+N - 1); or the data itself (``data_target_above``, and wherever a relative gap reaches below the
+grid: the target is x_0, CT's coarsest discretisation, marked by t_n = DATA_TARGET). lambda(n) is
+the ``weighting`` (uniform, the branch's output scale, or improved CT's 1 / (sigma_{n+1} - sigma_n)).
+Named recipes (``ConsistencyConfig.recipe``) fill these in: 'ccm' is the method as the paper
+states it, 'relative-gap' the one that learns control on the exact toy (docs/training.md).
 
 f goes through ``NoiseSchedule.consistency`` (the ``consistency_step`` kernel op) on both sides;
 the target side runs under ``torch.no_grad`` with the same weights (psi^- = stopgrad(psi)).

@@ -76,10 +76,16 @@ class ControlNetStage(TrainerStage):
     """One ControlNet per condition, each its own resumable unit (``<group>-<condition>``)."""
 
     conditions: list[WorldCondition] = Field(min_length=1)
+    per_condition: dict[WorldCondition, dict[str, Any]] = Field(
+        default_factory=dict, description="trainer config keys over ``config`` for one condition's unit only"
+    )
 
     @model_validator(mode="after")
     def _no_repeats(self):
         _unique(self.conditions, "conditions")
+        unknown = sorted(set(self.per_condition) - set(self.conditions))
+        if unknown:
+            raise ValueError(f"per_condition names {unknown}, which are not in conditions {self.conditions}")
         return self
 
 

@@ -162,6 +162,8 @@ def trainer_config(preset: Preset, unit: Unit, work_dir: Path):
             for c in preset.adapter.conditions
         ]  # fmt: skip
     raw = _merge(base, stage.config)
+    if unit.condition is not None and unit.condition in getattr(stage, "per_condition", {}):
+        raw = _merge(raw, stage.per_condition[unit.condition])
     raw["trainer"] = unit.trainer
     try:
         return validate_config(config_class(unit.trainer), raw)

@@ -402,3 +402,39 @@ def test_options_at_their_neutral_value_leave_fingerprints_alone(tmp_path):
                      ("cm_controlnets.config.consistency.pair_sampling", "lognormal")):  # fmt: skip
         other = build(override)
         assert other.fingerprint(other.by_name[unit.name]) != plain.fingerprint(unit), override
+
+
+def test_the_ccm_recipe_and_the_pair_schedule_options_at_their_neutral_values_leave_fingerprints_alone(tmp_path):
+    """Units built before recipes had names (the paper's: 'ccm') keep their fingerprints."""
+
+    def build(*overrides):
+        return WorldBuild(load_preset("tiny", list(overrides)), tmp_path / "work", models_dir=tmp_path / "models", log=lambda m: None)
+
+    ccm = ("cm_controlnets.config.consistency.recipe", "ccm")
+    plain = build(ccm)
+    unit = next(u for u in plain.by_name.values() if u.name.startswith("cm-controlnet-"))
+    consistency = plain.spec(unit)["config"]["consistency"]
+    assert not {"recipe", "data_target_above", "gap_ratio", "weighting"} & set(consistency)
+    assert consistency["distance"] == "l1"  # the recipe's
+    neutral = [("cm_controlnets.config.consistency.data_target_above", 1000), ("cm_controlnets.config.consistency.gap_ratio", None),
+               ("cm_controlnets.config.consistency.weighting", "uniform")]  # fmt: skip
+    same = build(ccm, *neutral)
+    assert same.fingerprint(same.by_name[unit.name]) == plain.fingerprint(unit)
+    for override in (("cm_controlnets.config.consistency.recipe", "relative-gap"), ("cm_controlnets.config.consistency.gap_ratio", 0.5),
+                     ("cm_controlnets.config.consistency.weighting", "ict")):  # fmt: skip
+        other = build(ccm, override)
+        assert other.fingerprint(other.by_name[unit.name]) != plain.fingerprint(unit), override
+
+
+def test_per_condition_keys_change_one_unit_only(tmp_path):
+    def build(*overrides):
+        return WorldBuild(load_preset("tiny", list(overrides)), tmp_path / "work", models_dir=tmp_path / "models", log=lambda m: None)
+
+    plain = build()
+    one = build(("cm_controlnets.per_condition", {"sketch": {"consistency": {"recipe": "ccm"}}}))
+    assert one.configs["cm-controlnet-sketch"].consistency.recipe == "ccm"
+    assert one.configs["cm-controlnet-canny"].consistency.recipe == plain.configs["cm-controlnet-canny"].consistency.recipe
+    assert one.fingerprint(one.by_name["cm-controlnet-sketch"]) != plain.fingerprint(plain.by_name["cm-controlnet-sketch"])
+    assert one.fingerprint(one.by_name["cm-controlnet-canny"]) == plain.fingerprint(plain.by_name["cm-controlnet-canny"])
+    with pytest.raises(Exception, match="not in conditions"):
+        build(("cm_controlnets.per_condition", {"pose": {"train": {"lr": 1e-5}}}))
