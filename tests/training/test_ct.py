@@ -29,7 +29,7 @@ EVERY = torch.arange(49)  # n of every pair of the 50-point grid 19, 39, ..., 99
 
 
 def test_the_method_pairs_adjacent_grid_points(schedule):
-    low, high = pair_timesteps(schedule, ConsistencyConfig(), EVERY)
+    low, high = pair_timesteps(schedule, ConsistencyConfig(recipe="ccm"), EVERY)
     assert high.tolist() == [20 * i + 39 for i in range(49)]
     assert low.tolist() == [20 * i + 19 for i in range(49)]
 
@@ -39,7 +39,7 @@ def test_the_method_pairs_adjacent_grid_points(schedule):
     [(1000, 0), (999, 1), (500, 25), (40, 48), (0, 49)],  # t_{n+1} = 39 + 20 n >= above
 )
 def test_data_targets_from_a_timestep_up(schedule, above, data_pairs):
-    low, high = pair_timesteps(schedule, ConsistencyConfig(data_target_above=above), EVERY)
+    low, high = pair_timesteps(schedule, ConsistencyConfig(recipe="ccm", data_target_above=above), EVERY)
     data = low == DATA_TARGET
     assert int(data.sum()) == data_pairs
     assert bool((high[data] >= above).all()) and bool((low[~data] == high[~data] - 20).all())
