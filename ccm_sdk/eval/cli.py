@@ -25,6 +25,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="eval config (YAML or JSON)")
     parser.add_argument("--output-dir", help="where to write results (default: the config's output_dir)")
     parser.add_argument("--num-samples", type=int, help="override num_samples")
+    parser.add_argument("--seed", type=int, help="override seed (the initial noise of every cell; run a few to see FID's spread)")
     parser.add_argument("--methods", help="comma-separated preset or method names to run (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override device")
     parser.add_argument("--validate", action="store_true", help="check the config and its names, run nothing")
@@ -41,7 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .runner import run_evaluation
 
     overrides = {key: value for key, value in (("output_dir", args.output_dir), ("num_samples", args.num_samples),
-                                               ("device", args.device)) if value is not None}  # fmt: skip
+                                               ("seed", args.seed), ("device", args.device)) if value is not None}  # fmt: skip
     config = load_eval_config(args.config, overrides)
     only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.validate:

@@ -212,6 +212,10 @@ def test_ccm_eval_command(models, image_folder, tmp_path, capsys):
     assert main(["eval", "--config", str(path), "--output-dir", str(out), "--num-samples", "2"]) == 0
     printed = capsys.readouterr().out
     assert "| CM's ControlNet + CM | 2 |" in printed and (out / "results.md").is_file()
+    assert main(["eval", "--config", str(path), "--output-dir", str(tmp_path / "seed-3"), "--num-samples", "2", "--seed", "3"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "seed-3" / "results.json").read_text())["config"]["seed"] == 3
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == config.seed
     assert main(["eval", "--config", str(path), "--methods", "dm-controlnet+gan", "--validate"]) == 2
     assert "unknown eval method 'dm-controlnet+gan'" in capsys.readouterr().err
 

@@ -101,7 +101,11 @@ def stage_seconds(preset: Preset, unit: Unit) -> tuple[float | None, int | None]
         return section.seconds_per_scene, preset.data.length  # a "step" is one scene
     if unit.kind not in ("trainer", "feature-net", "map-net") or section is None:
         return None, None
-    return section.seconds_per_step, section.max_steps
+    steps = section.max_steps
+    per_condition = getattr(section, "per_condition", {}).get(unit.condition, {}) if unit.condition else {}
+    if "max_steps" in (per_condition.get("train") or {}):
+        steps = per_condition["train"]["max_steps"]
+    return section.seconds_per_step, steps
 
 
 # --- trainer units ---------------------------------------------------------------------
