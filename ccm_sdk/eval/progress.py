@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..training.export import atomic_folder
+from ..utils.atomic import atomic_folder
 
 if TYPE_CHECKING:
     from .config import ConditionConfig, EvalConfig, MethodConfig

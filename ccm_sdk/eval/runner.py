@@ -22,7 +22,7 @@ from ..conditions.mask import MaskCondition, random_masks
 from ..errors import ChannelMismatchError, EvalInterrupted, InputError
 from ..interfaces import Condition
 from ..registry import get_condition, get_sampler
-from ..training.stop import StopSignals
+from ..utils.stopping import StopSignals
 from .colour import ColourTargets, colour_accuracy
 from .config import ConditionConfig, EvalConfig, MethodConfig, check_names, expand_methods
 from .features import extract_features, load_extractor
@@ -236,7 +236,7 @@ def run_evaluation(
     """Evaluate ``config`` (optionally only the named ``methods``) and return the rows.
 
     With ``progress`` (a folder), each finished cell (method, step count, condition) is kept there,
-    and SIGTERM, SIGUSR1 or a :func:`~ccm_sdk.training.stop.time_limit` stop the run between two
+    and SIGTERM, SIGUSR1 or a :func:`~ccm_sdk.utils.stopping.time_limit` stop the run between two
     cells with :class:`EvalInterrupted`; ``resume=True`` reuses the cells kept there whose settings
     are unchanged (else they are cleared first). Without it nothing is written.
     """

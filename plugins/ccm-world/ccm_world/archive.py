@@ -20,10 +20,11 @@ further along than the work dir's copy.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ccm_sdk.utils.atomic import atomic_folder
 
 from .build_config import BuildError
 
@@ -38,17 +39,11 @@ CHECKPOINTS = "checkpoints"
 
 def _copy_unit(source: Path, target: Path, checkpoint: Path | None) -> None:
     """``source`` without its checkpoints (plus ``checkpoint``, if given) into ``target``, atomically."""
-    tmp, old = target.parent / f".tmp-{target.name}", target.parent / f".old-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=lambda folder, names: [n for n in names if n.startswith(".") or
-                                                                (Path(folder) == source and n == CHECKPOINTS)])  # fmt: skip
-    if checkpoint is not None:
-        shutil.copytree(checkpoint, tmp / CHECKPOINTS / checkpoint.name)
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=lambda folder, names: [n for n in names if n.startswith(".") or
+                        (Path(folder) == source and n == CHECKPOINTS)])  # fmt: skip
+        if checkpoint is not None:
+            shutil.copytree(checkpoint, tmp / CHECKPOINTS / checkpoint.name)
 
 
 def _marker(folder: Path, name: str) -> dict | None:

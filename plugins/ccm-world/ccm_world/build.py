@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ccm_sdk.errors import InputError, Interrupted
-from ccm_sdk.training.stop import parse_duration, time_limit, time_limit_reached
+from ccm_sdk.utils.atomic import write_json_atomic
+from ccm_sdk.utils.stopping import parse_duration, time_limit, time_limit_reached
 
 from .archive import RESUMABLE_KINDS, archived_state, describe_progress, progress, restore_unit, save_unit
 from .build_config import BuildError, Preset, load_preset
@@ -66,16 +67,6 @@ class StageReport:
     output: str
     seconds_per_step: float | None = None
     steps: int | None = None
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write, fsync, then rename into place: the file is either complete or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def duration(seconds: float | None) -> str:

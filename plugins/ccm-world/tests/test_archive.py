@@ -165,7 +165,7 @@ def test_a_stopped_build_archives_the_step_its_trainer_reached(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_a_time_limit_stops_the_build_as_a_signal_would(tmp_path, monkeypatch, capsys):
-    from ccm_sdk.training import stop
+    from ccm_sdk.utils import stopping as stop
 
     now = [0.0]
     monkeypatch.setattr(stop, "monotonic", lambda: now[0])

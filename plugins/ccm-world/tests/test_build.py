@@ -331,7 +331,7 @@ def test_raising_max_steps_continues_a_built_stage_exactly(built, tmp_path):
 @pytest.mark.slow
 def test_a_stopped_eval_is_archived_with_its_cells_and_goes_on_on_another_machine(built, tmp_path, monkeypatch):
     from ccm_sdk.errors import Interrupted
-    from ccm_sdk.training import stop
+    from ccm_sdk.utils import stopping as stop
 
     build, _, _ = built
     archive = tmp_path / "archive"
