@@ -61,7 +61,7 @@ class TrainArgs(NamedTuple):
 def parse_train_args(tokens: list[str]) -> TrainArgs:
     """The config file, overrides and options from the tokens after the trainer name."""
     from ..errors import InputError
-    from .config import parse_value
+    from ..utils.config_files import parse_value
     from ..utils.stopping import parse_duration
 
     config, overrides, show_help, stop_after, export = None, [], False, None, None

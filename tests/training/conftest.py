@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ccm_sdk.training.config import config_class, resolve_key, set_path, validate_config
+from ccm_sdk.training.config import config_class, resolve_key, validate_config
+from ccm_sdk.utils.config_files import set_path
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 TINY_CONTROL_EMBEDDING = [8, 16, 16, 32]  # three stride-2 convs: the tiny VAE's factor 8

@@ -517,17 +517,11 @@ def build_parser(prog: str = "ccm-world build") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, prog: str = "python -m ccm_world.build") -> int:
     from transformers.utils import logging as transformers_logging
 
-    from ccm_sdk.training.config import parse_value
+    from ccm_sdk.utils.config_files import parse_assignments
 
     args = build_parser(prog).parse_args(argv)
     try:
-        overrides = []
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise BuildError(f"--set expects KEY=VALUE, got {item!r}")
-            overrides.append((key.strip(), parse_value(value)))
-        preset = load_preset(args.preset, overrides)
+        preset = load_preset(args.preset, parse_assignments(args.set))
         transformers_logging.disable_progress_bar()  # one bar per weight file read or written: dozens per stage
         if args.force and not (args.stage or args.until):
             raise BuildError("--force deletes the outputs of the stages it rebuilds: name them with --stage or --until")

@@ -263,7 +263,7 @@ def preset_path(source: str | os.PathLike) -> Path:
 
 def load_preset(source: str | os.PathLike | dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> Preset:
     """Validate a preset (name, file or mapping) plus dotted ``(key, value)`` overrides."""
-    from ccm_sdk.training.config import read_config_file, set_path
+    from ccm_sdk.utils.config_files import read_config_file, set_path
 
     if isinstance(source, dict):
         raw, where = dict(source), "preset"
