@@ -111,7 +111,7 @@ def build_dataset(config: EvalConfig):
         except (ImportError, AttributeError, ValueError) as exc:
             raise InputError(f"dataset.factory {source.factory!r} is not an importable 'module:callable': {exc}") from None
         return factory(**source.options)
-    from ..training.data import ImageFolderDataset
+    from ..datasets import ImageFolderDataset
 
     keys = [c.dataset_key for c in config.conditions if c.control == "dataset"]
     return ImageFolderDataset(source.path, control_keys=keys, resolution=source.resolution)

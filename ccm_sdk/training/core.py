@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..datasets import TorchDataset, collate, open_dataset
 from ..errors import InputTypeError, TrainingError, TrainingInterrupted
 from ..utils.atomic import remove_temporary_folders
 from ..utils.stopping import StopSignals
@@ -36,7 +37,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import OptimConfig, TrainConfig, dump_config, validate_config
-from .data import TorchDataset, collate, open_dataset
 from .progress import LossHistory, progress_bar
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
