@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cond = sub.add_parser("conditions", help="list the registered conditions")
     cond.set_defaults(func=cmd_conditions)
-    from .training.cli import add_train_parser
+    from .training import add_train_parser
     add_train_parser(sub)
     from .eval.cli import add_eval_parser
     add_eval_parser(sub)

@@ -54,7 +54,7 @@ def _marker(folder: Path, name: str) -> dict | None:
 
 
 def _last_checkpoint(folder: Path) -> tuple[int, Path | None]:
-    from ccm_sdk.training.checkpoint import list_checkpoints
+    from ccm_sdk.training import list_checkpoints
 
     found = list_checkpoints(folder / CHECKPOINTS)
     return found[-1] if found else (0, None)

@@ -234,7 +234,7 @@ class WorldBuild:
         return "pending"
 
     def checkpoint_step(self, unit: Unit) -> int:
-        from ccm_sdk.training.checkpoint import list_checkpoints
+        from ccm_sdk.training import list_checkpoints
 
         found = list_checkpoints(self.folder(unit) / "checkpoints") if unit.kind == "trainer" else []
         return found[-1][0] if found else 0

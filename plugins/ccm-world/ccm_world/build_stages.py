@@ -129,7 +129,7 @@ def condition_options(preset: Preset, condition: str) -> dict[str, Any]:
 
 def trainer_config(preset: Preset, unit: Unit, work_dir: Path):
     """The validated trainer config of a training unit: the build's keys, then the preset's."""
-    from ccm_sdk.training.config import config_class, validate_config
+    from ccm_sdk.training import config_class, validate_config
 
     stage = getattr(preset, unit.section)
     where = f"{unit.section}.config"
@@ -210,8 +210,7 @@ def _intervals(starts: list[float]) -> float | None:
 
 def run_trainer(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
     """Train (or resume) one unit with its SDK trainer; time its steps."""
-    from ccm_sdk.training import get_trainer
-    from ccm_sdk.training.checkpoint import list_checkpoints
+    from ccm_sdk.training import get_trainer, list_checkpoints
 
     config = trainer_config(preset, unit, work_dir)
     found = list_checkpoints(Path(config.output_dir) / "checkpoints")
@@ -239,8 +238,7 @@ def run_trainer(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[st
 def export_preview(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> tuple[int, Path]:
     """The product of the unfinished trainer ``unit`` as of its last checkpoint (step, folder), exported
     once into ``<work>/pack/previews/<unit>/step-N`` (outside the unit's folder, so it is not archived)."""
-    from ccm_sdk.training import get_trainer
-    from ccm_sdk.training.checkpoint import list_checkpoints
+    from ccm_sdk.training import get_trainer, list_checkpoints
 
     config = trainer_config(preset, unit, work_dir)
     found = list_checkpoints(Path(config.output_dir) / "checkpoints")
@@ -258,7 +256,7 @@ def export_preview(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> tupl
 
 
 def run_text_encoder(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
-    from ccm_sdk.training.text_encoder import build_text_encoder
+    from ccm_sdk.training import build_text_encoder
 
     s = preset.text_encoder
     build_text_encoder(list(WORLD_VOCABULARY), work_dir / unit.name, hidden_size=s.hidden_size, layers=s.layers,

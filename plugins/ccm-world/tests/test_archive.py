@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ccm_sdk.training.core import Trainer
+from ccm_sdk.training import Trainer
 from ccm_world.build import DONE, STARTED, WorldBuild, main
 from ccm_world.build_config import BuildError, load_preset
 

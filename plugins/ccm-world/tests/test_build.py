@@ -13,7 +13,7 @@ import torch
 
 import ccm_world
 from ccm_sdk.pipeline import CCMPipeline
-from ccm_sdk.training.core import Trainer
+from ccm_sdk.training import Trainer
 from ccm_world import WorldDataset
 from ccm_world.build import DONE, WorldBuild, cli, main
 from ccm_world.build_config import BuildError, PackSizeError, load_preset
