@@ -19,9 +19,9 @@ from typing import Any
 
 from ccm_sdk.errors import InputError
 
-from .build_config import BuildError, Preset, find_file
-from .dataset import ATTRIBUTE_NAMES, WorldDataset
-from .vocabulary import WORLD_VOCABULARY
+from .config import BuildError, Preset, find_file
+from ..dataset import ATTRIBUTE_NAMES, WorldDataset
+from ..vocabulary import WORLD_VOCABULARY
 
 Log = Callable[[str], None]
 
@@ -321,7 +321,7 @@ def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dic
 
 
 def run_map_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
-    from .map_net import train_map_net
+    from ..map_net import train_map_net
 
     s, (target, channels) = getattr(preset, unit.section), MAP_NETS[unit.name]
     progress, starts = _step_log(preset, unit.name, s.steps, log)

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from ccm_sdk.errors import InputError, TrainingError
 from ccm_sdk.utils.atomic import atomic_folder, write_json_atomic
 
-from .dataset import ATTRIBUTE_NAMES, CONTROL_CHANNELS, WorldDataset
+from ..dataset import ATTRIBUTE_NAMES, CONTROL_CHANNELS, WorldDataset
 
 MANIFEST = "cache.json"
 FORMAT = 1

@@ -12,9 +12,9 @@ from diffusers import AutoencoderKL
 
 from ccm_sdk.errors import InputError, TrainingError
 from ccm_world import WorldDataset
-from ccm_world.build_config import load_preset
-from ccm_world.build_stages import plan_units
-from ccm_world.data_cache import CachedWorldDataset, _to_uint8, build_data_cache, scene_bytes
+from ccm_world.build.config import load_preset
+from ccm_world.build.data_cache import CachedWorldDataset, _to_uint8, build_data_cache, scene_bytes
+from ccm_world.build.stages import plan_units
 from ccm_world.dataset import WORLD_CONDITIONS
 
 

@@ -15,10 +15,12 @@ import ccm_world
 from ccm_sdk.pipeline import CCMPipeline
 from ccm_sdk.training import Trainer
 from ccm_world import WorldDataset
-from ccm_world.build import DONE, WorldBuild, cli, main
-from ccm_world.build_config import BuildError, PackSizeError, load_preset
-from ccm_world.build_stages import DISCUSSION_MARKER, stage_seconds, write_results_file
-from ccm_world.pack import MANIFEST, check_size
+from ccm_world.build import cli, main
+from ccm_world.build.config import BuildError, PackSizeError, load_preset
+from ccm_world.build.markers import DONE
+from ccm_world.build.pack import MANIFEST, check_size
+from ccm_world.build.run import WorldBuild
+from ccm_world.build.stages import DISCUSSION_MARKER, stage_seconds, write_results_file
 
 
 def _digest(path) -> str:

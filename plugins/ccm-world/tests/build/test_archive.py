@@ -9,8 +9,10 @@ import json
 import pytest
 
 from ccm_sdk.training import Trainer
-from ccm_world.build import DONE, STARTED, WorldBuild, main
-from ccm_world.build_config import BuildError, load_preset
+from ccm_world.build import main
+from ccm_world.build.config import BuildError, load_preset
+from ccm_world.build.markers import DONE, STARTED
+from ccm_world.build.run import WorldBuild
 
 TEACHER = "teacher/model/unet/diffusion_pytorch_model.safetensors"
 

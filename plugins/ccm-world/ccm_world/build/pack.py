@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 
 from ccm_sdk.utils.atomic import atomic_folder
 
-from .build_config import BuildError, PackSizeError, Preset
-from .build_stages import MAP_NETS, Log, world_data
+from .config import BuildError, PackSizeError, Preset
+from .stages import MAP_NETS, Log, world_data
 
 MANIFEST = "manifest.json"
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -261,7 +261,7 @@ def load_model(kind: str, source: str | os.PathLike):
     from ccm_sdk.models.loading import resolve_model_path
 
     if kind == "map-net":
-        from .map_net import WorldMapNet
+        from ..map_net import WorldMapNet
 
         return WorldMapNet.from_pretrained(resolve_model_path(source, what="map net"))
     if kind != "feature-net":
