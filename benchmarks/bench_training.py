@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
+from ccm_sdk.datasets import collate
 from ccm_sdk.testing import tiny
 from ccm_sdk.training import get_trainer
 from ccm_sdk.training.config import load_config
 from ccm_sdk.training.core import seed_everything
-from ccm_sdk.training.data import collate
 
 
 class Squares(torch.utils.data.Dataset):

@@ -17,15 +17,14 @@ def demo_model_dir() -> Path:
 
 def _options(pairs: list[str]) -> dict[str, Any]:
     """``key=value`` pairs; values parse as JSON when they can (numbers, lists, true/false)."""
+    from .utils.config_files import parse_value
+
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"ccm: expected --option key=value, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+        options[key] = parse_value(value)
     return options
 
 
@@ -298,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cond = sub.add_parser("conditions", help="list the registered conditions")
     cond.set_defaults(func=cmd_conditions)
-    from .training.cli import add_train_parser
+    from .training import add_train_parser
     add_train_parser(sub)
     from .eval.cli import add_eval_parser
     add_eval_parser(sub)

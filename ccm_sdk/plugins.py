@@ -17,6 +17,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .version import __version__
 
 ENTRY_POINT_GROUP = "ccm_sdk"
 BUILTIN_PLUGINS = (
@@ -76,8 +77,6 @@ def load_plugins() -> None:
         if _loaded:
             return
         _loaded = True
-        from . import __version__
-
         for module_name in BUILTIN_PLUGINS:
             if pm.get_plugin(module_name) is None:
                 pm.register(importlib.import_module(module_name), name=module_name)

@@ -24,7 +24,8 @@ _LAZY = {
     "fid": ("FeatureStatistics", "feature_statistics", "fid_from_features", "frechet_distance", "sqrtm_psd"),
     "fidelity": ("fidelity", "fidelity_per_image"),
     "inception": ("FIDInceptionV3", "InceptionExtractor", "convert_pytorch_fid_weights"),
-    "runner": ("EvalResult", "EvalRow", "run_evaluation"),
+    "results": ("EvalResult", "EvalRow"),
+    "runner": ("run_evaluation",),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 

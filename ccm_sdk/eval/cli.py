@@ -52,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     from pathlib import Path
 
-    from ..training.stop import parse_duration, time_limit
+    from ..utils.stopping import parse_duration, time_limit
 
     with time_limit(parse_duration(args.stop_after) if args.stop_after else None):
         result = run_evaluation(config, methods=only, progress=Path(config.output_dir) / "progress", resume=args.resume)

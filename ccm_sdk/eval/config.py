@@ -15,7 +15,6 @@ full ``MethodConfig`` entries or preset names; presets take their models from ``
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InputError, MissingModelError, UnknownNameError
+from ..utils.config_files import read_config_file
 from .features import FeatureConfig
 
 
@@ -247,15 +247,7 @@ def load_eval_config(source: str | os.PathLike | dict[str, Any], overrides: dict
         path = Path(source)
         if not path.is_file():
             raise MissingModelError(f"eval config {str(path)!r} does not exist")
-        text = path.read_text()
-        if path.suffix == ".json":
-            raw = json.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text)
-        if not isinstance(raw, dict):
-            raise InputError(f"eval config {str(path)!r} should hold a mapping, got {type(raw).__name__}")
+        raw = read_config_file(path)
     raw.update(overrides or {})
     try:
         return EvalConfig(**raw)

@@ -95,7 +95,7 @@ def consistency_error_by_level(
     latent units: lower is more self-consistent.
     """
     from ..models.denoiser import ControlledDenoiser, ControlSpec
-    from ..training.ct import grid_timesteps
+    from ..training import grid_timesteps
 
     _check(prompts, images, control_image, batch_size)
     if not grid_indices or any(not 0 <= n <= num_points - 2 for n in grid_indices):

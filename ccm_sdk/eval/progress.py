@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..training.export import atomic_folder
+from ..utils.atomic import atomic_folder
+
+from .results import EvalRow
 
 if TYPE_CHECKING:
     from .config import ConditionConfig, EvalConfig, MethodConfig
-    from .runner import EvalRow
 
 ROW, SAMPLES = "row.json", "samples.safetensors"
 
@@ -62,8 +63,6 @@ class EvalProgress:
 
     def load(self, method: MethodConfig, steps: int, condition: ConditionConfig) -> tuple[EvalRow, torch.Tensor] | None:
         """The finished cell's row and samples, or None when it was not made here with these settings."""
-        from .runner import EvalRow
-
         cell = self.folder / self.cell_name(method.name, steps, condition.title)
         try:
             saved = json.loads((cell / ROW).read_text())

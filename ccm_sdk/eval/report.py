@@ -5,15 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .figures import save_figure
-from .runner import EvalResult, EvalRow
+
+if TYPE_CHECKING:
+    from .results import EvalResult, EvalRow
 
 
 def _number(value: float, digits: int) -> str:
@@ -201,7 +203,7 @@ def write_report(result: EvalResult, output_dir) -> dict[str, Any]:
     paths: dict[str, Any] = {"markdown": out / "results.md", "csv": out / "results.csv", "json": out / "results.json"}
     paths["markdown"].write_text(_markdown(result))
     with open(paths["csv"], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(EvalRow)])
+        writer = csv.DictWriter(handle, fieldnames=list(result.columns))
         writer.writeheader()
         writer.writerows(asdict(r) for r in result.rows)
     paths["json"].write_text(json.dumps(result.to_dict(), indent=2, allow_nan=True))

@@ -13,8 +13,6 @@ import contextlib
 import importlib
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 
@@ -22,71 +20,14 @@ from ..conditions.mask import MaskCondition, random_masks
 from ..errors import ChannelMismatchError, EvalInterrupted, InputError
 from ..interfaces import Condition
 from ..registry import get_condition, get_sampler
-from ..training.stop import StopSignals
+from ..utils.stopping import StopSignals
 from .colour import ColourTargets, colour_accuracy
 from .config import ConditionConfig, EvalConfig, MethodConfig, check_names, expand_methods
 from .features import extract_features, load_extractor
 from .fid import fid_from_features
 from .fidelity import fidelity, fidelity_per_image, line_f1_per_image
 from .progress import EvalProgress
-
-
-@dataclass
-class EvalRow:
-    """One method at one step count on one condition."""
-
-    method: str
-    sampler: str
-    steps: int
-    condition: str
-    nfe: int  # network evaluations per image (a CFG step counts two)
-    seconds_per_image: float  # wall time of the pipeline calls (warm-up excluded) / images
-    fid: float
-    fidelity: float
-    num_samples: int
-    # standard error of the Fidelity mean over the images scored (std / sqrt(n)); NaN with fewer than two
-    fidelity_sem: float = float("nan")
-    line_f1: float = float("nan")  # mean line F1 of h(y) against c, where the condition asks for it (higher is better)
-    colour_accuracy: float = float("nan")  # share of regions in the asked colour, where the dataset knows them (colour.py)
-
-
-@dataclass
-class EvalResult:
-    config: EvalConfig
-    rows: list[EvalRow]
-    real_fidelity: dict[str, float]  # h(x_real) against c: 0 for extracted controls, the floor for dataset maps
-    reals: torch.Tensor  # the first ``show`` real images
-    controls: dict[str, torch.Tensor]  # per condition, the first ``show`` control maps
-    samples: dict[tuple[str, int, str], torch.Tensor] = field(default_factory=dict)  # (method, steps, condition)
-    # h(flat image) against c, where each real image is replaced by its mean colour: what an image with
-    # no content scores (on sparse maps such as edges, an empty h(y) scores the share of lines in c)
-    flat_fidelity: dict[str, float] = field(default_factory=dict)
-    real_line_f1: dict[str, float] = field(default_factory=dict)  # h(x_real)'s line F1 against c, per line_f1 condition
-    correlations: list[Any] = field(default_factory=list)  # CorrelationResult per config.correlation entry
-    feature_extractor: str = ""
-    real_colour_accuracy: float = float("nan")  # the real images' colour accuracy (NaN: the dataset has no colour targets)
-    # FID of a second, disjoint set of real images of the same size against the first: what two samples
-    # of the very same distribution score at this sample count (NaN: the dataset is too small)
-    fid_floor: float = float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rows": [asdict(r) for r in self.rows],
-            "real_fidelity": self.real_fidelity,
-            "flat_fidelity": self.flat_fidelity,
-            "real_line_f1": self.real_line_f1,
-            "real_colour_accuracy": self.real_colour_accuracy,
-            "fid_floor": self.fid_floor,
-            "features": self.feature_extractor,
-            "correlation": [c.to_dict() for c in self.correlations],
-            "config": self.config.model_dump(mode="json"),
-        }
-
-    def write(self, output_dir=None) -> dict[str, Any]:
-        """results.md, results.csv, results.json, samples.png, metrics.png (+ correlation_<i>.png/json)."""
-        from .report import write_report
-
-        return write_report(self, output_dir or self.config.output_dir)
+from .results import EvalResult, EvalRow
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,7 +52,7 @@ def build_dataset(config: EvalConfig):
         except (ImportError, AttributeError, ValueError) as exc:
             raise InputError(f"dataset.factory {source.factory!r} is not an importable 'module:callable': {exc}") from None
         return factory(**source.options)
-    from ..training.data import ImageFolderDataset
+    from ..datasets import ImageFolderDataset
 
     keys = [c.dataset_key for c in config.conditions if c.control == "dataset"]
     return ImageFolderDataset(source.path, control_keys=keys, resolution=source.resolution)
@@ -236,7 +177,7 @@ def run_evaluation(
     """Evaluate ``config`` (optionally only the named ``methods``) and return the rows.
 
     With ``progress`` (a folder), each finished cell (method, step count, condition) is kept there,
-    and SIGTERM, SIGUSR1 or a :func:`~ccm_sdk.training.stop.time_limit` stop the run between two
+    and SIGTERM, SIGUSR1 or a :func:`~ccm_sdk.utils.stopping.time_limit` stop the run between two
     cells with :class:`EvalInterrupted`; ``resume=True`` reuses the cells kept there whose settings
     are unchanged (else they are cleared first). Without it nothing is written.
     """

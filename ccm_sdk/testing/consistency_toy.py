@@ -292,7 +292,7 @@ def train_branch(
     """Train a zero-initialised branch on the frozen exact base (a free network with ``free``; or go on
     training ``model``) by the SDK's consistency-training loss under ``config`` (a ConsistencyConfig);
     ``callback(step, model)`` runs after each step."""
-    from ..training.ct import consistency_loss, consistency_pair, sample_draws
+    from ..training import consistency_loss, consistency_pair, sample_draws
 
     if model is None:
         model = ControlledModel(None if free else toy.base(), toy.branch(seed))

@@ -28,6 +28,9 @@ _LAZY = {
     "DreamBoothTrainConfig": "config", "LCDTrainConfig": "config", "TrainConfig": "config", "load_config": "config",
     "Trainer": "core", "TrainResult": "core",
     "VAETrainConfig": "config", "T2ITrainConfig": "config", "build_text_encoder": "text_encoder",
+    "config_class": "config", "validate_config": "config", "list_checkpoints": "checkpoint", "add_train_parser": "cli",
+    # the consistency-training recipe's pieces, for analyses and tests that reproduce its loss
+    "consistency_loss": "ct", "consistency_pair": "ct", "grid_timesteps": "ct", "sample_draws": "ct",
     **{cls: module for module, cls in TRAINER_CLASSES.values()},
 }  # fmt: skip
 

@@ -17,11 +17,11 @@ import torch
 from ..models.adapter import UnifiedAdapter
 from ..models.controlnet import check_controlnet_fits
 from ..pipeline import CCMPipeline, load_controlnet
+from ..utils.atomic import atomic_folder
 from .config import AdapterTrainConfig
 from .controls import ControlSource, check_condition_fits, controlnet_residuals
 from .core import Trainer
 from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
-from .export import atomic_folder
 from .frozen import FrozenBase, freeze, place
 
 

@@ -7,9 +7,9 @@ A checkpoint is a folder ``checkpoints/step-00000010/``:
     rng-rank<r>.pt               python / numpy / torch (/ CUDA) RNG states, one file per process
     state.json                   step, trainer, world size, loss history
 
-It is assembled under a hidden temporary name and renamed into place in one ``os.replace``, so a
-process killed at any moment leaves either the complete checkpoint or none. The data order needs
-no state: it is a function of the step (``batches.py``).
+It is assembled under a hidden temporary name and renamed into place in one ``os.replace``
+(``ccm_sdk.utils.atomic``), so a process killed at any moment leaves either the complete checkpoint
+or none. The data order needs no state: it is a function of the step (``batches.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import TrainingError
+from ..utils.atomic import TMP_PREFIX, replace_folder, temporary_folder
 
 PREFIX = "step-"
 STATE_NAME = "state.json"
@@ -101,17 +102,14 @@ def save_checkpoint(accelerator, root: str | os.PathLike, checkpoint: Checkpoint
     """Write ``checkpoint`` atomically on the main process, with every process's RNG state; keep the last k."""
     root = Path(root)
     final = root / checkpoint_name(checkpoint.step)
-    tmp = root / f".tmp-{checkpoint_name(checkpoint.step)}"
     # 1. the main process makes a fresh temporary folder
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = temporary_folder(final) if accelerator.is_main_process else final.with_name(f"{TMP_PREFIX}{final.name}")
     accelerator.wait_for_everyone()
     # 2. every process adds its RNG state
     torch.save(capture_rng(), tmp / f"rng-rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
-    # 3. the main process writes the rest and renames the folder into place
+    # 3. the main process writes the rest and renames the folder into place (a run that resumed from
+    # an earlier step writes this step again: it replaces the old one)
     if accelerator.is_main_process:
         (tmp / "weights").mkdir()
         for name, state in checkpoint.weights.items():
@@ -121,25 +119,11 @@ def save_checkpoint(accelerator, root: str | os.PathLike, checkpoint: Checkpoint
             torch.save(obj, tmp / f"{name}.pt")
         meta = {"step": checkpoint.step, "world_size": accelerator.num_processes, **checkpoint.meta}
         (tmp / STATE_NAME).write_text(json.dumps(meta))
-        _sync_folder(tmp)
-        if final.exists():  # a run that resumed from an earlier step writes this step again
-            stale = root / f".old-{final.name}"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         for _, old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _sync_folder(folder: Path) -> None:
-    """fsync every file so the rename cannot land before the data (power loss, not just SIGKILL)."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def load_checkpoint(path: str | os.PathLike, *, rank: int, world_size: int | None, trainer: str) -> Checkpoint:
@@ -163,12 +147,3 @@ def load_checkpoint(path: str | os.PathLike, *, rank: int, world_size: int | Non
     }
     rng = torch.load(path / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
     return Checkpoint(step=int(meta["step"]), weights=weights, objects=objects, meta=meta, rng=rng)
-
-
-def clean_temporary(root: str | os.PathLike) -> None:
-    """Remove folders left by a process killed while writing a checkpoint."""
-    root = Path(root)
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.is_dir() and path.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(path, ignore_errors=True)

@@ -61,8 +61,8 @@ class TrainArgs(NamedTuple):
 def parse_train_args(tokens: list[str]) -> TrainArgs:
     """The config file, overrides and options from the tokens after the trainer name."""
     from ..errors import InputError
-    from .config import parse_value
-    from .stop import parse_duration
+    from ..utils.config_files import parse_value
+    from ..utils.stopping import parse_duration
 
     config, overrides, show_help, stop_after, export = None, [], False, None, None
     i = 0
@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if export is not None:
         return _export(args.trainer, config, export)
     from . import train
-    from .stop import time_limit
+    from ..utils.stopping import time_limit
 
     with time_limit(stop_after):
         result = train(config)

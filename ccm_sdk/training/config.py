@@ -8,7 +8,6 @@ name (``--max_steps 10``).
 from __future__ import annotations
 
 import difflib
-import json
 import types
 import typing
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InputError
+from ..utils.config_files import read_config_file, set_path
 
 # guidance w everywhere below is the CFG coefficient of x0_c + w (x0_c - x0_u), the value the
 # w-embedding takes; the pipelines' guidance_scale is w + 1.
@@ -440,28 +440,6 @@ def config_class(trainer: str) -> type[TrainConfig]:
         raise InputError(f"unknown trainer {trainer!r}; available: {', '.join(CONFIG_CLASSES)}") from None
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML (.yaml/.yml) or JSON (.json) file holding one mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:
-        raise InputError(f"config file {str(path)!r} cannot be parsed: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InputError(f"config file {str(path)!r} should hold a mapping, got {type(data).__name__}")
-    return data
-
-
 def load_config(
     trainer: str | None = None, path: str | Path | None = None, overrides: typing.Iterable[tuple[str, Any]] = ()
 ) -> TrainConfig:
@@ -573,46 +551,6 @@ def resolve_key(cls: type[TrainConfig], key: str) -> list[str]:
             )
         model = _model_of(model.model_fields[part].annotation)
     return parts
-
-
-def set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set ``raw[path[0]][path[1]]... = value``, creating mappings (and indexing lists) on the way."""
-    node: Any = raw
-    for i, part in enumerate(path[:-1]):
-        if isinstance(node, list):
-            index = int(part)
-            if index > len(node):
-                raise InputError(f"cannot set {'.'.join(path)}: the list has {len(node)} entries")
-            if index == len(node):
-                node.append([] if path[i + 1].isdigit() else {})
-            node = node[index]
-            continue
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = [] if path[i + 1].isdigit() else {}
-            node[part] = nxt
-        elif not isinstance(nxt, (dict, list)):
-            raise InputError(f"cannot set {'.'.join(path)}: {'.'.join(path[: i + 1])} is {nxt!r}, not a section")
-        node = nxt
-    last = path[-1]
-    if isinstance(node, list):
-        index = int(last)
-        if index > len(node):
-            raise InputError(f"cannot set {'.'.join(path)}: the list has {len(node)} entries")
-        if index == len(node):
-            node.append(value)
-        else:
-            node[index] = value
-    else:
-        node[last] = value
-
-
-def parse_value(text: str) -> Any:
-    """Override values parse as JSON when they can (numbers, true/false/null, lists), else stay strings."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def dump_config(config: TrainConfig, path: str | Path) -> Path:

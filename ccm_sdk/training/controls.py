@@ -15,9 +15,9 @@ from ..interfaces import Condition, build_options
 from ..models.controlnet import check_controlnet_fits, controlnet_from_unet
 from ..pipeline import CCMPipeline, load_controlnet
 from ..registry import conditions
+from ..utils.atomic import atomic_folder
 from .config import ControlNetTrainConfig
 from .core import Trainer
-from .export import atomic_folder
 from .frozen import FrozenBase, freeze, place
 
 

@@ -24,19 +24,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..datasets import TorchDataset, collate, open_dataset
 from ..errors import InputTypeError, TrainingError, TrainingInterrupted
-from .stop import StopSignals
+from ..utils.atomic import remove_temporary_folders
+from ..utils.stopping import StopSignals
 from .batches import StepBatches
 from .checkpoint import (
     Checkpoint,
-    clean_temporary,
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
 from .config import OptimConfig, TrainConfig, dump_config, validate_config
-from .data import TorchDataset, collate, open_dataset
 from .progress import LossHistory, progress_bar
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -337,7 +337,7 @@ class Trainer(ABC):
         checkpoints = output_dir / "checkpoints"
         if acc.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
-            clean_temporary(checkpoints)
+            remove_temporary_folders(checkpoints)
             dump_config(cfg, output_dir / "config.yaml")
         acc.wait_for_everyone()
         # 2. optimizer and learning-rate schedule

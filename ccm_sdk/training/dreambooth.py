@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
+from ..datasets import IMAGE_EXTENSIONS, RecaptionedDataset, open_dataset
 from ..errors import TrainingError
 from ..pipeline import CCMPipeline
 from .batches import JointBatches, StepBatches
 from .config import DreamBoothTrainConfig
 from .core import Trainer
 from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
-from .data import IMAGE_EXTENSIONS, RecaptionedDataset, open_dataset
 from .export import save_pipeline_with_unet, save_unet_lora
 from .frozen import FrozenBase
 from .lora import add_unet_lora

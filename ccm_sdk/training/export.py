@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..utils.atomic import atomic_folder
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".old-{path.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        shutil.rmtree(old)
-    os.replace(tmp, path)
 
 
 def save_pipeline_with_unet(

@@ -30,10 +30,11 @@ from ..errors import ImageSizeError, IncompatibleModelsError, InputError, Missin
 from ..models.loading import load_component, read_json, resolve_model_path
 from ..pipeline import CCMPipeline
 from ..schedule import NoiseSchedule
+from ..utils.atomic import atomic_folder
 from .config import NoiseScheduleSection, T2ITrainConfig, UNetArchitecture
 from .core import Trainer
 from .dm_controlnet import DiffusionDraws, diffusion_target
-from .export import _float32_copy, atomic_folder
+from .export import _float32_copy
 from .frozen import FrozenBase, freeze
 from .text_encoder import load_text_encoder
 from .vae import load_vae

@@ -22,12 +22,12 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
+from ..datasets import TorchDataset, open_dataset
 from ..errors import ImageSizeError, InputError, MissingModelError
 from ..models.loading import load_component, resolve_model_path
+from ..utils.atomic import atomic_folder
 from .config import VAEArchitecture, VAETrainConfig
 from .core import Trainer
-from .data import TorchDataset, open_dataset
-from .export import atomic_folder
 
 
 @dataclass

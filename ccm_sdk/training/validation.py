@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from ..datasets import collate
 from ..images import from_tensor, to_rgb
 from .checkpoint import capture_rng, restore_rng
-from .data import collate
 
 Rows = list[tuple[str, torch.Tensor]]  # (label, [B, C, H, W] in [0, 1]) per grid row
 

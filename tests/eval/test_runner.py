@@ -236,7 +236,7 @@ def _count_generations(monkeypatch) -> list[int]:
 
 def test_a_stopped_evaluation_keeps_its_cells_and_resumes(models, image_folder, tmp_path, monkeypatch):
     from ccm_sdk.errors import EvalInterrupted, Interrupted
-    from ccm_sdk.training import stop
+    from ccm_sdk.utils import stopping as stop
 
     config = _config(models, image_folder, tmp_path, methods=["dm-controlnet+cm", "cm-controlnet+cm"], conditions=[{"name": "canny"}])
     reference = run_evaluation(config, log=None)
@@ -287,7 +287,7 @@ def test_a_stopped_evaluation_keeps_its_cells_and_resumes(models, image_folder, 
 
 
 def test_ccm_eval_stop_after_and_resume(models, image_folder, tmp_path, capsys, monkeypatch):
-    from ccm_sdk.training import stop
+    from ccm_sdk.utils import stopping as stop
 
     config = _config(models, image_folder, tmp_path, methods=["cm-controlnet+cm"], conditions=[{"name": "canny"}])
     path = tmp_path / "eval.json"

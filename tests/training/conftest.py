@@ -1,43 +1,17 @@
-"""Training-test fixtures: tiny square-image datasets and config factories for the tiny models
-(the models themselves come from tests/conftest.py)."""
+"""Training-test fixtures: config factories for the tiny models (the models and the square-image
+datasets come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from ccm_sdk.training.config import config_class, resolve_key, set_path, validate_config
+from ccm_sdk.training.config import config_class, resolve_key, validate_config
+from ccm_sdk.utils.config_files import set_path
 
-COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 TINY_CONTROL_EMBEDDING = [8, 16, 16, 32]  # three stride-2 convs: the tiny VAE's factor 8
-
-
-def write_squares(folder: Path, *, count: int = 8, size: int = 32, seed: int = 0, control_key: str | None = None) -> Path:
-    """Coloured squares on a dark background, captioned "a <colour> square"; optionally a
-    precomputed control map (the square's outline) per image under ``folder/<control_key>/``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = list(COLORS)
-    for i in range(count):
-        name = names[i % len(names)]
-        image = np.full((size, size, 3), 30, np.uint8)
-        side = size // 2
-        x, y = (int(v) for v in rng.integers(1, size - side - 1, 2))
-        image[y : y + side, x : x + side] = COLORS[name]
-        Image.fromarray(image).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"a {name} square")
-        if control_key:
-            edges = np.zeros((size, size), np.uint8)
-            edges[y : y + side, x : x + side] = 255
-            edges[y + 1 : y + side - 1, x + 1 : x + side - 1] = 0
-            (folder / control_key).mkdir(exist_ok=True)
-            Image.fromarray(np.stack([edges] * 3, -1)).save(folder / control_key / f"img{i}.png")
-    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -47,11 +21,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def squares(tmp_path_factory) -> Path:
-    return write_squares(tmp_path_factory.mktemp("data") / "squares", control_key="control")
 
 
 @pytest.fixture(scope="session")
@@ -97,12 +66,6 @@ def make_config(tmp_path, squares, tiny_models):
         return validate_config(cls, raw)
 
     return make
-
-
-@pytest.fixture()
-def make_squares():
-    """:func:`write_squares` for tests that need their own image folder."""
-    return write_squares
 
 
 class ByHand:
@@ -153,7 +116,7 @@ def by_hand() -> ByHand:
 @pytest.fixture()
 def fixed_batches():
     """``fixed_batches(trainer, count)``: collated batches of two with their encoded inputs (seeded)."""
-    from ccm_sdk.training.data import collate
+    from ccm_sdk.datasets import collate
 
     def make(trainer, count: int = 1):
         torch.manual_seed(123)

@@ -11,6 +11,7 @@ import torch
 
 from ccm_sdk.errors import TrainingError
 from ccm_sdk.training import checkpoint as ckpt
+from ccm_sdk.utils.atomic import remove_temporary_folders
 
 
 def _single_process():
@@ -52,7 +53,7 @@ def test_a_write_that_dies_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
         ckpt.save_checkpoint(_single_process(), tmp_path, _state(4), keep_last=3)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]  # the half-written one is not listed
     assert (tmp_path / ".tmp-step-00000004").is_dir()
-    ckpt.clean_temporary(tmp_path)
+    remove_temporary_folders(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]
 
 

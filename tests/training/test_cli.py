@@ -55,7 +55,7 @@ def test_export_writes_a_checkpoints_model_without_training(make_config, tmp_pat
 
 
 def test_train_stops_at_the_time_limit_and_resumes(make_config, tmp_path, capsys, monkeypatch):
-    from ccm_sdk.training import stop
+    from ccm_sdk.utils import stopping as stop
 
     config_file = dump_config(make_config("ct_controlnet", train__max_steps=4, log__progress=False), tmp_path / "c.yaml")
     calls = iter([0.0, 0.0, 10.0])  # the deadline is set at 0 + 5 s; step 1 sees 0.0, step 2 sees 10.0 (run out)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ccm_sdk.datasets import collate
 from ccm_sdk.pipeline import CCMPipeline
 from ccm_sdk.training.ct import ConsistencyDraws
-from ccm_sdk.training.data import collate
 from ccm_sdk.training.dreambooth import DreamBoothTrainer
 
 

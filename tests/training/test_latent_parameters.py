@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from ccm_sdk.datasets import collate
 from ccm_sdk.errors import ShapeError, TrainingError
-from ccm_sdk.training.data import collate
 from ccm_sdk.training.dm_controlnet import DMControlNetTrainer
 from ccm_sdk.training.lcd import LCDTrainer
 

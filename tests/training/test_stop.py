@@ -1,5 +1,6 @@
-"""Stopping a run with SIGTERM / SIGUSR1 or a time limit: the step reached is checkpointed, a typed error says where,
-the handlers are put back, and resuming gives the same weights as a run that was never stopped."""
+"""Stopping a training run with SIGTERM / SIGUSR1 or a time limit: the step reached is checkpointed, a typed error
+says where, the handlers are put back, and resuming gives the same weights as a run that was never stopped.
+The signals and limits themselves are tested in tests/utils/test_stopping.py."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from safetensors.torch import load_file
 from ccm_sdk.errors import InputError, TrainingError, TrainingInterrupted
 from ccm_sdk.training import train
 from ccm_sdk.training.checkpoint import list_checkpoints
-from ccm_sdk.training.config import VAETrainConfig, resolve_key, set_path, validate_config
+from ccm_sdk.training.config import VAETrainConfig, resolve_key, validate_config
 from ccm_sdk.training.core import Trainer
-from ccm_sdk.training import stop as stop_module
-from ccm_sdk.training.stop import StopSignals, parse_duration, time_limit, time_limit_reached
+from ccm_sdk.utils import stopping
+from ccm_sdk.utils.stopping import time_limit, time_limit_reached
+from ccm_sdk.utils.config_files import set_path
 
 TINY = {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}
 
@@ -75,39 +77,10 @@ def test_a_signal_at_the_last_step_just_finishes(vae_config, monkeypatch):
     assert train(vae_config()).step == 6
 
 
-def test_a_second_signal_goes_to_the_previous_handler():
-    calls: list[int] = []
-
-    def handler(number, frame):
-        calls.append(number)
-
-    previous = signal.signal(signal.SIGUSR1, handler)
-    try:
-        with StopSignals() as stop:
-            os.kill(os.getpid(), signal.SIGUSR1)
-            assert stop.name == "SIGUSR1" and stop.requested() and calls == []
-            os.kill(os.getpid(), signal.SIGUSR1)  # asked again while stopping
-            assert calls == [signal.SIGUSR1]
-        assert signal.getsignal(signal.SIGUSR1) is handler
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-
-
-@pytest.mark.parametrize("text, seconds", [("90", 90.0), ("45s", 45.0), ("20m", 1200.0), ("2h", 7200.0), ("1h30m", 5400.0), (" 1.5H ", 5400.0)])
-def test_durations(text, seconds):
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "soon", "1d", "h", "-5m", "0", "0m0s"])
-def test_bad_durations_say_what_was_expected(text):
-    with pytest.raises(InputError, match="duration"):
-        parse_duration(text)
-
-
 def test_a_time_limit_stops_the_loop_and_resume_is_exact(vae_config, tmp_path, monkeypatch):
     reference = train(vae_config(output_dir=str(tmp_path / "reference")))
     now = [0.0]
-    monkeypatch.setattr(stop_module, "monotonic", lambda: now[0])
+    monkeypatch.setattr(stopping, "monotonic", lambda: now[0])
     _at_step(monkeypatch, 2, lambda: now.__setitem__(0, 61.0))
     with time_limit(60):
         with pytest.raises(TrainingInterrupted, match="stopped by the time limit at step 2 of 6"):

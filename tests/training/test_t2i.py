@@ -13,15 +13,16 @@ from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 from ccm_sdk.cli import main
+from ccm_sdk.datasets import collate
 from ccm_sdk.errors import ImageSizeError, IncompatibleModelsError, InputError, TrainingError
 from ccm_sdk.pipeline import CCMPipeline
 from ccm_sdk.schedule import NoiseSchedule
-from ccm_sdk.training.config import NoiseScheduleSection, T2ITrainConfig, dump_config, resolve_key, set_path, validate_config
-from ccm_sdk.training.data import collate
+from ccm_sdk.training.config import NoiseScheduleSection, T2ITrainConfig, dump_config, resolve_key, validate_config
 from ccm_sdk.training.dm_controlnet import DiffusionDraws, DMControlNetTrainer, diffusion_target
 from ccm_sdk.training.lcd import LCDTrainer
 from ccm_sdk.training.t2i import T2ITrainer, min_snr_weights, scheduler_config
 from ccm_sdk.training.text_encoder import build_text_encoder
+from ccm_sdk.utils.config_files import set_path
 
 WORDS = ["a", "red", "green", "blue", "yellow", "square"]
 TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 4}

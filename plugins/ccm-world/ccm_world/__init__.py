@@ -69,7 +69,6 @@ __all__ = [
     "WorldSample",
     "WorldSoftEdgesCondition",
     "colour_edges",
-    "datasets",
     "describe",
     "min_contrast",
     "sample_scene",

@@ -30,7 +30,7 @@ def test_item_layout():
 
 
 def test_training_collate_and_a_dataloader():
-    from ccm_sdk.training.data import collate
+    from ccm_sdk.datasets import collate
 
     data = WorldDataset(size=32, length=8, seed=0, conditions=("canny", "mask"))
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate)))
@@ -39,7 +39,7 @@ def test_training_collate_and_a_dataloader():
 
 
 def test_save_folder_round_trips_through_the_folder_dataset(tmp_path):
-    from ccm_sdk.training.data import ImageFolderDataset
+    from ccm_sdk.datasets import ImageFolderDataset
 
     data = WorldDataset(size=32, length=10, seed=4)
     root = data.save_folder(tmp_path / "world", 3, start=2)

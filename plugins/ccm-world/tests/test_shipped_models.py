@@ -12,9 +12,9 @@ import ccm_world
 from ccm_sdk.cli import embedded_default
 from ccm_sdk.eval.fidelity import line_f1_per_image
 from ccm_sdk.pipeline import CCMPipeline
-from ccm_world.build_config import load_preset
-from ccm_world.build_stages import world_data
-from ccm_world.pack import MANIFEST, file_table, load_model
+from ccm_world.build.config import load_preset
+from ccm_world.build.pack import MANIFEST, file_table, load_model
+from ccm_world.build.stages import world_data
 
 MODELS = ccm_world.MODELS_DIR
 pytestmark = pytest.mark.skipif(not (MODELS / MANIFEST).is_file(), reason="the world models are not packed here")

@@ -33,8 +33,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ccm_sdk.errors import InputError, TrainingError
+from ccm_sdk.utils.atomic import atomic_folder, write_json_atomic
 
-from .dataset import ATTRIBUTE_NAMES, CONTROL_CHANNELS, WorldDataset
+from ..dataset import ATTRIBUTE_NAMES, CONTROL_CHANNELS, WorldDataset
 
 MANIFEST = "cache.json"
 FORMAT = 1
@@ -119,11 +120,7 @@ def build_data_cache(
     found = folder / MANIFEST
     if found.is_file() and json.loads(found.read_text()) != manifest:
         raise InputError(f"{found} describes another cache ({found.read_text()!r}); remove {folder} to rebuild it")
-    staged = folder / f"{MANIFEST}.partial"
-    staged.write_text(json.dumps(manifest, indent=1))
-    os.replace(staged, found)
-    for partial in folder.glob("chunk-*.partial"):  # chunks cut off while being written
-        shutil.rmtree(partial)
+    write_json_atomic(found, manifest, indent=1)
     chunks = (len(dataset) + chunk - 1) // chunk
     done = sum(_chunk_dir(folder, i).is_dir() for i in range(chunks))
     needed = max(0, len(dataset) - done * chunk) * scene_bytes(dataset, vae)
@@ -150,13 +147,11 @@ def build_data_cache(
                 images = batch.images.to(next(vae.parameters()).device)
                 latents.append(vae.encode(images * 2 - 1).latent_dist.parameters.float().cpu().numpy())
             bar.update(len(batch.captions))
-        partial = folder / f"{target.name}.partial"
-        partial.mkdir()
-        for name, parts in arrays.items():
-            np.save(partial / f"{name}.npy", np.stack(parts))
-        np.save(partial / "latents.npy", np.concatenate(latents))
-        (partial / "captions.json").write_text(json.dumps(captions))
-        os.replace(partial, target)
+        with atomic_folder(target) as partial:  # a chunk cut off while being written is made again
+            for name, parts in arrays.items():
+                np.save(partial / f"{name}.npy", np.stack(parts))
+            np.save(partial / "latents.npy", np.concatenate(latents))
+            (partial / "captions.json").write_text(json.dumps(captions))
         log(f"    data cache: chunk {c + 1} of {chunks} written ({len(indices)} scenes)")
     bar.close()
     return folder

@@ -12,9 +12,9 @@ from diffusers import AutoencoderKL
 
 from ccm_sdk.errors import InputError, TrainingError
 from ccm_world import WorldDataset
-from ccm_world.build_config import load_preset
-from ccm_world.build_stages import plan_units
-from ccm_world.data_cache import CachedWorldDataset, _to_uint8, build_data_cache, scene_bytes
+from ccm_world.build.config import load_preset
+from ccm_world.build.data_cache import CachedWorldDataset, _to_uint8, build_data_cache, scene_bytes
+from ccm_world.build.stages import plan_units
 from ccm_world.dataset import WORLD_CONDITIONS
 
 
@@ -55,11 +55,12 @@ def test_an_interrupted_build_resumes_at_the_missing_chunk(cache, world, vae, tm
     copy = tmp_path / "cache"
     shutil.copytree(cache, copy)
     shutil.rmtree(copy / "chunk-00001")
-    (copy / "chunk-00002.partial").mkdir()  # a chunk cut off while being written
+    (copy / ".tmp-chunk-00001").mkdir()  # the missing chunk, cut off while being written
+    (copy / ".tmp-chunk-00001" / "image.npy").write_bytes(b"cut off")
     lines: list[str] = []
     build_data_cache(world, vae, copy, chunk=4, batch_size=3, log=lines.append)
     assert lines == ["    data cache: 2 of 3 chunks already built", "    data cache: chunk 2 of 3 written (4 scenes)"]
-    assert not (copy / "chunk-00002.partial").exists()
+    assert not (copy / ".tmp-chunk-00001").exists()
     for name in ("image.npy", "labels.npy", "sketch.npy", "latents.npy", "captions.json"):
         assert (copy / "chunk-00001" / name).read_bytes() == (cache / "chunk-00001" / name).read_bytes()
 

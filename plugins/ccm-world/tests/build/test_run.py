@@ -13,12 +13,14 @@ import torch
 
 import ccm_world
 from ccm_sdk.pipeline import CCMPipeline
-from ccm_sdk.training.core import Trainer
+from ccm_sdk.training import Trainer
 from ccm_world import WorldDataset
-from ccm_world.build import DONE, WorldBuild, cli, main
-from ccm_world.build_config import BuildError, PackSizeError, load_preset
-from ccm_world.build_stages import DISCUSSION_MARKER, stage_seconds, write_results_file
-from ccm_world.pack import MANIFEST, check_size
+from ccm_world.build import cli, main
+from ccm_world.build.config import BuildError, PackSizeError, load_preset
+from ccm_world.build.markers import DONE
+from ccm_world.build.pack import MANIFEST, check_size
+from ccm_world.build.run import WorldBuild
+from ccm_world.build.stages import DISCUSSION_MARKER, stage_seconds, write_results_file
 
 
 def _digest(path) -> str:
@@ -331,7 +333,7 @@ def test_raising_max_steps_continues_a_built_stage_exactly(built, tmp_path):
 @pytest.mark.slow
 def test_a_stopped_eval_is_archived_with_its_cells_and_goes_on_on_another_machine(built, tmp_path, monkeypatch):
     from ccm_sdk.errors import Interrupted
-    from ccm_sdk.training import stop
+    from ccm_sdk.utils import stopping as stop
 
     build, _, _ = built
     archive = tmp_path / "archive"

@@ -19,17 +19,18 @@ further along than the work dir's copy.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .build_config import BuildError
+from ccm_sdk.utils.atomic import atomic_folder
+
+from .config import BuildError
+from .markers import DONE, STARTED, read_marker
 
 if TYPE_CHECKING:
-    from .build import WorldBuild
-    from .build_stages import Unit
+    from .run import WorldBuild
+    from .stages import Unit
 
 ARCHIVED_KINDS = ("text-encoder", "trainer", "feature-net", "map-net", "eval")
 RESUMABLE_KINDS = ("trainer", "eval")  # kinds whose unfinished units are archived with their progress
@@ -38,28 +39,15 @@ CHECKPOINTS = "checkpoints"
 
 def _copy_unit(source: Path, target: Path, checkpoint: Path | None) -> None:
     """``source`` without its checkpoints (plus ``checkpoint``, if given) into ``target``, atomically."""
-    tmp, old = target.parent / f".tmp-{target.name}", target.parent / f".old-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=lambda folder, names: [n for n in names if n.startswith(".") or
-                                                                (Path(folder) == source and n == CHECKPOINTS)])  # fmt: skip
-    if checkpoint is not None:
-        shutil.copytree(checkpoint, tmp / CHECKPOINTS / checkpoint.name)
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _marker(folder: Path, name: str) -> dict | None:
-    try:
-        return json.loads((folder / name).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    with atomic_folder(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=lambda folder, names: [n for n in names if n.startswith(".") or
+                        (Path(folder) == source and n == CHECKPOINTS)])  # fmt: skip
+        if checkpoint is not None:
+            shutil.copytree(checkpoint, tmp / CHECKPOINTS / checkpoint.name)
 
 
 def _last_checkpoint(folder: Path) -> tuple[int, Path | None]:
-    from ccm_sdk.training.checkpoint import list_checkpoints
+    from ccm_sdk.training import list_checkpoints
 
     found = list_checkpoints(folder / CHECKPOINTS)
     return found[-1] if found else (0, None)
@@ -73,7 +61,7 @@ def progress(unit: Unit, folder: Path) -> tuple[int, Path | None]:
     if unit.kind == "eval":
         from ccm_sdk.eval.progress import ROW
 
-        from .build_stages import EVAL_PROGRESS
+        from .stages import EVAL_PROGRESS
 
         return sum(1 for cell in (folder / EVAL_PROGRESS).glob("*") if (cell / ROW).is_file()), None
     return 0, None
@@ -85,18 +73,16 @@ def describe_progress(unit: Unit, amount: int) -> str:
 
 def save_unit(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
     """Copy ``unit``'s progress into ``archive/<unit>``: ``"done"``, ``"partial@<step>"``, or None (nothing to keep)."""
-    from .build import DONE, STARTED
-
     if unit.kind not in ARCHIVED_KINDS:
         return None
     state, folder = build.state(unit), build.folder(unit)
     if state == "done":
-        kept = _marker(archive / unit.name, DONE)
+        kept = read_marker(archive / unit.name, DONE)
         if kept is not None and kept.get("fingerprint") == build.fingerprint(unit):
             return None  # archived already
         _copy_unit(folder, archive / unit.name, None)
         return "done"
-    if state != "partial" or unit.kind not in RESUMABLE_KINDS or _marker(folder, STARTED) is None:
+    if state != "partial" or unit.kind not in RESUMABLE_KINDS or read_marker(folder, STARTED) is None:
         return None
     step, checkpoint = progress(unit, folder)
     if (unit.kind == "trainer" and checkpoint is None) or step <= _archived_step(build, unit, archive):
@@ -107,9 +93,7 @@ def save_unit(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
 
 def _archived_step(build: WorldBuild, unit: Unit, archive: Path) -> int:
     """The step of this build's run of ``unit`` that ``archive`` holds (0 when none or another run's)."""
-    from .build import STARTED
-
-    started = _marker(archive / unit.name, STARTED)
+    started = read_marker(archive / unit.name, STARTED)
     if started is None or started.get("fingerprint") != build.fingerprint(unit):
         return 0
     return progress(unit, archive / unit.name)[0]
@@ -118,11 +102,9 @@ def _archived_step(build: WorldBuild, unit: Unit, archive: Path) -> int:
 def archived_state(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
     """``"archived"`` (finished there) or ``"archived (step N)"`` / ``"archived (N cells)"`` (unfinished
     there) when the archive is further along than the work dir with this build's run of ``unit``; else None."""
-    from .build import DONE
-
     if build.state(unit) == "done":
         return None
-    done = _marker(archive / unit.name, DONE)
+    done = read_marker(archive / unit.name, DONE)
     if done is not None and done.get("fingerprint") == build.fingerprint(unit):
         return "archived"
     step = _archived_step(build, unit, archive)
@@ -131,12 +113,10 @@ def archived_state(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
 
 def restore_unit(build: WorldBuild, unit: Unit, archive: Path) -> str | None:
     """Replace the work dir's copy of ``unit`` with the archive's when that is this build's and further along."""
-    from .build import DONE
-
     kept = archive / unit.name
     if unit.kind not in ARCHIVED_KINDS or not kept.is_dir() or build.state(unit) == "done":
         return None
-    done = _marker(kept, DONE)
+    done = read_marker(kept, DONE)
     if done is not None and done.get("fingerprint") == build.fingerprint(unit):
         if not (kept / unit.product).exists():
             raise BuildError(f"the archive's {unit.name!r} has a done-marker but no {unit.product!r}: {kept} is incomplete")

@@ -1,8 +1,8 @@
-"""Training datasets: image folders, webdataset-style tar shards, or any torch Dataset.
+"""Image datasets for training and evaluation: image folders, webdataset-style tar shards, or any torch Dataset.
 
 Every dataset yields dicts ``{"image": [3,H,W] float in [0,1], "caption": str, "controls":
 {key: [C,H,W]}}``; ``controls`` holds the precomputed control maps found for the sample (maps
-that are missing are made on the fly by a condition plugin, see ``controls.py``).
+that are missing are made on the fly by a condition plugin, see ``ccm_sdk.training.controls``).
 
 Layouts:
 
@@ -30,8 +30,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .. import images as image_utils
-from ..errors import ChannelMismatchError, ImageSizeError, TrainingError
+from . import images as image_utils
+from .errors import ChannelMismatchError, ImageSizeError, TrainingError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

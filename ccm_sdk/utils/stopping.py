@@ -1,8 +1,9 @@
-"""Stopping a training run cleanly: SIGTERM or SIGUSR1 makes the loop checkpoint the step it has
-reached and stop, so that nothing since the last periodic checkpoint is lost (a preempted machine,
-a session that ends, ``kill <pid>``). A second signal while stopping is left to the old handler.
-A time limit (``with time_limit(seconds):``, ``--stop-after 2h``) stops it the same way once it
-runs out, for machines lent for a fixed time.
+"""Stopping a long run cleanly: SIGTERM or SIGUSR1 makes a training loop checkpoint the step it has
+reached and stop (an evaluation keeps its finished cells, a world build its finished stages), so
+that nothing since the last checkpoint is lost (a preempted machine, a session that ends,
+``kill <pid>``). A second signal while stopping is left to the old handler. A time limit
+(``with time_limit(seconds):``, ``--stop-after 2h``) stops it the same way once it runs out, for
+machines lent for a fixed time.
 
 The handlers are installed for the loop only, and only from the main thread (Python allows no
 other). With several processes the decision is collective: if any process got the signal, all of

@@ -20,8 +20,8 @@ import torch
 from ccm_sdk.errors import CCMError, InputError
 from ccm_sdk.eval.noise_levels import consistency_error_by_level, error_by_noise_level, markdown_table, plot_curves, save_curves
 
-from .build_config import load_preset
-from .build_stages import world_data
+from .config import load_preset
+from .stages import world_data
 
 DEFAULT_STRENGTHS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 DEFAULT_GRID = (0, 2, 5, 10, 20, 30, 40, 48)

@@ -8,9 +8,11 @@ import json
 
 import pytest
 
-from ccm_sdk.training.core import Trainer
-from ccm_world.build import DONE, STARTED, WorldBuild, main
-from ccm_world.build_config import BuildError, load_preset
+from ccm_sdk.training import Trainer
+from ccm_world.build import main
+from ccm_world.build.config import BuildError, load_preset
+from ccm_world.build.markers import DONE, STARTED
+from ccm_world.build.run import WorldBuild
 
 TEACHER = "teacher/model/unet/diffusion_pytorch_model.safetensors"
 
@@ -165,7 +167,7 @@ def test_a_stopped_build_archives_the_step_its_trainer_reached(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_a_time_limit_stops_the_build_as_a_signal_would(tmp_path, monkeypatch, capsys):
-    from ccm_sdk.training import stop
+    from ccm_sdk.utils import stopping as stop
 
     now = [0.0]
     monkeypatch.setattr(stop, "monotonic", lambda: now[0])

@@ -23,8 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .build_config import BuildError, PackSizeError, Preset
-from .build_stages import MAP_NETS, Log, world_data
+from ccm_sdk.utils.atomic import atomic_folder
+
+from .config import BuildError, PackSizeError, Preset
+from .stages import MAP_NETS, Log, world_data
 
 MANIFEST = "manifest.json"
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -259,7 +261,7 @@ def load_model(kind: str, source: str | os.PathLike):
     from ccm_sdk.models.loading import resolve_model_path
 
     if kind == "map-net":
-        from .map_net import WorldMapNet
+        from ..map_net import WorldMapNet
 
         return WorldMapNet.from_pretrained(resolve_model_path(source, what="map net"))
     if kind != "feature-net":
@@ -281,15 +283,8 @@ def installed(models_dir: Path, fingerprint: str) -> bool:
 
 def install(staging: Path, models_dir: Path) -> None:
     """Replace ``models_dir`` by a copy of ``staging`` in one rename."""
-    models_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = models_dir.with_name(f".tmp-{models_dir.name}"), models_dir.with_name(f".old-{models_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(staging, tmp)
-    if models_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(models_dir, old)
-    os.replace(tmp, models_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(models_dir) as tmp:
+        shutil.copytree(staging, tmp, dirs_exist_ok=True)
 
 
 def verify_installed(preset: Preset, models_dir: Path, log: Log) -> None:

@@ -19,9 +19,9 @@ from typing import Any
 
 from ccm_sdk.errors import InputError
 
-from .build_config import BuildError, Preset, find_file
-from .dataset import ATTRIBUTE_NAMES, WorldDataset
-from .vocabulary import WORLD_VOCABULARY
+from .config import BuildError, Preset, find_file
+from ..dataset import ATTRIBUTE_NAMES, WorldDataset
+from ..vocabulary import WORLD_VOCABULARY
 
 Log = Callable[[str], None]
 
@@ -133,7 +133,7 @@ def condition_options(preset: Preset, condition: str) -> dict[str, Any]:
 
 def trainer_config(preset: Preset, unit: Unit, work_dir: Path):
     """The validated trainer config of a training unit: the build's keys, then the preset's."""
-    from ccm_sdk.training.config import config_class, validate_config
+    from ccm_sdk.training import config_class, validate_config
 
     stage = getattr(preset, unit.section)
     where = f"{unit.section}.config"
@@ -214,8 +214,7 @@ def _intervals(starts: list[float]) -> float | None:
 
 def run_trainer(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
     """Train (or resume) one unit with its SDK trainer; time its steps."""
-    from ccm_sdk.training import get_trainer
-    from ccm_sdk.training.checkpoint import list_checkpoints
+    from ccm_sdk.training import get_trainer, list_checkpoints
 
     config = trainer_config(preset, unit, work_dir)
     found = list_checkpoints(Path(config.output_dir) / "checkpoints")
@@ -243,8 +242,7 @@ def run_trainer(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[st
 def export_preview(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> tuple[int, Path]:
     """The product of the unfinished trainer ``unit`` as of its last checkpoint (step, folder), exported
     once into ``<work>/pack/previews/<unit>/step-N`` (outside the unit's folder, so it is not archived)."""
-    from ccm_sdk.training import get_trainer
-    from ccm_sdk.training.checkpoint import list_checkpoints
+    from ccm_sdk.training import get_trainer, list_checkpoints
 
     config = trainer_config(preset, unit, work_dir)
     found = list_checkpoints(Path(config.output_dir) / "checkpoints")
@@ -262,7 +260,7 @@ def export_preview(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> tupl
 
 
 def run_text_encoder(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
-    from ccm_sdk.training.text_encoder import build_text_encoder
+    from ccm_sdk.training import build_text_encoder
 
     s = preset.text_encoder
     build_text_encoder(list(WORLD_VOCABULARY), work_dir / unit.name, hidden_size=s.hidden_size, layers=s.layers,
@@ -327,7 +325,7 @@ def run_feature_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dic
 
 
 def run_map_net(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict[str, Any]:
-    from .map_net import train_map_net
+    from ..map_net import train_map_net
 
     s, (target, channels) = getattr(preset, unit.section), MAP_NETS[unit.name]
     progress, starts = _step_log(preset, unit.name, s.steps, log)

@@ -1,5 +1,4 @@
-"""Datasets (folder, metadata.jsonl, tar shards, torch Datasets), the step-indexed batch order,
-and control maps from the data or from a condition plugin."""
+"""Datasets: folders, metadata.jsonl, tar shards and torch Datasets, resized or as they are."""
 
 from __future__ import annotations
 
@@ -12,10 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ccm_sdk.errors import TrainingError
-from ccm_sdk.training.batches import JointBatches, StepBatches
-from ccm_sdk.training.controls import ControlSource
-from ccm_sdk.training.data import (
+from ccm_sdk.datasets import (
     ImageFolderDataset,
     TarShardDataset,
     TorchDataset,
@@ -23,6 +19,7 @@ from ccm_sdk.training.data import (
     fit_to_resolution,
     open_dataset,
 )
+from ccm_sdk.errors import TrainingError
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -132,82 +129,3 @@ def test_torch_dataset_of_pairs_and_dicts():
     batch = collate([dataset[0], dataset[1]])
     assert batch["images"].shape == (2, 3, 16, 16) and batch["captions"] == ["d", "p1"]
     assert batch["controls"]["edges"][0].shape == (1, 16, 16) and batch["controls"]["edges"][1] is None
-
-
-def test_step_batches_are_a_function_of_the_step():
-    full = StepBatches(10, 3, seed=5, stop=8)
-    batches = list(full)
-    assert batches == list(StepBatches(10, 3, seed=5, stop=8)) and len(batches) == 8
-    assert list(StepBatches(10, 3, seed=5, start=5, stop=8)) == batches[5:]  # resuming needs only the step
-    stream = [i for b in batches for i in b]
-    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))  # whole epochs
-    assert stream[:10] != stream[10:20]  # a new permutation each epoch
-    assert all(len(b) == 3 for b in StepBatches(2, 3, seed=0, stop=4))  # smaller than a batch: wraps
-
-
-def test_ranks_split_each_global_batch():
-    ranks = [list(StepBatches(12, 2, seed=1, rank=r, world_size=3, stop=2)) for r in range(3)]
-    single = list(StepBatches(12, 6, seed=1, stop=2))
-    for step in range(2):
-        assert [i for r in ranks for i in r[step]] == single[step]
-
-
-def test_joint_batches_concatenate_two_streams():
-    joint = list(JointBatches(StepBatches(3, 2, seed=0, stop=3), StepBatches(5, 2, seed=1, stop=3, offset=3)))
-    assert all(len(b) == 4 and max(b[:2]) < 3 <= min(b[2:]) for b in joint)
-
-
-def test_control_source_uses_given_maps_and_computes_missing_ones(squares):
-    dataset = ImageFolderDataset(squares, control_keys=["control"])
-    items = [dataset[0], dataset[1]]
-    items[1] = {**items[1], "controls": {}}
-    batch = collate(items)
-    source = ControlSource("canny", key="control")
-    maps = source.maps(batch)
-    assert maps.shape == (2, 3, 32, 32)
-    assert torch.equal(maps[0], items[0]["controls"]["control"])
-    assert torch.equal(maps[1], source.condition(batch["images"][1:])[0])
-
-
-def test_mask_condition_draws_masks_from_the_training_rng(squares):
-    batch = collate([ImageFolderDataset(squares)[i] for i in range(2)])
-    source = ControlSource("mask", key="mask")
-    torch.manual_seed(3)
-    first = source.maps(batch)
-    torch.manual_seed(3)
-    assert first.shape == (2, 4, 32, 32) and torch.equal(first, source.maps(batch))
-    assert set(first[:, 3].unique().tolist()) <= {0.0, 1.0} and first[:, 3].sum() > 0
-
-
-def test_single_channel_maps_feed_three_channel_conditions(squares):
-    item = ImageFolderDataset(squares)[0]
-    item["controls"] = {"control": torch.ones(1, 32, 32)}
-    assert ControlSource("canny", key="control").maps(collate([item])).shape == (1, 3, 32, 32)
-
-
-def test_named_conditions_are_built_only_when_a_map_is_missing(squares, monkeypatch):
-    """Data that brings every map needs no detector model (e.g. the world's exact depth maps)."""
-    from ccm_sdk.errors import InputError
-    from ccm_sdk.interfaces import Condition
-
-    built = []
-
-    class NeedsWeights(Condition):
-        name = "needs-weights"
-
-        def __init__(self, **options):
-            built.append(options)
-            super().__init__(**options)
-
-        def preprocess(self, images, **kwargs):
-            return images
-
-    monkeypatch.setattr("ccm_sdk.training.controls.conditions.get", lambda name: NeedsWeights)
-    dataset = ImageFolderDataset(squares, control_keys=["control"])
-    source = ControlSource("needs-weights", key="control")
-    assert source.maps(collate([dataset[0], dataset[1]])).shape == (2, 3, 32, 32)
-    assert built == []  # every map came from the data
-    source.maps(collate([{**dataset[0], "controls": {}}]))
-    assert len(built) == 1
-    with pytest.raises(InputError, match="Accepted options"):
-        ControlSource("needs-weights", key="control", options={"no_such_option": 1})  # still checked up front

@@ -1,6 +1,6 @@
 """Presets of the world build: every stage's sizes, seeds, step budgets and trainer-config keys.
 
-A preset is a YAML file (``configs/world/full.yaml``, ``configs/world/tiny.yaml``) validated
+A preset is a YAML file (``full`` and ``tiny`` ship in ``ccm_world/build/presets/``) validated
 by :class:`Preset` (pydantic, unknown keys are errors). Trainer stages carry a ``config``
 mapping of the trainer's own keys (``ccm train <trainer> --help``), laid over what the build
 sets itself (paths, data, seed, resume), and validated by the trainer's config class.
@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ccm_sdk.errors import InputError
 
-from .vocabulary import MAX_CAPTION_TOKENS
+from ..vocabulary import MAX_CAPTION_TOKENS
 
 WorldCondition = Literal["canny", "sketch", "hed", "depth", "pose", "mask", "sr"]
-PRESET_DIR = Path("configs") / "world"
+PRESET_DIR = Path(__file__).parent / "presets"  # package data: installed with the plugin
 
 
 class BuildError(InputError):
@@ -141,7 +141,7 @@ class MapNetStage(Section):
 
 
 class DataCacheStage(Section):
-    """The scenes rendered once with their VAE posteriors (``ccm_world.data_cache``), for the ControlNet and adapter stages."""
+    """The scenes rendered once with their VAE posteriors (``ccm_world.build.data_cache``), for the ControlNet and adapter stages."""
 
     chunk: int = Field(default=5000, ge=1, description="scenes per chunk (the unit an interrupted build resumes at)")
     batch_size: int = Field(default=64, ge=1, description="scenes per VAE batch")
@@ -238,21 +238,22 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def find_file(path: str | os.PathLike) -> Path:
-    """``path`` as given, else relative to the repository this plugin lives in (editable installs)."""
+    """``path`` as given, else relative to the repository this plugin lives in (editable installs:
+    the presets name the repository's eval configs, ``configs/eval/...``)."""
     path = Path(path)
     if path.is_absolute() or path.exists():
         return path
-    repo = Path(__file__).resolve().parents[3]
+    repo = Path(__file__).resolve().parents[4]
     return repo / path if (repo / path).exists() else path
 
 
 def preset_path(source: str | os.PathLike) -> Path:
-    """A preset name (``full``, ``tiny``: ``configs/world/<name>.yaml``) or a YAML file."""
+    """A preset name (``full``, ``tiny``: ``ccm_world/build/presets/<name>.yaml``) or a YAML file."""
     text = str(source)
     if not text.endswith((".yaml", ".yml", ".json")) and "/" not in text and os.sep not in text:
-        path = find_file(PRESET_DIR / f"{text}.yaml")
+        path = PRESET_DIR / f"{text}.yaml"
         if not path.is_file():
-            known = sorted(p.stem for p in find_file(PRESET_DIR).glob("*.yaml")) if find_file(PRESET_DIR).is_dir() else []
+            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
             raise BuildError(f"no world build preset {text!r} (looked for {str(path)!r}; presets: {', '.join(known) or 'none'})")
         return path
     path = Path(text)
@@ -263,7 +264,7 @@ def preset_path(source: str | os.PathLike) -> Path:
 
 def load_preset(source: str | os.PathLike | dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> Preset:
     """Validate a preset (name, file or mapping) plus dotted ``(key, value)`` overrides."""
-    from ccm_sdk.training.config import read_config_file, set_path
+    from ccm_sdk.utils.config_files import read_config_file, set_path
 
     if isinstance(source, dict):
         raw, where = dict(source), "preset"

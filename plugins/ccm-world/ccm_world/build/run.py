@@ -1,7 +1,5 @@
-"""Rebuild the world's whole model stack from scratch with the SDK's own trainers, stage by stage.
-
-    ccm-world build [--preset full|tiny|FILE] [--stage NAME | --until NAME] [--work-dir outputs/world]
-    python -m ccm_world.build [same options]
+"""Rebuild the world's whole model stack from scratch with the SDK's own trainers, stage by stage
+(:class:`WorldBuild`; the command line is in cli.py).
 
 Stages, in order (docs/world.md): ``text-encoder``, ``vae``, ``data-cache``, ``teacher`` (t2i), ``lcm`` (lcd),
 ``dm-controlnets`` (one unit per condition, ``dm-controlnet-<c>``), ``cm-controlnets``
@@ -11,28 +9,29 @@ with a done-marker (``build-done.json``, written atomically after its outputs), 
 skips it; an interrupted training unit resumes from its trainer's last checkpoint. Each unit's
 fingerprint (its resolved config and its inputs' fingerprints) is recorded, so outputs of a
 different preset are never mixed in silently. ``--archive DIR`` carries the progress to another
-machine (archive.py).
+machine (archive.py); the markers are in markers.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccm_sdk.errors import InputError, Interrupted
-from ccm_sdk.training.stop import parse_duration, time_limit, time_limit_reached
+from ccm_sdk.errors import Interrupted
+from ccm_sdk.utils.atomic import write_json_atomic
+from ccm_sdk.utils.stopping import time_limit_reached
 
+from ..vocabulary import WORLD_VOCABULARY
 from .archive import RESUMABLE_KINDS, archived_state, describe_progress, progress, restore_unit, save_unit
-from .build_config import BuildError, Preset, load_preset
-from .build_stages import (
+from .config import BuildError, Preset
+from .markers import DONE, STARTED, read_marker, write_marker
+from .stages import (
     GROUPS,
     Log,
     Unit,
@@ -51,9 +50,6 @@ from .build_stages import (
     trainer_config,
     unit_conditions,
 )
-from .vocabulary import WORLD_VOCABULARY
-
-DONE, STARTED = "build-done.json", "build-started.json"
 
 
 @dataclass
@@ -66,16 +62,6 @@ class StageReport:
     output: str
     seconds_per_step: float | None = None
     steps: int | None = None
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write, fsync, then rename into place: the file is either complete or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def duration(seconds: float | None) -> str:
@@ -216,11 +202,7 @@ class WorldBuild:
         return marker.get("fingerprint") == self.fingerprint(unit, steps) and self.checkpoint_step(unit) == steps
 
     def marker(self, unit: Unit, name: str) -> dict[str, Any] | None:
-        path = self.folder(unit) / name
-        try:
-            return json.loads(path.read_text()) if path.is_file() else None
-        except json.JSONDecodeError:
-            return None
+        return read_marker(self.folder(unit), name)
 
     def state(self, unit: Unit) -> str:
         """``done``, ``partial`` (started, or packed but not installed), ``stale`` (another config) or ``pending``."""
@@ -243,7 +225,7 @@ class WorldBuild:
         return "pending"
 
     def checkpoint_step(self, unit: Unit) -> int:
-        from ccm_sdk.training.checkpoint import list_checkpoints
+        from ccm_sdk.training import list_checkpoints
 
         found = list_checkpoints(self.folder(unit) / "checkpoints") if unit.kind == "trainer" else []
         return found[-1][0] if found else 0
@@ -402,7 +384,7 @@ class WorldBuild:
         folder.mkdir(parents=True, exist_ok=True)
         resumed = self.checkpoint_step(unit)
         (folder / DONE).unlink(missing_ok=True)  # a shorter run's marker, when this one extends it
-        write_json_atomic(folder / STARTED, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name})
+        write_marker(folder, STARTED, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name})
         try:
             info = self._work(unit, folder, fingerprint)
         except Interrupted:  # a trainer checkpointed the step it reached, an eval kept its finished cells: carry that too
@@ -410,7 +392,7 @@ class WorldBuild:
                 self.log(f"    {unit.name}: interrupted; its progress is archived in {self._relative(self.archive)}")
             raise
         seconds = time.perf_counter() - started
-        write_json_atomic(folder / DONE, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name,
+        write_marker(folder, DONE, {"unit": unit.name, "fingerprint": fingerprint, "preset": self.preset.name,
                                           "seconds": seconds, **info})  # fmt: skip
         if unit.kind == "pack":
             install(folder / "models", self.installed_dir)
@@ -492,102 +474,3 @@ def measure(
     log("\n".join(lines))
     write_json_atomic(Path(work_dir) / "measure.json", {"preset": preset.name, "steps": steps, "rows": rows})
     return rows
-
-
-# --- command line ----------------------------------------------------------------------
-
-
-def build_parser(prog: str = "ccm-world build") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Rebuild the world's models with the SDK's trainers, stage by stage.")
-    parser.add_argument("--preset", default="full", help="full, tiny (configs/world/<name>.yaml) or a YAML file")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--stage", help="build only this stage (a unit like dm-controlnet-sketch, or a group like dm-controlnets)")
-    which.add_argument("--until", help="build every stage up to and including this one")
-    parser.add_argument("--work-dir", default="outputs/world", help="where every stage's outputs and checkpoints go")
-    parser.add_argument("--models-dir", help="where pack installs the models (default: the plugin's ccm_world/models)")
-    parser.add_argument("--force", action="store_true", help="rebuild the selected stages even if done (their outputs are deleted)")
-    parser.add_argument("--plan", action="store_true", help="print the stages, their estimates and states; run nothing")
-    parser.add_argument("--partial", action="store_true",
-                        help="with --stage pack: pack and install the models built so far (the teacher and the LCM at least)")
-    parser.add_argument("--measure", type=int, metavar="N", help="time N full-size steps of every training stage in --work-dir")
-    parser.add_argument("--archive", metavar="DIR",
-                        help="a folder that outlives the machine (e.g. in version control): finished units are copied "
-                             "into it, and units found there are restored before they would be built")
-    parser.add_argument("--save-archive", action="store_true",
-                        help="with --archive: copy what the work dir holds now (finished units, the last checkpoint of "
-                             "unfinished ones) into the archive, and train nothing")
-    parser.add_argument("--stop-after", metavar="DURATION",
-                        help="stop cleanly once the build has run this long (90, 45s, 20m, 2h, 1h30m): the stage in "
-                             "training checkpoints (and is archived), no new stage starts; the same command goes on")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset key (dotted), e.g. vae.seed=3")
-    return parser
-
-
-def main(argv: list[str] | None = None, *, prog: str = "python -m ccm_world.build") -> int:
-    from transformers.utils import logging as transformers_logging
-
-    from ccm_sdk.training.config import parse_value
-
-    args = build_parser(prog).parse_args(argv)
-    try:
-        overrides = []
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise BuildError(f"--set expects KEY=VALUE, got {item!r}")
-            overrides.append((key.strip(), parse_value(value)))
-        preset = load_preset(args.preset, overrides)
-        transformers_logging.disable_progress_bar()  # one bar per weight file read or written: dozens per stage
-        if args.force and not (args.stage or args.until):
-            raise BuildError("--force deletes the outputs of the stages it rebuilds: name them with --stage or --until")
-        if args.measure is not None:
-            if args.measure < 1 or args.stage or args.force:
-                raise BuildError(f"--measure N (N >= 1, got {args.measure}) runs every stage up to --until; not with --stage or --force")
-            measure(preset, args.measure, args.work_dir, until=args.until or "feature-net")
-            return 0
-        build = WorldBuild(preset, args.work_dir, models_dir=args.models_dir, archive=args.archive)
-        if args.save_archive:
-            if args.stage or args.until or args.force or args.plan or args.partial:
-                raise BuildError("--save-archive copies the whole work dir's progress: not with --stage, --until, --force, --plan or --partial")
-            build.save_archive()
-            return 0
-        if args.partial:
-            if args.stage != "pack" or args.force or args.plan:
-                raise BuildError("--partial goes with --stage pack only (it packs what is built so far)")
-            build.pack_partial()
-            return 0
-        if args.plan:
-            print(build.plan(build.select(args.stage, args.until)))
-            return 0
-        with time_limit(parse_duration(args.stop_after) if args.stop_after else None):
-            build.run(stage=args.stage, until=args.until, force=args.force)
-    except (BuildError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Interrupted as exc:
-        print(f"stopped: {exc}; run the same command again to go on", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """``ccm-world build ...`` and ``ccm-world noise-levels ...``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ccm-world build [--preset full|tiny|FILE] [--stage NAME | --until NAME] [--work-dir DIR] ...\n"
-              "       ccm-world noise-levels --condition NAME --out DIR LABEL=CONTROLNET ...\n\n"
-              "commands:\n  build         rebuild the world's models stage by stage (ccm-world build --help)\n"
-              "  noise-levels  one consistency step from each noise level, per ControlNet (ccm-world noise-levels --help)")  # fmt: skip
-        return 0 if argv else 2
-    if argv[0] == "noise-levels":
-        from .noise_levels import main as noise_levels
-
-        return noise_levels(argv[1:])
-    if argv[0] != "build":
-        print(f"error: unknown command {argv[0]!r}; commands: build, noise-levels", file=sys.stderr)
-        return 2
-    return main(argv[1:], prog="ccm-world build")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
