@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -422,47 +423,70 @@ class CCMPipeline:
     ) -> CCMOutput:
         """Generate images; see the README for the arguments. ``image``+``strength`` is img2img."""
         with torch.inference_mode():
-            return self._generate(**{k: v for k, v in locals().items() if k != "self"})
+            watch = _Stopwatch()
+            sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
+            # 1. controls: one control map per ControlNet, made from raw images when a condition is named
+            controls = self._control_maps(control_image, condition)
+            scales, starts, ends = (self._per_controlnet(v) for v in (controlnet_conditioning_scale, control_guidance_start, control_guidance_end))
+            # 2. checks
+            height, width = self._output_size(controls, height, width)
+            self.check_inputs(sampler=sampler, num_inference_steps=num_inference_steps, height=height, width=width, strength=strength,
+                              control_count=len(controls), scales=scales, starts=starts, ends=ends)  # fmt: skip
+            if image is None and strength != 1.0:
+                raise InputError("strength < 1 needs an init image (img2img); pass image=...")
+            # 3. prompt
+            with watch("encode_prompt"):
+                prompt_state = _prompt or self.prepare_prompt(prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                                              num_images_per_prompt=num_images_per_prompt,
+                                                              do_cfg=guidance_scale > 1.0 and not self.is_lcm)  # fmt: skip
+                batch = prompt_state.embeds.shape[0]
+            with watch("prepare"):
+                # 4. timesteps and latents, with the control images batched to match
+                specs = self._control_specs(controls, scales, starts, ends, height=height, width=width, batch=batch)
+                timesteps = sampler.timesteps(self.schedule, num_inference_steps, strength)
+                latents = self._initial_latents(latents, generator=generator, image=image, timesteps=timesteps, batch=batch,
+                                                height=height, width=width)  # fmt: skip
+                # 5. denoiser
+                denoiser = self._denoiser(prompt_state, guidance_scale=guidance_scale, controls=specs, timesteps=timesteps)
+            # 6. sample
+            latents, step_seconds = self._sample(sampler, denoiser, latents, timesteps, generator=generator, callback=callback, watch=watch)
+            # 7. decode
+            with watch("decode"):
+                images = latents if output_type == "latent" else self.decode_latents(latents, output_type=output_type)
+            return CCMOutput(images=images, nfe=denoiser.stats.nfe, timings=watch.timings(), step_seconds=step_seconds, stats=denoiser.stats)
 
-    def _generate(self, *, prompt, control_image, condition, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                  num_images_per_prompt, controlnet_conditioning_scale, control_guidance_start, control_guidance_end, generator,
-                  latents, image, strength, sampler, output_type, callback, _prompt) -> CCMOutput:
-        t_start = time.perf_counter()
-        sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
-        controls = [] if control_image is None else list(control_image) if isinstance(control_image, (list, tuple)) and len(self.controlnets) > 1 else [control_image]
-        # 1. control maps from raw images, when a condition is named
-        if condition is not None:
-            conds = list(condition) if isinstance(condition, (list, tuple)) else [condition]
-            if len(conds) != len(controls):
-                raise InputError(f"expected one condition per control image ({len(controls)}), got {len(conds)}")
-            controls = [(get_condition(c) if isinstance(c, str) else c)(img) for c, img in zip(conds, controls)]
-        n = len(self.controlnets)
-        as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n  # noqa: E731
-        scales, starts, ends = as_list(controlnet_conditioning_scale), as_list(control_guidance_start), as_list(control_guidance_end)
-        # 2. sizes and checks
+    def _control_maps(self, control_image, condition) -> list[Any]:
+        """Step 1: the control images as a list (one per ControlNet), through their conditions when given."""
+        several = isinstance(control_image, (list, tuple)) and len(self.controlnets) > 1
+        controls = [] if control_image is None else list(control_image) if several else [control_image]
+        if condition is None:
+            return controls
+        conds = list(condition) if isinstance(condition, (list, tuple)) else [condition]
+        if len(conds) != len(controls):
+            raise InputError(f"expected one condition per control image ({len(controls)}), got {len(conds)}")
+        return [(get_condition(c) if isinstance(c, str) else c)(img) for c, img in zip(conds, controls)]
+
+    def _per_controlnet(self, value: Any) -> list[Any]:
+        """A per-ControlNet argument as a list: a single value applies to every ControlNet."""
+        return list(value) if isinstance(value, (list, tuple)) else [value] * len(self.controlnets)
+
+    def _output_size(self, controls: list[Any], height: int | None, width: int | None) -> tuple[int, int]:
+        """Step 2: the output size: as given, else the first control image's, else the UNet's sample size."""
         if controls and (height is None or width is None):
             size = _image_size(controls[0])
             height, width = height or size[0], width or size[1]
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_inputs(sampler=sampler, num_inference_steps=num_inference_steps, height=height, width=width, strength=strength,
-                          control_count=len(controls), scales=scales, starts=starts, ends=ends)
-        if image is None and strength != 1.0:
-            raise InputError("strength < 1 needs an init image (img2img); pass image=...")
-        # 3. prompt
-        t0 = time.perf_counter()
-        do_cfg = guidance_scale > 1.0 and not self.is_lcm
-        prompt_state = _prompt or self.prepare_prompt(
-            prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, do_cfg=do_cfg
-        )
-        batch = prompt_state.embeds.shape[0]
-        t_encode = time.perf_counter() - t0
-        # 4. control images, timesteps, latents
-        specs = [
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        return height or default, width or default
+
+    def _control_specs(self, controls: list[Any], scales, starts, ends, *, height: int, width: int, batch: int) -> list[ControlSpec]:
+        """Step 4: each ControlNet with its checked, batched control image and its scale and guidance window."""
+        return [
             ControlSpec(net, self.prepare_control_image(img, net, height=height, width=width, batch=batch, index=i), s, a, b)
             for i, (net, img, s, a, b) in enumerate(zip(self.controlnets, controls, scales, starts, ends))
         ]
-        timesteps = sampler.timesteps(self.schedule, num_inference_steps, strength)
+
+    def _initial_latents(self, latents: torch.Tensor | None, *, generator, image, timesteps, batch: int, height: int, width: int) -> torch.Tensor:
+        """Step 4: the starting latents: drawn, or the given ones checked; noised onto the init image for img2img."""
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch:
             raise InputError(f"expected {batch} generators (one per image), got {len(generator)}")
@@ -476,18 +500,24 @@ class CCMPipeline:
             latents = latents.to(device=self.device, dtype=self.dtype)
         if image is not None:
             latents = self.schedule.add_noise(self.encode_image(image, height=height, width=width, batch=batch), latents, int(timesteps[0]))
-        denoiser = ControlledDenoiser(
+        return latents
+
+    def _denoiser(self, prompt: _Prompt, *, guidance_scale: float, controls: list[ControlSpec], timesteps) -> ControlledDenoiser:
+        """Step 5: the network the sampler calls, for this prompt, guidance and these controls."""
+        return ControlledDenoiser(
             self.unet,
-            prompt_embeds=prompt_state.embeds,
-            negative_embeds=prompt_state.negative,
+            prompt_embeds=prompt.embeds,
+            negative_embeds=prompt.negative,
             guidance_scale=guidance_scale,
-            timestep_cond=prompt_state.timestep_cond,
-            controls=specs,
+            timestep_cond=prompt.timestep_cond,
+            controls=controls,
             adapter=self.adapter,
             timesteps=[int(t) for t in timesteps],
         )
-        t_prepare = time.perf_counter() - t0 - t_encode
-        # 5. sample
+
+    def _sample(self, sampler: Sampler, denoiser: ControlledDenoiser, latents: torch.Tensor, timesteps, *, generator, callback,
+                watch: _Stopwatch) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+        """Step 6: run the sampler with progress and per-step timing; (final latents, seconds per step)."""
         step_seconds: list[float] = []
         progress = _progress(len(timesteps), enabled=self.progress)
         last = [time.perf_counter()]
@@ -500,19 +530,13 @@ class CCMPipeline:
             if callback is not None:
                 callback(info)
 
-        t1 = time.perf_counter()
-        with denoiser.session():
-            latents = sampler.sample(denoiser, latents, timesteps, schedule=self.schedule, callback=on_step, generator=generator)
-        progress.close()
-        t_denoise = time.perf_counter() - t1
+        with watch("denoise"):
+            with denoiser.session():
+                latents = sampler.sample(denoiser, latents, timesteps, schedule=self.schedule, callback=on_step, generator=generator)
+            progress.close()
         if not torch.isfinite(latents).all():
             raise NonFiniteError("sampling produced NaN or infinite latents (check the model weights and dtype)")
-        # 6. decode
-        t2 = time.perf_counter()
-        images = latents if output_type == "latent" else self.decode_latents(latents, output_type=output_type)
-        t_decode = time.perf_counter() - t2
-        timings = dict(encode_prompt=t_encode, prepare=t_prepare, denoise=t_denoise, decode=t_decode, total=time.perf_counter() - t_start)
-        return CCMOutput(images=images, nfe=denoiser.stats.nfe, timings=timings, step_seconds=step_seconds, stats=denoiser.stats)
+        return latents, step_seconds
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, *, output_type: str = "pil"):
@@ -587,6 +611,23 @@ def _image_size(image) -> tuple[int, int]:
     if hasattr(image, "shape") and len(image.shape) >= 2:
         return tuple(image.shape[-3:-1]) if len(image.shape) >= 3 else tuple(image.shape)
     return tuple(image_utils.to_tensor(image).shape[-2:])
+
+
+class _Stopwatch:
+    """Seconds per named phase of one call (``with watch(name): ...``), and the total since it was made."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - begin
+
+    def timings(self) -> dict[str, float]:
+        return {**self.seconds, "total": time.perf_counter() - self.start}
 
 
 class _NoProgress:

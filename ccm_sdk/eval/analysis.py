@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, ShapeError
+from ..models import controlled_unet
 from .config import MethodConfig, PaperModels, preset_method
 from .figures import save_figure
 
@@ -41,10 +42,7 @@ def residual_names(count: int) -> list[str]:
 def controlnet_residuals(controlnet: nn.Module, latents: torch.Tensor, timestep: int, prompt_embeds: torch.Tensor,
                          control: torch.Tensor, *, conditioning_scale: float = 1.0) -> list[torch.Tensor]:  # fmt: skip
     """A diffusers ControlNet's residuals at ``timestep``: the down-block ones, then the mid block's."""
-    down, mid = controlnet(
-        latents, timestep, encoder_hidden_states=prompt_embeds, controlnet_cond=control,
-        conditioning_scale=conditioning_scale, return_dict=False,
-    )  # fmt: skip
+    down, mid = controlled_unet.controlnet_residuals(controlnet, latents, timestep, prompt_embeds, control, scale=conditioning_scale)
     return [*down, mid]
 
 

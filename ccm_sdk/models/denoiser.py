@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .controlled_unet import Control, controlled_unet
+
 
 @dataclass
 class ControlSpec:
@@ -97,43 +99,18 @@ class ControlledDenoiser:
             for net, inner in swapped:
                 net.controlnet_cond_embedding = inner
 
-    def residuals(self, x_in: torch.Tensor, t: int) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
-        """Summed (down, mid) ControlNet residuals at timestep ``t``, adapted if an adapter is set."""
+    def controls_at(self, t: int) -> list[Control]:
+        """The ControlNets that run at timestep ``t``, with their scales there (zero-scale ones are left out)."""
         keep = self.keep.get(int(t), [1.0] * len(self.controls))
-        down: list[torch.Tensor] | None = None
-        mid: torch.Tensor | None = None
-        for control, image, k in zip(self.controls, self.control_images, keep):
-            scale = control.scale * k
-            if scale == 0.0:
-                continue
-            net_scale = 1.0 if self.adapter is not None else scale
-            d, m = control.controlnet(
-                x_in, t, encoder_hidden_states=self.embeds, controlnet_cond=image, conditioning_scale=net_scale, return_dict=False
-            )
-            self.stats.controlnet_calls += 1
-            if self.adapter is not None:
-                d, m = self.adapter(d, m)
-                d, m = [r * scale for r in d], m * scale
-            if down is None:
-                down, mid = list(d), m
-            else:
-                down = [a + b for a, b in zip(down, d)]
-                mid = mid + m
-        return down, mid
+        steps = [Control(c.controlnet, image, c.scale * k) for c, image, k in zip(self.controls, self.control_images, keep)]
+        return [control for control in steps if control.scale != 0.0]
 
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
         start = time.perf_counter()
         x_in = torch.cat([x] * 2) if self.do_cfg else x
-        down, mid = self.residuals(x_in, t)
-        output = self.unet(
-            x_in,
-            t,
-            encoder_hidden_states=self.embeds,
-            timestep_cond=self.timestep_cond,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            return_dict=False,
-        )[0]
+        controls = self.controls_at(t)
+        self.stats.controlnet_calls += len(controls)
+        output = controlled_unet(self.unet, x_in, t, self.embeds, controls, adapter=self.adapter, timestep_cond=self.timestep_cond)
         self.stats.unet_calls += 1
         self.stats.nfe += 2 if self.do_cfg else 1
         if self.do_cfg:

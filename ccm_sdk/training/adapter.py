@@ -3,7 +3,7 @@
 
 Each step draws one condition k ~ U{1..K} for the batch; ControlNet k (a DM ControlNet, frozen)
 runs without gradients, the adapter transforms its residuals, and the frozen consistency model
-consumes them, exactly as ``ControlledDenoiser`` does at inference. Only the adapter trains.
+consumes them, through the same ``models.controlled_unet`` as inference. Only the adapter trains.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from ..models.adapter import UnifiedAdapter
+from ..models.controlled_unet import Control, controlled_unet
 from ..models.controlnet import check_controlnet_fits
 from ..pipeline import CCMPipeline, load_controlnet
 from ..utils.atomic import atomic_folder
 from .config import AdapterTrainConfig
-from .controls import ControlSource, check_condition_fits, controlnet_residuals
+from .controls import ControlSource, check_condition_fits
 from .core import Trainer
 from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
 from .frozen import FrozenBase, freeze, place
@@ -91,16 +92,12 @@ class AdapterTrainer(Trainer):
         return AdapterDraws(consistency=draws, k=int(torch.randint(len(self.controlnets), ())))
 
     def denoiser(self, adapter: torch.nn.Module, k: int, inputs: AdapterInputs, control: torch.Tensor, timestep_cond) -> Denoise:
-        controlnet = self.controlnets[k]
+        controls = [Control(self.controlnets[k], control)]
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():  # frozen, and its output does not depend on the adapter
-                down, mid = controlnet_residuals(controlnet, x, t, inputs.embeds, control)
-            down, mid = adapter(down, mid)
-            return self.unet(
-                x, t, encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond,
-                down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
-            )[0]  # fmt: skip
+            # the ControlNet runs without gradients: it is frozen, and its output does not depend on the adapter
+            return controlled_unet(self.unet, x, t, inputs.embeds, controls, adapter=adapter, timestep_cond=timestep_cond,
+                                   controlnet_grad=False)  # fmt: skip
 
         return denoise
 

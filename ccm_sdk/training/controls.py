@@ -114,11 +114,6 @@ def build_controlnet(
     return controlnet
 
 
-def controlnet_residuals(controlnet, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, control: torch.Tensor):
-    """(down residuals, mid residual) at conditioning scale 1, as the pipeline's denoiser calls it."""
-    return controlnet(x, t, encoder_hidden_states=embeds, controlnet_cond=control, conditioning_scale=1.0, return_dict=False)
-
-
 @dataclass
 class ControlInputs:
     """A batch encoded for ControlNet training."""

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.controlled_unet import Control, controlled_unet
 from .config import CTControlNetTrainConfig
-from .controls import ControlInputs, ControlNetTrainer, controlnet_residuals
+from .controls import ControlInputs, ControlNetTrainer
 from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
 from .ema import EmaTarget, EmaTargetHooks
 
@@ -53,12 +54,10 @@ class CTControlNetTrainer(EmaTargetHooks, ControlNetTrainer):
         return {"consistency": True, "guidance_scale": self.config.consistency.w + 1.0}
 
     def denoiser(self, controlnet: nn.Module, inputs: ControlInputs, timestep_cond: torch.Tensor | None) -> Denoise:
+        controls = [Control(controlnet, inputs.control)]
+
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            down, mid = controlnet_residuals(controlnet, x, t, inputs.embeds, inputs.control)
-            return self.unet(
-                x, t, encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond,
-                down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
-            )[0]  # fmt: skip
+            return controlled_unet(self.unet, x, t, inputs.embeds, controls, timestep_cond=timestep_cond)
 
         return denoise
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import IncompatibleModelsError
+from ..models.controlled_unet import Control, controlled_unet
 from ..pipeline import CCMPipeline
 from ..schedule import NoiseSchedule
 from .config import DMControlNetTrainConfig
-from .controls import ControlInputs, ControlNetTrainer, controlnet_residuals
+from .controls import ControlInputs, ControlNetTrainer
 from .losses import l2
 
 
@@ -58,9 +59,5 @@ class DMControlNetTrainer(ControlNetTrainer):
         schedule = self.base.schedule
         x_t = schedule.add_noise(inputs.latents, draws.noise, draws.t)
         t = draws.t.to(self.device)
-        down, mid = controlnet_residuals(self.model, x_t, t, inputs.embeds, inputs.control)
-        prediction = self.unet(
-            x_t, t, encoder_hidden_states=inputs.embeds,
-            down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
-        )[0]  # fmt: skip
+        prediction = controlled_unet(self.unet, x_t, t, inputs.embeds, [Control(self.model, inputs.control)])
         return l2(prediction, diffusion_target(schedule, inputs.latents, draws.noise, draws.t))

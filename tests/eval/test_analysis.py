@@ -81,6 +81,15 @@ def test_residuals_are_down_blocks_then_mid(nets):
     assert residuals[-1].shape[-1] <= residuals[0].shape[-1]
 
 
+def test_residuals_are_the_controlnets_own_at_the_given_scale(nets):
+    inputs = _inputs(1)
+    got = controlnet_residuals(nets[0], inputs["latents"], 10, inputs["prompt_embeds"], inputs["controls"], conditioning_scale=0.3)
+    with torch.no_grad():
+        down, mid = nets[0](inputs["latents"], 10, encoder_hidden_states=inputs["prompt_embeds"], controlnet_cond=inputs["controls"],
+                            conditioning_scale=0.3, return_dict=False)  # fmt: skip
+    assert all(torch.equal(g, e) for g, e in zip(got, [*down, mid], strict=True))
+
+
 def test_radial_spectrum_of_constant_and_cosine_maps():
     constant = torch.full((1, 2, 16, 16), 3.0)
     freqs, spectrum = radial_spectrum(constant)
