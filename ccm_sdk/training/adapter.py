@@ -43,6 +43,7 @@ class AdapterTrainer(Trainer):
     """Trains a :class:`UnifiedAdapter` shared by K frozen ControlNets."""
 
     name = "adapter"
+    description = "the unified adapter: consistency training over K frozen DM ControlNets"
     config_class = AdapterTrainConfig
 
     def build(self) -> UnifiedAdapter:

@@ -182,7 +182,7 @@ class LoraSection(Section):
 class TrainConfig(Section):
     """Fields every trainer shares."""
 
-    trainer: str
+    trainer: str = Field(description="the registered trainer that reads this config (ccm train --help lists them)")
     output_dir: str = Field(description="checkpoints/, the trained weights, loss.csv/png and training_summary.json go here")
     model: str = Field(description="base model folder or hub id in diffusers layout")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -207,13 +207,11 @@ class ControlNetTrainConfig(TrainConfig):
 class DMControlNetTrainConfig(ControlNetTrainConfig):
     """DM's ControlNet: the epsilon (or v) diffusion loss on a frozen diffusion UNet."""
 
-    trainer: Literal["dm_controlnet"] = "dm_controlnet"
 
 
 class CTControlNetTrainConfig(ControlNetTrainConfig):
     """CM's ControlNet by consistency training on a frozen consistency-model UNet."""
 
-    trainer: Literal["ct_controlnet"] = "ct_controlnet"
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     target_ema_decay: float = Field(
         default=0.0, ge=0.0, lt=1.0,
@@ -240,7 +238,6 @@ class AdapterSection(Section):
 class AdapterTrainConfig(TrainConfig):
     """The unified adapter, by consistency training over K frozen DM ControlNets."""
 
-    trainer: Literal["adapter"] = "adapter"
     controlnets: list[ControlNetSpec] = Field(min_length=1)
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
@@ -249,7 +246,6 @@ class AdapterTrainConfig(TrainConfig):
 class LCDTrainConfig(TrainConfig):
     """Latent consistency distillation of a text-to-image diffusion model (method doc, section 7)."""
 
-    trainer: Literal["lcd"] = "lcd"
     mode: Literal["full", "lora"] = Field(default="full", description="train a full student UNet (with w-embedding) or an LCM-LoRA")
     lora: LoraSection = Field(default_factory=LoraSection)
     num_ddim_timesteps: int = Field(default=50, ge=2, description="skipping-step grid; k = num_train_timesteps // this")
@@ -271,7 +267,6 @@ class LCDTrainConfig(TrainConfig):
 class DreamBoothTrainConfig(TrainConfig):
     """DreamBooth-style customisation of a consistency model with the consistency loss."""
 
-    trainer: Literal["dreambooth"] = "dreambooth"
     instance_prompt: str = Field(description="prompt with the identifier token, e.g. 'a photo of sks dog'; replaces captions")
     mode: Literal["full", "lora"] = "lora"
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -321,7 +316,6 @@ class VAEArchitecture(Section):
 class VAETrainConfig(TrainConfig):
     """A KL autoencoder: reconstruction (L1 and/or MSE) + kl_weight * KL, then the latent scaling factor."""
 
-    trainer: Literal["vae"] = "vae"
     model: str | None = Field(
         default=None, description="continue this AutoencoderKL (a vae folder, or a model folder holding vae/); None: a new one"
     )
@@ -396,7 +390,6 @@ class NoiseScheduleSection(Section):
 class T2ITrainConfig(TrainConfig):
     """Text-to-image diffusion training of a UNet on a frozen VAE and text encoder."""
 
-    trainer: Literal["t2i"] = "t2i"
     model: str | None = Field(
         default=None, description="a diffusers model folder supplying what vae / text_encoder / unet / scheduler leave unset"
     )
@@ -419,25 +412,14 @@ class T2ITrainConfig(TrainConfig):
         return self
 
 
-CONFIG_CLASSES: dict[str, type[TrainConfig]] = {
-    "dm_controlnet": DMControlNetTrainConfig,
-    "ct_controlnet": CTControlNetTrainConfig,
-    "adapter": AdapterTrainConfig,
-    "lcd": LCDTrainConfig,
-    "dreambooth": DreamBoothTrainConfig,
-    "vae": VAETrainConfig,
-    "t2i": T2ITrainConfig,
-}
-
-
 # --- loading ---------------------------------------------------------------------------
 
 
 def config_class(trainer: str) -> type[TrainConfig]:
-    try:
-        return CONFIG_CLASSES[trainer]
-    except KeyError:
-        raise InputError(f"unknown trainer {trainer!r}; available: {', '.join(CONFIG_CLASSES)}") from None
+    """The config class of the trainer registered as ``trainer``; UnknownNameError lists the registered ones."""
+    from ..registry import trainers
+
+    return trainers.get(trainer).config_class
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import InputTypeError, TrainingError, TrainingInterrupted
+from ..errors import InputError, InputTypeError, TrainingError, TrainingInterrupted
 from .stop import StopSignals
 from .batches import StepBatches
 from .checkpoint import (
@@ -100,16 +100,24 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class Trainer(ABC):
-    """Base class of every trainer; ``Trainer(config).train()`` runs one."""
+    """Base class of every trainer; ``Trainer(config).train()`` runs one.
+
+    A subclass sets ``name`` (what a config's ``trainer:`` key and ``ccm train <name>`` select),
+    ``config_class`` (the TrainConfig subclass it reads, defined beside it) and a one-line
+    ``description``, and is registered through the ``register_trainers`` hook.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[TrainConfig]]
+    description: ClassVar[str] = ""
 
     def __init__(self, config: TrainConfig | dict[str, Any], *, dataset: Dataset | None = None):
         if isinstance(config, dict):
             config = validate_config(self.config_class, {"trainer": self.name, **config})
         if not isinstance(config, self.config_class):
             raise InputTypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        if config.trainer != self.name:
+            raise InputError(f"the config is for trainer {config.trainer!r}, not {self.name!r}")
         self.config = config
         self.user_dataset = dataset
         self.accelerator = None

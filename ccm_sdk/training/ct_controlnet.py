@@ -38,6 +38,7 @@ class CTControlNetTrainer(EmaTargetHooks, ControlNetTrainer):
     """Trains a ControlNet for a consistency model with the consistency-training loss."""
 
     name = "ct_controlnet"
+    description = "CM's ControlNet: consistency training on a frozen consistency-model UNet"
     config_class = CTControlNetTrainConfig
 
     def build(self) -> nn.Module:

@@ -41,6 +41,7 @@ class DMControlNetTrainer(ControlNetTrainer):
     """Trains a ControlNet for a diffusion model with the epsilon (or v / x0) loss."""
 
     name = "dm_controlnet"
+    description = "DM's ControlNet: the diffusion loss on a frozen diffusion UNet"
     config_class = DMControlNetTrainConfig
 
     def check_base(self, pipe: CCMPipeline) -> None:

@@ -39,6 +39,7 @@ class DreamBoothTrainer(Trainer):
     """Customises a consistency model on a few subject images (full UNet or LoRA)."""
 
     name = "dreambooth"
+    description = "DreamBooth-style customisation of a consistency model (full UNet or LoRA)"
     config_class = DreamBoothTrainConfig
 
     def build(self) -> torch.nn.Module:

@@ -52,6 +52,7 @@ class LCDTrainer(EmaTargetHooks, Trainer):
     """Distils a diffusion model's UNet into a latent consistency model (full UNet or LoRA)."""
 
     name = "lcd"
+    description = "latent consistency distillation of a diffusion model into an LCM (full UNet or LoRA)"
     config_class = LCDTrainConfig
 
     def build(self) -> UNet2DConditionModel:

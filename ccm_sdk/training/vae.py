@@ -148,6 +148,7 @@ class VAETrainer(Trainer):
     """Trains (or continues) an AutoencoderKL; exports it with its measured latent scaling factor."""
 
     name = "vae"
+    description = "a KL autoencoder (AutoencoderKL), new or continued, with its latent scaling factor"
     config_class = VAETrainConfig
 
     def build(self) -> Autoencode:
