@@ -10,7 +10,6 @@ import pytest
 from ccm_sdk.errors import InputError, UnknownNameError
 from ccm_sdk.registry import trainers
 from ccm_sdk.training.config import (
-    CTControlNetTrainConfig,
     LoraSection,
     TrainConfig,
     describe_config,
@@ -20,6 +19,7 @@ from ccm_sdk.training.config import (
     parse_value,
     resolve_key,
 )
+from ccm_sdk.training.ct_controlnet import CTControlNetTrainConfig
 
 SHIPPED = sorted((Path(__file__).parents[2] / "configs" / "train").glob("*.yaml"))
 

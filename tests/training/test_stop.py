@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from ccm_sdk.errors import InputError, TrainingError, TrainingInterrupted
 from ccm_sdk.training import train
 from ccm_sdk.training.checkpoint import list_checkpoints
-from ccm_sdk.training.config import VAETrainConfig, resolve_key, set_path, validate_config
+from ccm_sdk.training.config import resolve_key, set_path, validate_config
 from ccm_sdk.training.core import Trainer
 from ccm_sdk.training import stop as stop_module
 from ccm_sdk.training.stop import StopSignals, parse_duration, time_limit, time_limit_reached
+from ccm_sdk.training.vae import VAETrainConfig
 
 TINY = {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from ccm_sdk.cli import main
 from ccm_sdk.errors import ImageSizeError, InputError
 from ccm_sdk.training import train
-from ccm_sdk.training.config import VAETrainConfig, dump_config, resolve_key, set_path, validate_config
-from ccm_sdk.training.vae import VAEDraws, VAETrainer, latent_scaling_factor
+from ccm_sdk.training.config import dump_config, resolve_key, set_path, validate_config
+from ccm_sdk.training.vae import VAEDraws, VAETrainConfig, VAETrainer, latent_scaling_factor
 
 TINY = {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}  # 4x
 
