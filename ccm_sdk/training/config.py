@@ -17,9 +17,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import InputError
+from ..errors import InputError, UnknownNameError
 
 # guidance w everywhere below is the CFG coefficient of x0_c + w (x0_c - x0_u), the value the
 # w-embedding takes; the pipelines' guidance_scale is w + 1.
@@ -35,11 +35,37 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DatasetSource(Section):
+    """A dataset that a plugin registered (``register_datasets``), as eval configs name one."""
+
+    name: str = Field(description="a registered dataset (ccm_sdk.registry.datasets), e.g. 'world'")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the dataset's factory")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from ..registry import datasets
+
+        if name not in datasets:
+            # a ValueError, so that the config error names the key data.dataset.name
+            raise ValueError(str(UnknownNameError("dataset", name, datasets.names())))
+        return name
+
+    def build(self):
+        """The torch Dataset: the registered factory called with ``options``."""
+        from ..registry import get_dataset
+
+        return get_dataset(self.name, **self.options)
+
+
 class DataConfig(Section):
     path: str | None = Field(
         default=None,
         description="image folder (image.png + image.txt, or metadata.jsonl), a .tar shard, or a folder of .tar shards; "
-        "None only when a torch Dataset is passed in Python",
+        "None when data.dataset names a registered dataset or a torch Dataset is passed in Python",
+    )
+    dataset: DatasetSource | None = Field(
+        default=None, description="a registered dataset instead of data.path: {name, options} (a dataset passed in Python wins)"
     )
     resolution: int | None = Field(
         default=None, ge=8, description="resize the shorter side to this and center-crop a square; None: all images must share one size"
@@ -48,6 +74,12 @@ class DataConfig(Section):
     default_caption: str | None = Field(default=None, description="caption for images without one; None: a missing caption is an error")
     caption_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="probability of training on the empty caption")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is not None and self.dataset is not None:
+            raise ValueError("set data.path (files) or data.dataset (a registered dataset), not both")
+        return self
 
 
 class OptimConfig(Section):

@@ -119,7 +119,7 @@ class Trainer(ABC):
         if config.trainer != self.name:
             raise InputError(f"the config is for trainer {config.trainer!r}, not {self.name!r}")
         self.config = config
-        self.user_dataset = dataset
+        self.user_dataset = dataset  # passed in Python, or (at setup) the registered one data.dataset names
         self.accelerator = None
         self.model: torch.nn.Module | None = None  # the trainable module (wrapped for DDP once training starts)
         self.dataset: Dataset | None = None
@@ -206,7 +206,10 @@ class Trainer(ABC):
         if self.user_dataset is not None:
             return TorchDataset(self.user_dataset, control_key=data.control_key, resolution=data.resolution)
         if data.path is None:
-            raise TrainingError("no training data: set data.path (a folder or .tar shards) or pass dataset= in Python")
+            raise TrainingError(
+                "no training data: set data.path (a folder or .tar shards) or data.dataset (a registered dataset), "
+                "or pass dataset= in Python"
+            )
         return open_dataset(data.path, control_keys=self.control_keys(), resolution=data.resolution, default_caption=data.default_caption)
 
     def batch_sampler(self, dataset: Dataset, start: int, stop: int) -> Sampler:
@@ -257,6 +260,8 @@ class Trainer(ABC):
         if not any(p.requires_grad for p in model.parameters()):
             raise TrainingError(f"{self.name}: the trainable module has no parameter that requires grad")
         self.model = model.to(self.device).train()
+        if self.user_dataset is None and self.config.data.dataset is not None:
+            self.user_dataset = self.config.data.dataset.build()  # from here on it is read as a dataset passed in Python
         self.dataset = self.build_dataset()
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:

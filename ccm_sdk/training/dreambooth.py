@@ -88,7 +88,7 @@ class DreamBoothTrainer(Trainer):
         if self.user_dataset is not None:
             instance: Dataset = super().build_dataset()
         elif cfg.data.path is None:
-            raise TrainingError("no subject images: set data.path to a folder of them")
+            raise TrainingError("no subject images: set data.path to a folder of them, or data.dataset to a registered dataset")
         else:  # captions are replaced by the instance prompt, so images need none
             instance = open_dataset(cfg.data.path, resolution=cfg.data.resolution, default_caption=cfg.instance_prompt)
         instance = RecaptionedDataset(instance, cfg.instance_prompt)
