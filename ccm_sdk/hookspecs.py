@@ -39,3 +39,13 @@ def register_datasets(register):
 @hookspec
 def register_models(register):
     """Register pretrained-model resolvers: ``register(resolver, name=...)``, resolver(argument) -> local folder."""
+
+
+@hookspec
+def register_trainers(register):
+    """Register Trainer subclasses: ``register(TrainerClass)``; the class's ``name`` selects it, its ``config_class`` is what it reads."""
+
+
+@hookspec
+def register_feature_extractors(register):
+    """Register FID feature-extractor factories: ``register(factory, name=...)``, factory(config, *, device) -> FeatureExtractor."""

@@ -25,6 +25,8 @@ BUILTIN_PLUGINS = (
     "ccm_sdk.builtin.controlnets",
     "ccm_sdk.builtin.adapters",
     "ccm_sdk.builtin.conditions",
+    "ccm_sdk.builtin.trainers",
+    "ccm_sdk.builtin.feature_extractors",
 )
 
 pm = pluggy.PluginManager("ccm_sdk")

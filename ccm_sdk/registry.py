@@ -112,6 +112,19 @@ def _callable(obj: Any, name: str) -> None:
         raise PluginError(f"{name!r}: expected a callable provider, got {obj!r}")
 
 
+def _trainer_class(obj: Any, name: str) -> None:
+    # imported here: the training package is only loaded once the trainers are listed
+    from .training.config import TrainConfig
+    from .training.core import Trainer
+
+    _subclass_of(Trainer)(obj, name)
+    if getattr(obj, "name", None) != name:
+        raise PluginError(f"trainer {name!r}: {obj.__name__}.name is {getattr(obj, 'name', None)!r}; register(cls) uses cls.name")
+    config = getattr(obj, "config_class", None)
+    if not (isinstance(config, type) and issubclass(config, TrainConfig)):
+        raise PluginError(f"trainer {name!r}: expected {obj.__name__}.config_class to be a subclass of TrainConfig, got {config!r}")
+
+
 def _registries():
     from .interfaces import Adapter, Condition, Sampler
 
@@ -122,10 +135,12 @@ def _registries():
         Registry("sampler", "register_samplers", _subclass_of(Sampler)),
         Registry("dataset", "register_datasets", _callable),
         Registry("model source", "register_models", _callable),
+        Registry("trainer", "register_trainers", _trainer_class),
+        Registry("feature extractor", "register_feature_extractors", _callable),
     )
 
 
-conditions, controlnets, adapters, samplers, datasets, models = _registries()
+conditions, controlnets, adapters, samplers, datasets, models, trainers, feature_extractors = _registries()
 
 
 def get_condition(name: str, **options: Any):

@@ -1,6 +1,9 @@
 """Feature extractors for FID: the protocol, batched extraction, and extractors chosen by name.
 
-A ``FeatureExtractor`` maps images [B, 3, H, W] in [0, 1] to features [B, D]. Built in:
+A ``FeatureExtractor`` maps images [B, 3, H, W] in [0, 1] to features [B, D]. Extractors are a
+plugin kind: ``register_feature_extractors`` registers factories ``factory(config, *, device)``
+that build one from a :class:`FeatureConfig`, and an eval config's ``features.kind`` names one.
+Built in (``ccm_sdk/builtin/feature_extractors.py``):
 
 - ``inception``: the FID Inception-v3 (pool3, 2048-D) loaded from a converted folder, the
   standard for FIDs comparable with published ones (``inception.py``);
@@ -12,11 +15,11 @@ A ``FeatureExtractor`` maps images [B, 3, H, W] in [0, 1] to features [B, D]. Bu
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .. import images as image_utils
 from ..errors import InputError, NonFiniteError, ShapeError, UnknownNameError
@@ -87,25 +90,33 @@ def extract_features(extractor: FeatureExtractor, images: torch.Tensor, *, batch
 class FeatureConfig(Options):
     """Which extractor FID uses (an eval config's ``features`` section)."""
 
-    kind: Literal["pixels", "inception", "feature-net"] = "pixels"
+    kind: str = Field(default="pixels", description="a registered feature extractor: pixels, inception, feature-net or a plugin's")
     path: str | None = Field(default=None, description="the converted Inception or trained feature-net folder")
     size: int = Field(default=8, ge=1, description="pixels: the side the image is averaged down to")
     batch_size: int = Field(default=64, ge=1)
 
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        from ..registry import feature_extractors
 
-def load_extractor(config: FeatureConfig | dict[str, Any], *, device: torch.device | str = "cpu") -> FeatureExtractor:
-    """Build the extractor a ``FeatureConfig`` names."""
-    config = config if isinstance(config, FeatureConfig) else FeatureConfig(**config)
-    if config.kind == "pixels":
-        return PixelExtractor(config.size)
+        if kind not in feature_extractors:
+            # a ValueError, so that pydantic reports it at features.kind
+            raise ValueError(str(UnknownNameError("feature extractor", kind, feature_extractors.names())))
+        return kind
+
+
+def model_folder(config: FeatureConfig) -> str:
+    """``config.path``, for the extractors that load a model; InputError when it is not set."""
     if config.path is None:
         raise InputError(f"features of kind {config.kind!r} need a 'path' to the model folder")
-    if config.kind == "inception":
-        from .inception import InceptionExtractor
+    return config.path
 
-        return InceptionExtractor.from_pretrained(config.path, device=device)
-    if config.kind == "feature-net":
-        from .feature_net import FeatureNetExtractor
 
-        return FeatureNetExtractor.from_pretrained(config.path, device=device)
-    raise UnknownNameError("feature extractor", config.kind, ("pixels", "inception", "feature-net"))
+def load_extractor(config: FeatureConfig | dict[str, Any], *, device: torch.device | str = "cpu") -> FeatureExtractor:
+    """Build the extractor a ``FeatureConfig`` names, with the factory registered as its ``kind``."""
+    from ..interfaces import build_options
+    from ..registry import feature_extractors
+
+    config = config if isinstance(config, FeatureConfig) else build_options(FeatureConfig, "features", config)
+    return feature_extractors.get(config.kind)(config, device=device)

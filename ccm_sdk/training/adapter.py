@@ -10,20 +10,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from ..models.adapter import UnifiedAdapter
 from ..models.controlled_unet import Control, controlled_unet
 from ..models.controlnet import check_controlnet_fits
 from ..pipeline import CCMPipeline, load_controlnet
 from ..utils.atomic import atomic_folder
-from .config import AdapterTrainConfig
+from .config import ConsistencyConfig, Section, TrainConfig
 from .controls import ControlSource, check_condition_fits
 from .core import Trainer
 from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
 from .frozen import FrozenBase, freeze, place
+
+
+class ControlNetSpec(Section):
+    """One frozen ControlNet of the unified adapter's training set."""
+
+    path: str = Field(description="ControlNet folder or hub id")
+    condition: str
+    condition_options: dict[str, Any] = Field(default_factory=dict)
+    control_key: str | None = Field(default=None, description="precomputed maps under this key; None: the condition's name")
+
+
+class AdapterSection(Section):
+    hidden_ratio: float = Field(default=1.0, gt=0.0)
+    kernel_size: int = Field(default=3, ge=1)
+    activation: Literal["silu", "gelu", "relu"] = "silu"
+    init: str | None = Field(default=None, description="start from this adapter folder instead of the identity")
+
+
+class AdapterTrainConfig(TrainConfig):
+    """The unified adapter, by consistency training over K frozen DM ControlNets."""
+
+    controlnets: list[ControlNetSpec] = Field(min_length=1)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
 
 
 @dataclass
@@ -43,6 +68,7 @@ class AdapterTrainer(Trainer):
     """Trains a :class:`UnifiedAdapter` shared by K frozen ControlNets."""
 
     name = "adapter"
+    description = "the unified adapter: consistency training over K frozen DM ControlNets"
     config_class = AdapterTrainConfig
 
     def build(self) -> UnifiedAdapter:

@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import TRAINERS
-
 EPILOG = """\
 examples:
   ccm train ct_controlnet --config configs/train/ct_controlnet.yaml
@@ -33,17 +31,40 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand to ``ccm``'s subparsers."""
     parser = subparsers.add_parser(
         "train",
-        help="train a VAE, a text-to-image diffusion model, a ControlNet, the unified adapter, an LCM (distillation) or a DreamBooth model",
-        description="Train with one of the SDK's trainers; see docs/training.md.",
+        help="train a VAE, a text-to-image diffusion model, a ControlNet, the unified adapter, an LCM (distillation), "
+        "a DreamBooth model, or with a plugin's trainer",
+        description="Train with one of the registered trainers; see docs/training.md.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
     _configure(parser)
     return parser
 
 
+def trainer_listing() -> str:
+    """One line per registered trainer: its name, its one-line description and the plugin that registered it."""
+    from ..registry import trainers
+
+    return "\n".join(f"  {e.name:<14} {e.obj.description}  [{e.plugin}]" for e in trainers.entries())
+
+
+class _HelpWithTrainers(argparse.Action):
+    """``-h`` before a trainer name: the help with the registered trainers listed (collected only now,
+    so building the ``ccm`` parser loads no plugin)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.epilog = f"trainers:\n{trainer_listing()}\n\n{EPILOG}"
+        parser.print_help()
+        parser.exit()
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trainer", choices=TRAINERS)
+    parser.add_argument("-h", "--help", action=_HelpWithTrainers, help="show this help, with the registered trainers, and exit")
+    parser.add_argument("trainer", metavar="TRAINER", help="a registered trainer (--help lists them)")
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="...", help="--config FILE, --resume [CHECKPOINT], overrides")
     parser.set_defaults(func=cmd_train)
 
@@ -101,8 +122,10 @@ def parse_train_args(tokens: list[str]) -> TrainArgs:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import config_class, describe_config, load_config
+    from . import get_trainer
+    from .config import describe_config, load_config
 
+    trainer = get_trainer(args.trainer)  # an unknown name raises, listing the registered ones
     config_path, overrides, show_help, stop_after, export = parse_train_args(args.args)
     if show_help:
         print(f"usage: ccm train {args.trainer} --config FILE [--resume [CHECKPOINT]] [--stop-after 2h] [--export [CHECKPOINT]] "
@@ -110,8 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("--stop-after DURATION: checkpoint and stop once it has run this long (90, 45s, 20m, 2h, 1h30m); --resume goes on")
         print("--export [CHECKPOINT]: write the model folders of a checkpoint (default: the newest) into "
               "<output_dir>/export/<checkpoint>; trains nothing\n")
+        print(f"{args.trainer}: {trainer.description}\n" if trainer.description else "", end="")
         print(f"{args.trainer} config keys (default):")
-        print(describe_config(config_class(args.trainer)))
+        print(describe_config(trainer.config_class))
         return 0
     config = load_config(args.trainer, config_path, overrides)
     if export is not None:
@@ -147,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ccm_sdk.training``."""
     from ..errors import CCMError, Interrupted
 
-    parser = argparse.ArgumentParser(prog="python -m ccm_sdk.training", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ccm_sdk.training", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False
+    )
     _configure(parser)
     args = parser.parse_args(argv)
     try:

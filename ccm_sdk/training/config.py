@@ -1,4 +1,7 @@
-"""Training configs: one pydantic class per trainer, loaded from YAML/JSON files plus overrides.
+"""Training configs: the sections every trainer shares, and loading from YAML/JSON files plus overrides.
+
+Each trainer's own config class (a :class:`TrainConfig` subclass) sits beside the trainer, in its
+module, and the trainer names it as ``config_class``; :func:`config_class` finds it by trainer name.
 
 Every section forbids unknown keys; errors name the key and list what is accepted. Overrides
 are dotted paths (``train.lr=1e-4``) or, for a leaf name that only one section has, the bare
@@ -13,9 +16,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import InputError
+from ..errors import InputError, UnknownNameError
 from ..utils.config_files import read_config_file, set_path
 
 # guidance w everywhere below is the CFG coefficient of x0_c + w (x0_c - x0_u), the value the
@@ -32,11 +35,37 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DatasetSource(Section):
+    """A dataset that a plugin registered (``register_datasets``), as eval configs name one."""
+
+    name: str = Field(description="a registered dataset (ccm_sdk.registry.datasets), e.g. 'world'")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the dataset's factory")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from ..registry import datasets
+
+        if name not in datasets:
+            # a ValueError, so that the config error names the key data.dataset.name
+            raise ValueError(str(UnknownNameError("dataset", name, datasets.names())))
+        return name
+
+    def build(self):
+        """The torch Dataset: the registered factory called with ``options``."""
+        from ..registry import get_dataset
+
+        return get_dataset(self.name, **self.options)
+
+
 class DataConfig(Section):
     path: str | None = Field(
         default=None,
         description="image folder (image.png + image.txt, or metadata.jsonl), a .tar shard, or a folder of .tar shards; "
-        "None only when a torch Dataset is passed in Python",
+        "None when data.dataset names a registered dataset or a torch Dataset is passed in Python",
+    )
+    dataset: DatasetSource | None = Field(
+        default=None, description="a registered dataset instead of data.path: {name, options} (a dataset passed in Python wins)"
     )
     resolution: int | None = Field(
         default=None, ge=8, description="resize the shorter side to this and center-crop a square; None: all images must share one size"
@@ -45,6 +74,12 @@ class DataConfig(Section):
     default_caption: str | None = Field(default=None, description="caption for images without one; None: a missing caption is an error")
     caption_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="probability of training on the empty caption")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is not None and self.dataset is not None:
+            raise ValueError("set data.path (files) or data.dataset (a registered dataset), not both")
+        return self
 
 
 class OptimConfig(Section):
@@ -182,7 +217,7 @@ class LoraSection(Section):
 class TrainConfig(Section):
     """Fields every trainer shares."""
 
-    trainer: str
+    trainer: str = Field(description="the registered trainer that reads this config (ccm train --help lists them)")
     output_dir: str = Field(description="checkpoints/, the trained weights, loss.csv/png and training_summary.json go here")
     model: str = Field(description="base model folder or hub id in diffusers layout")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -193,104 +228,7 @@ class TrainConfig(Section):
     hub: HubConfig = Field(default_factory=HubConfig)
 
 
-class ControlNetTrainConfig(TrainConfig):
-    """Fields of the two trainers that train one ControlNet."""
-
-    condition: str = Field(default="canny", description="condition plugin that makes control maps missing from the data")
-    condition_options: dict[str, Any] = Field(default_factory=dict)
-    controlnet: str | None = Field(default=None, description="initial ControlNet folder; None: copy the UNet's encoder")
-    conditioning_embedding_out_channels: tuple[int, ...] = Field(
-        default=(16, 32, 96, 256), description="a new ControlNet's control-image encoder; must downsample by the VAE factor"
-    )
-
-
-class DMControlNetTrainConfig(ControlNetTrainConfig):
-    """DM's ControlNet: the epsilon (or v) diffusion loss on a frozen diffusion UNet."""
-
-    trainer: Literal["dm_controlnet"] = "dm_controlnet"
-
-
-class CTControlNetTrainConfig(ControlNetTrainConfig):
-    """CM's ControlNet by consistency training on a frozen consistency-model UNet."""
-
-    trainer: Literal["ct_controlnet"] = "ct_controlnet"
-    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
-    target_ema_decay: float = Field(
-        default=0.0, ge=0.0, lt=1.0,
-        description="psi^-: 0 is the method's stopgrad(psi); > 0 an EMA of psi with this decay (the original CT target)",
-    )  # fmt: skip
-
-
-class ControlNetSpec(Section):
-    """One frozen ControlNet of the unified adapter's training set."""
-
-    path: str = Field(description="ControlNet folder or hub id")
-    condition: str
-    condition_options: dict[str, Any] = Field(default_factory=dict)
-    control_key: str | None = Field(default=None, description="precomputed maps under this key; None: the condition's name")
-
-
-class AdapterSection(Section):
-    hidden_ratio: float = Field(default=1.0, gt=0.0)
-    kernel_size: int = Field(default=3, ge=1)
-    activation: Literal["silu", "gelu", "relu"] = "silu"
-    init: str | None = Field(default=None, description="start from this adapter folder instead of the identity")
-
-
-class AdapterTrainConfig(TrainConfig):
-    """The unified adapter, by consistency training over K frozen DM ControlNets."""
-
-    trainer: Literal["adapter"] = "adapter"
-    controlnets: list[ControlNetSpec] = Field(min_length=1)
-    adapter: AdapterSection = Field(default_factory=AdapterSection)
-    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
-
-
-class LCDTrainConfig(TrainConfig):
-    """Latent consistency distillation of a text-to-image diffusion model (method doc, section 7)."""
-
-    trainer: Literal["lcd"] = "lcd"
-    mode: Literal["full", "lora"] = Field(default="full", description="train a full student UNet (with w-embedding) or an LCM-LoRA")
-    lora: LoraSection = Field(default_factory=LoraSection)
-    num_ddim_timesteps: int = Field(default=50, ge=2, description="skipping-step grid; k = num_train_timesteps // this")
-    w_min: float = Field(default=5.0, ge=0.0)
-    w_max: float = Field(default=15.0, ge=0.0)
-    loss: Literal["l2", "huber"] = "l2"
-    huber_c: float = Field(default=0.001, gt=0.0)
-    ema_decay: float = Field(default=0.95, ge=0.0, lt=1.0, description="EMA target network; 0: the student itself, stop-gradient")
-    time_cond_proj_dim: int = Field(default=256, ge=2, description="w-embedding width of a full student")
-    negative_prompt: str = Field(default="", description="the teacher's unconditional prompt")
-
-    @model_validator(mode="after")
-    def _ordered_w(self):
-        if self.w_min > self.w_max:
-            raise ValueError(f"expected w_min <= w_max, got {self.w_min} > {self.w_max}")
-        return self
-
-
-class DreamBoothTrainConfig(TrainConfig):
-    """DreamBooth-style customisation of a consistency model with the consistency loss."""
-
-    trainer: Literal["dreambooth"] = "dreambooth"
-    instance_prompt: str = Field(description="prompt with the identifier token, e.g. 'a photo of sks dog'; replaces captions")
-    mode: Literal["full", "lora"] = "lora"
-    lora: LoraSection = Field(default_factory=LoraSection)
-    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
-    with_prior_preservation: bool = False
-    class_prompt: str | None = Field(default=None, description="e.g. 'a photo of a dog'")
-    class_data_dir: str | None = Field(default=None, description="class images; missing ones are generated with the model")
-    num_class_images: int = Field(default=100, ge=1)
-    prior_loss_weight: float = Field(default=1.0, ge=0.0)
-    class_image_steps: int = Field(default=4, ge=1, le=8, description="sampling steps used to generate class images")
-
-    @model_validator(mode="after")
-    def _prior_inputs(self):
-        if self.with_prior_preservation and (not self.class_prompt or not self.class_data_dir):
-            raise ValueError("with_prior_preservation needs class_prompt and class_data_dir")
-        return self
-
-
-def _check_levels(section: Section, down: tuple[str, ...] | None, up: tuple[str, ...] | None) -> None:
+def check_levels(section: Section, down: tuple[str, ...] | None, up: tuple[str, ...] | None) -> None:
     """Block lists that agree with block_out_channels, and channels the group norm can split."""
     levels = len(section.block_out_channels)
     for name, types_ in (("down_block_types", down), ("up_block_types", up)):
@@ -301,143 +239,14 @@ def _check_levels(section: Section, down: tuple[str, ...] | None, up: tuple[str,
         raise ValueError(f"block_out_channels {list(odd)} are not divisible by norm_num_groups {section.norm_num_groups}")
 
 
-class VAEArchitecture(Section):
-    """A new diffusers AutoencoderKL; it downsamples by 2 ** (len(block_out_channels) - 1)."""
-
-    block_out_channels: tuple[int, ...] = Field(default=(64, 128, 128), min_length=1, description="channels per level; 3 levels: a 4x VAE")
-    layers_per_block: int = Field(default=2, ge=1)
-    latent_channels: int = Field(default=4, ge=1)
-    norm_num_groups: int = Field(default=32, ge=1)
-    down_block_types: tuple[str, ...] | None = Field(default=None, description="None: DownEncoderBlock2D per level")
-    up_block_types: tuple[str, ...] | None = Field(default=None, description="None: UpDecoderBlock2D per level")
-    sample_size: int | None = Field(default=None, ge=1, description="image size recorded in the config; None: the training images'")
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        _check_levels(self, self.down_block_types, self.up_block_types)
-        return self
-
-
-class VAETrainConfig(TrainConfig):
-    """A KL autoencoder: reconstruction (L1 and/or MSE) + kl_weight * KL, then the latent scaling factor."""
-
-    trainer: Literal["vae"] = "vae"
-    model: str | None = Field(
-        default=None, description="continue this AutoencoderKL (a vae folder, or a model folder holding vae/); None: a new one"
-    )
-    architecture: VAEArchitecture | None = Field(default=None, description="the new VAE's shape; None: these defaults (not with model)")
-    l1_weight: float = Field(default=1.0, ge=0.0, description="weight of the mean |x_rec - x| (images in [-1, 1])")
-    mse_weight: float = Field(default=0.0, ge=0.0, description="weight of the mean (x_rec - x)^2")
-    kl_weight: float = Field(default=1e-6, ge=0.0, description="beta: weight of KL(q(z|x) || N(0, I)), summed over latent elements")
-    scaling_factor: float | None = Field(default=None, gt=0.0, description="store this scaling_factor; None: 1 / std of the latents")
-    scaling_samples: int = Field(default=256, ge=2, description="images (seeded random subset) that the scaling factor is measured on")
-    crop_size: int | None = Field(
-        default=None, ge=1,
-        description="train on random square crops of this size (a multiple of the VAE's factor): the autoencoder is "
-        "convolutional, so crops teach it the same at a fraction of the cost; validation and the scaling factor use whole images",
-    )  # fmt: skip
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if self.model is not None and self.architecture is not None:
-            raise ValueError("set either model (continue a pretrained VAE) or architecture (a new one), not both")
-        if self.l1_weight == 0 and self.mse_weight == 0:
-            raise ValueError("l1_weight and mse_weight are both 0: nothing trains the reconstruction")
-        return self
-
-
-class UNetArchitecture(Section):
-    """A new diffusers UNet2DConditionModel; in/out channels and cross_attention_dim come from the VAE and text encoder."""
-
-    block_out_channels: tuple[int, ...] = Field(default=(64, 128, 256), min_length=1)
-    layers_per_block: int = Field(default=2, ge=1)
-    down_block_types: tuple[str, ...] | None = Field(default=None, description="None: CrossAttnDownBlock2D per level, DownBlock2D last")
-    up_block_types: tuple[str, ...] | None = Field(default=None, description="None: UpBlock2D first, CrossAttnUpBlock2D after")
-    attention_head_dim: int = Field(default=8, ge=1, description="attention heads per transformer block (diffusers' naming)")
-    transformer_layers_per_block: int = Field(default=1, ge=1)
-    norm_num_groups: int = Field(default=32, ge=1)
-    sample_size: int | None = Field(
-        default=None, ge=1, description="latent size; None: data.resolution (else the VAE's sample_size) / the VAE factor"
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        _check_levels(self, self.down_block_types, self.up_block_types)
-        return self
-
-
-class NoiseScheduleSection(Section):
-    """The DDPM-family noise schedule written as the model's scheduler config."""
-
-    num_train_timesteps: int = Field(default=1000, ge=2)
-    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
-    beta_start: float = Field(default=0.00085, gt=0.0, lt=1.0)
-    beta_end: float = Field(default=0.012, gt=0.0, lt=1.0)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    rescale_betas_zero_snr: bool = Field(
-        default=False,
-        description="rescale to zero terminal SNR (Lin et al. 2024) so that no image statistics survive at the last "
-        "timestep; needs v_prediction",
-    )
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = Field(
-        default="leading", description="sampling timesteps; 'trailing' starts at the last timestep (use it with zero SNR)"
-    )
-
-    @model_validator(mode="after")
-    def _zero_snr_needs_v(self):
-        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
-            raise ValueError(
-                f"rescale_betas_zero_snr needs prediction_type 'v_prediction' (epsilon cannot give x0 at zero SNR), "
-                f"got {self.prediction_type!r}"
-            )
-        return self
-
-
-class T2ITrainConfig(TrainConfig):
-    """Text-to-image diffusion training of a UNet on a frozen VAE and text encoder."""
-
-    trainer: Literal["t2i"] = "t2i"
-    model: str | None = Field(
-        default=None, description="a diffusers model folder supplying what vae / text_encoder / unet / scheduler leave unset"
-    )
-    vae: str | None = Field(default=None, description="a vae folder (the vae trainer's output) or a model folder holding vae/")
-    text_encoder: str | None = Field(default=None, description="a folder holding text_encoder/ and tokenizer/ (build_text_encoder)")
-    unet: str | None = Field(default=None, description="initial UNet: a unet folder or a model folder holding unet/")
-    architecture: UNetArchitecture | None = Field(default=None, description="a new UNet of this shape (instead of unet / the model's)")
-    scheduler: NoiseScheduleSection | None = Field(default=None, description="None: the model's scheduler, or these defaults")
-    min_snr_gamma: float | None = Field(default=None, gt=0.0, description="min-SNR loss weighting min(SNR, gamma) / SNR (5.0 is usual)")
-    ema_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description="EMA of the UNet weights, exported when > 0; 0: no EMA")
-
-    @model_validator(mode="after")
-    def _sources(self):
-        if self.unet is not None and self.architecture is not None:
-            raise ValueError("set either unet (initial weights) or architecture (a new UNet), not both")
-        given = {"vae": self.vae, "text_encoder": self.text_encoder, "unet or architecture": self.unet or self.architecture}
-        missing = [name for name, value in given.items() if value is None and self.model is None]
-        if missing:
-            raise ValueError(f"no {', no '.join(missing)}: set them, or model (a diffusers model folder supplying them)")
-        return self
-
-
-CONFIG_CLASSES: dict[str, type[TrainConfig]] = {
-    "dm_controlnet": DMControlNetTrainConfig,
-    "ct_controlnet": CTControlNetTrainConfig,
-    "adapter": AdapterTrainConfig,
-    "lcd": LCDTrainConfig,
-    "dreambooth": DreamBoothTrainConfig,
-    "vae": VAETrainConfig,
-    "t2i": T2ITrainConfig,
-}
-
-
 # --- loading ---------------------------------------------------------------------------
 
 
 def config_class(trainer: str) -> type[TrainConfig]:
-    try:
-        return CONFIG_CLASSES[trainer]
-    except KeyError:
-        raise InputError(f"unknown trainer {trainer!r}; available: {', '.join(CONFIG_CLASSES)}") from None
+    """The config class of the trainer registered as ``trainer``; UnknownNameError lists the registered ones."""
+    from ..registry import trainers
+
+    return trainers.get(trainer).config_class
 
 
 def load_config(

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
+from pydantic import Field
 
 from ..conditions.mask import MaskCondition, random_masks
 from ..errors import ChannelMismatchError
@@ -16,9 +17,20 @@ from ..models.controlnet import check_controlnet_fits, controlnet_from_unet
 from ..pipeline import CCMPipeline, load_controlnet
 from ..registry import conditions
 from ..utils.atomic import atomic_folder
-from .config import ControlNetTrainConfig
+from .config import TrainConfig
 from .core import Trainer
 from .frozen import FrozenBase, freeze, place
+
+
+class ControlNetTrainConfig(TrainConfig):
+    """Fields of the two trainers that train one ControlNet."""
+
+    condition: str = Field(default="canny", description="condition plugin that makes control maps missing from the data")
+    condition_options: dict[str, Any] = Field(default_factory=dict)
+    controlnet: str | None = Field(default=None, description="initial ControlNet folder; None: copy the UNet's encoder")
+    conditioning_embedding_out_channels: tuple[int, ...] = Field(
+        default=(16, 32, 96, 256), description="a new ControlNet's control-image encoder; must downsample by the VAE factor"
+    )
 
 
 class ControlSource:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..datasets import TorchDataset, collate, open_dataset
-from ..errors import InputTypeError, TrainingError, TrainingInterrupted
+from ..errors import InputError, InputTypeError, TrainingError, TrainingInterrupted
 from ..utils.atomic import remove_temporary_folders
 from ..utils.stopping import StopSignals
 from .batches import StepBatches
@@ -100,18 +100,26 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class Trainer(ABC):
-    """Base class of every trainer; ``Trainer(config).train()`` runs one."""
+    """Base class of every trainer; ``Trainer(config).train()`` runs one.
+
+    A subclass sets ``name`` (what a config's ``trainer:`` key and ``ccm train <name>`` select),
+    ``config_class`` (the TrainConfig subclass it reads, defined beside it) and a one-line
+    ``description``, and is registered through the ``register_trainers`` hook.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[TrainConfig]]
+    description: ClassVar[str] = ""
 
     def __init__(self, config: TrainConfig | dict[str, Any], *, dataset: Dataset | None = None):
         if isinstance(config, dict):
             config = validate_config(self.config_class, {"trainer": self.name, **config})
         if not isinstance(config, self.config_class):
             raise InputTypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        if config.trainer != self.name:
+            raise InputError(f"the config is for trainer {config.trainer!r}, not {self.name!r}")
         self.config = config
-        self.user_dataset = dataset
+        self.user_dataset = dataset  # passed in Python, or (at setup) the registered one data.dataset names
         self.accelerator = None
         self.model: torch.nn.Module | None = None  # the trainable module (wrapped for DDP once training starts)
         self.dataset: Dataset | None = None
@@ -198,7 +206,10 @@ class Trainer(ABC):
         if self.user_dataset is not None:
             return TorchDataset(self.user_dataset, control_key=data.control_key, resolution=data.resolution)
         if data.path is None:
-            raise TrainingError("no training data: set data.path (a folder or .tar shards) or pass dataset= in Python")
+            raise TrainingError(
+                "no training data: set data.path (a folder or .tar shards) or data.dataset (a registered dataset), "
+                "or pass dataset= in Python"
+            )
         return open_dataset(data.path, control_keys=self.control_keys(), resolution=data.resolution, default_caption=data.default_caption)
 
     def batch_sampler(self, dataset: Dataset, start: int, stop: int) -> Sampler:
@@ -249,6 +260,8 @@ class Trainer(ABC):
         if not any(p.requires_grad for p in model.parameters()):
             raise TrainingError(f"{self.name}: the trainable module has no parameter that requires grad")
         self.model = model.to(self.device).train()
+        if self.user_dataset is None and self.config.data.dataset is not None:
+            self.user_dataset = self.config.data.dataset.build()  # from here on it is read as a dataset passed in Python
         self.dataset = self.build_dataset()
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:

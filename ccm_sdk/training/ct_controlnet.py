@@ -14,13 +14,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..models.controlled_unet import Control, controlled_unet
-from .config import CTControlNetTrainConfig
-from .controls import ControlInputs, ControlNetTrainer
+from .config import ConsistencyConfig
+from .controls import ControlInputs, ControlNetTrainConfig, ControlNetTrainer
 from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
 from .ema import EmaTarget, EmaTargetHooks
+
+
+class CTControlNetTrainConfig(ControlNetTrainConfig):
+    """CM's ControlNet by consistency training on a frozen consistency-model UNet."""
+
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+    target_ema_decay: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="psi^-: 0 is the method's stopgrad(psi); > 0 an EMA of psi with this decay (the original CT target)",
+    )  # fmt: skip
 
 
 class _Fixed(nn.Module):
@@ -38,6 +49,7 @@ class CTControlNetTrainer(EmaTargetHooks, ControlNetTrainer):
     """Trains a ControlNet for a consistency model with the consistency-training loss."""
 
     name = "ct_controlnet"
+    description = "CM's ControlNet: consistency training on a frozen consistency-model UNet"
     config_class = CTControlNetTrainConfig
 
     def build(self) -> nn.Module:

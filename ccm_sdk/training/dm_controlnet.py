@@ -16,9 +16,12 @@ from ..errors import IncompatibleModelsError
 from ..models.controlled_unet import Control, controlled_unet
 from ..pipeline import CCMPipeline
 from ..schedule import NoiseSchedule
-from .config import DMControlNetTrainConfig
-from .controls import ControlInputs, ControlNetTrainer
+from .controls import ControlInputs, ControlNetTrainConfig, ControlNetTrainer
 from .losses import l2
+
+
+class DMControlNetTrainConfig(ControlNetTrainConfig):
+    """DM's ControlNet: the epsilon (or v) diffusion loss on a frozen diffusion UNet."""
 
 
 @dataclass
@@ -41,6 +44,7 @@ class DMControlNetTrainer(ControlNetTrainer):
     """Trains a ControlNet for a diffusion model with the epsilon (or v / x0) loss."""
 
     name = "dm_controlnet"
+    description = "DM's ControlNet: the diffusion loss on a frozen diffusion UNet"
     config_class = DMControlNetTrainConfig
 
     def check_base(self, pipe: CCMPipeline) -> None:

@@ -11,21 +11,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from ..datasets import IMAGE_EXTENSIONS, RecaptionedDataset, open_dataset
 from ..errors import TrainingError
 from ..pipeline import CCMPipeline
 from .batches import JointBatches, StepBatches
-from .config import DreamBoothTrainConfig
+from .config import ConsistencyConfig, LoraSection, TrainConfig
 from .core import Trainer
 from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
 from .export import save_pipeline_with_unet, save_unet_lora
 from .frozen import FrozenBase
 from .lora import add_unet_lora
+
+
+class DreamBoothTrainConfig(TrainConfig):
+    """DreamBooth-style customisation of a consistency model with the consistency loss."""
+
+    instance_prompt: str = Field(description="prompt with the identifier token, e.g. 'a photo of sks dog'; replaces captions")
+    mode: Literal["full", "lora"] = "lora"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+    with_prior_preservation: bool = False
+    class_prompt: str | None = Field(default=None, description="e.g. 'a photo of a dog'")
+    class_data_dir: str | None = Field(default=None, description="class images; missing ones are generated with the model")
+    num_class_images: int = Field(default=100, ge=1)
+    prior_loss_weight: float = Field(default=1.0, ge=0.0)
+    class_image_steps: int = Field(default=4, ge=1, le=8, description="sampling steps used to generate class images")
+
+    @model_validator(mode="after")
+    def _prior_inputs(self):
+        if self.with_prior_preservation and (not self.class_prompt or not self.class_data_dir):
+            raise ValueError("with_prior_preservation needs class_prompt and class_data_dir")
+        return self
 
 
 @dataclass
@@ -39,6 +61,7 @@ class DreamBoothTrainer(Trainer):
     """Customises a consistency model on a few subject images (full UNet or LoRA)."""
 
     name = "dreambooth"
+    description = "DreamBooth-style customisation of a consistency model (full UNet or LoRA)"
     config_class = DreamBoothTrainConfig
 
     def build(self) -> torch.nn.Module:
@@ -65,7 +88,7 @@ class DreamBoothTrainer(Trainer):
         if self.user_dataset is not None:
             instance: Dataset = super().build_dataset()
         elif cfg.data.path is None:
-            raise TrainingError("no subject images: set data.path to a folder of them")
+            raise TrainingError("no subject images: set data.path to a folder of them, or data.dataset to a registered dataset")
         else:  # captions are replaced by the instance prompt, so images need none
             instance = open_dataset(cfg.data.path, resolution=cfg.data.resolution, default_caption=cfg.instance_prompt)
         instance = RecaptionedDataset(instance, cfg.instance_prompt)

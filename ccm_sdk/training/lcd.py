@@ -18,20 +18,42 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import UNet2DConditionModel
+from pydantic import Field, model_validator
 
 from ..errors import IncompatibleModelsError, TrainingError
 from ..pipeline import CCMPipeline
-from .config import LCDTrainConfig
+from .config import LoraSection, TrainConfig
 from .core import Trainer
 from .ema import EmaTarget, EmaTargetHooks
 from .export import save_pipeline_with_unet, save_unet_lora
 from .frozen import FrozenBase, freeze, place
 from .lora import add_unet_lora
 from .losses import l2, pseudo_huber
+
+
+class LCDTrainConfig(TrainConfig):
+    """Latent consistency distillation of a text-to-image diffusion model (method doc, section 7)."""
+
+    mode: Literal["full", "lora"] = Field(default="full", description="train a full student UNet (with w-embedding) or an LCM-LoRA")
+    lora: LoraSection = Field(default_factory=LoraSection)
+    num_ddim_timesteps: int = Field(default=50, ge=2, description="skipping-step grid; k = num_train_timesteps // this")
+    w_min: float = Field(default=5.0, ge=0.0)
+    w_max: float = Field(default=15.0, ge=0.0)
+    loss: Literal["l2", "huber"] = "l2"
+    huber_c: float = Field(default=0.001, gt=0.0)
+    ema_decay: float = Field(default=0.95, ge=0.0, lt=1.0, description="EMA target network; 0: the student itself, stop-gradient")
+    time_cond_proj_dim: int = Field(default=256, ge=2, description="w-embedding width of a full student")
+    negative_prompt: str = Field(default="", description="the teacher's unconditional prompt")
+
+    @model_validator(mode="after")
+    def _ordered_w(self):
+        if self.w_min > self.w_max:
+            raise ValueError(f"expected w_min <= w_max, got {self.w_min} > {self.w_max}")
+        return self
 
 
 @dataclass
@@ -52,6 +74,7 @@ class LCDTrainer(EmaTargetHooks, Trainer):
     """Distils a diffusion model's UNet into a latent consistency model (full UNet or LoRA)."""
 
     name = "lcd"
+    description = "latent consistency distillation of a diffusion model into an LCM (full UNet or LoRA)"
     config_class = LCDTrainConfig
 
     def build(self) -> UNet2DConditionModel:

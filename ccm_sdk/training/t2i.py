@@ -20,10 +20,11 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import UNet2DConditionModel
+from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
 from ..errors import ImageSizeError, IncompatibleModelsError, InputError, MissingModelError, TrainingError
@@ -31,7 +32,7 @@ from ..models.loading import load_component, read_json, resolve_model_path
 from ..pipeline import CCMPipeline
 from ..schedule import NoiseSchedule
 from ..utils.atomic import atomic_folder
-from .config import NoiseScheduleSection, T2ITrainConfig, UNetArchitecture
+from .config import Section, TrainConfig, check_levels
 from .core import Trainer
 from .dm_controlnet import DiffusionDraws, diffusion_target
 from .export import _float32_copy
@@ -40,6 +41,78 @@ from .text_encoder import load_text_encoder
 from .vae import load_vae
 
 SCHEDULER_CLASS = "DDIMScheduler"
+
+
+class UNetArchitecture(Section):
+    """A new diffusers UNet2DConditionModel; in/out channels and cross_attention_dim come from the VAE and text encoder."""
+
+    block_out_channels: tuple[int, ...] = Field(default=(64, 128, 256), min_length=1)
+    layers_per_block: int = Field(default=2, ge=1)
+    down_block_types: tuple[str, ...] | None = Field(default=None, description="None: CrossAttnDownBlock2D per level, DownBlock2D last")
+    up_block_types: tuple[str, ...] | None = Field(default=None, description="None: UpBlock2D first, CrossAttnUpBlock2D after")
+    attention_head_dim: int = Field(default=8, ge=1, description="attention heads per transformer block (diffusers' naming)")
+    transformer_layers_per_block: int = Field(default=1, ge=1)
+    norm_num_groups: int = Field(default=32, ge=1)
+    sample_size: int | None = Field(
+        default=None, ge=1, description="latent size; None: data.resolution (else the VAE's sample_size) / the VAE factor"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        check_levels(self, self.down_block_types, self.up_block_types)
+        return self
+
+
+class NoiseScheduleSection(Section):
+    """The DDPM-family noise schedule written as the model's scheduler config."""
+
+    num_train_timesteps: int = Field(default=1000, ge=2)
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = Field(default=0.00085, gt=0.0, lt=1.0)
+    beta_end: float = Field(default=0.012, gt=0.0, lt=1.0)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    rescale_betas_zero_snr: bool = Field(
+        default=False,
+        description="rescale to zero terminal SNR (Lin et al. 2024) so that no image statistics survive at the last "
+        "timestep; needs v_prediction",
+    )
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = Field(
+        default="leading", description="sampling timesteps; 'trailing' starts at the last timestep (use it with zero SNR)"
+    )
+
+    @model_validator(mode="after")
+    def _zero_snr_needs_v(self):
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise ValueError(
+                f"rescale_betas_zero_snr needs prediction_type 'v_prediction' (epsilon cannot give x0 at zero SNR), "
+                f"got {self.prediction_type!r}"
+            )
+        return self
+
+
+class T2ITrainConfig(TrainConfig):
+    """Text-to-image diffusion training of a UNet on a frozen VAE and text encoder."""
+
+    model: str | None = Field(
+        default=None, description="a diffusers model folder supplying what vae / text_encoder / unet / scheduler leave unset"
+    )
+    vae: str | None = Field(default=None, description="a vae folder (the vae trainer's output) or a model folder holding vae/")
+    text_encoder: str | None = Field(default=None, description="a folder holding text_encoder/ and tokenizer/ (build_text_encoder)")
+    unet: str | None = Field(default=None, description="initial UNet: a unet folder or a model folder holding unet/")
+    architecture: UNetArchitecture | None = Field(default=None, description="a new UNet of this shape (instead of unet / the model's)")
+    scheduler: NoiseScheduleSection | None = Field(default=None, description="None: the model's scheduler, or these defaults")
+    min_snr_gamma: float | None = Field(default=None, gt=0.0, description="min-SNR loss weighting min(SNR, gamma) / SNR (5.0 is usual)")
+    ema_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description="EMA of the UNet weights, exported when > 0; 0: no EMA")
+
+    @model_validator(mode="after")
+    def _sources(self):
+        if self.unet is not None and self.architecture is not None:
+            raise ValueError("set either unet (initial weights) or architecture (a new UNet), not both")
+        given = {"vae": self.vae, "text_encoder": self.text_encoder, "unet or architecture": self.unet or self.architecture}
+        missing = [name for name, value in given.items() if value is None and self.model is None]
+        if missing:
+            raise ValueError(f"no {', no '.join(missing)}: set them, or model (a diffusers model folder supplying them)")
+        return self
 
 
 @dataclass
@@ -111,6 +184,7 @@ class T2ITrainer(Trainer):
     """Trains a text-to-image diffusion UNet; exports a diffusers model folder."""
 
     name = "t2i"
+    description = "a text-to-image diffusion UNet on a frozen VAE and text encoder"
     config_class = T2ITrainConfig
 
     # --- models -------------------------------------------------------------------------

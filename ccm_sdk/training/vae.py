@@ -20,14 +20,59 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
 from ..datasets import TorchDataset, open_dataset
 from ..errors import ImageSizeError, InputError, MissingModelError
 from ..models.loading import load_component, resolve_model_path
 from ..utils.atomic import atomic_folder
-from .config import VAEArchitecture, VAETrainConfig
+from .config import Section, TrainConfig, check_levels
 from .core import Trainer
+
+
+class VAEArchitecture(Section):
+    """A new diffusers AutoencoderKL; it downsamples by 2 ** (len(block_out_channels) - 1)."""
+
+    block_out_channels: tuple[int, ...] = Field(default=(64, 128, 128), min_length=1, description="channels per level; 3 levels: a 4x VAE")
+    layers_per_block: int = Field(default=2, ge=1)
+    latent_channels: int = Field(default=4, ge=1)
+    norm_num_groups: int = Field(default=32, ge=1)
+    down_block_types: tuple[str, ...] | None = Field(default=None, description="None: DownEncoderBlock2D per level")
+    up_block_types: tuple[str, ...] | None = Field(default=None, description="None: UpDecoderBlock2D per level")
+    sample_size: int | None = Field(default=None, ge=1, description="image size recorded in the config; None: the training images'")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        check_levels(self, self.down_block_types, self.up_block_types)
+        return self
+
+
+class VAETrainConfig(TrainConfig):
+    """A KL autoencoder: reconstruction (L1 and/or MSE) + kl_weight * KL, then the latent scaling factor."""
+
+    model: str | None = Field(
+        default=None, description="continue this AutoencoderKL (a vae folder, or a model folder holding vae/); None: a new one"
+    )
+    architecture: VAEArchitecture | None = Field(default=None, description="the new VAE's shape; None: these defaults (not with model)")
+    l1_weight: float = Field(default=1.0, ge=0.0, description="weight of the mean |x_rec - x| (images in [-1, 1])")
+    mse_weight: float = Field(default=0.0, ge=0.0, description="weight of the mean (x_rec - x)^2")
+    kl_weight: float = Field(default=1e-6, ge=0.0, description="beta: weight of KL(q(z|x) || N(0, I)), summed over latent elements")
+    scaling_factor: float | None = Field(default=None, gt=0.0, description="store this scaling_factor; None: 1 / std of the latents")
+    scaling_samples: int = Field(default=256, ge=2, description="images (seeded random subset) that the scaling factor is measured on")
+    crop_size: int | None = Field(
+        default=None, ge=1,
+        description="train on random square crops of this size (a multiple of the VAE's factor): the autoencoder is "
+        "convolutional, so crops teach it the same at a fraction of the cost; validation and the scaling factor use whole images",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.model is not None and self.architecture is not None:
+            raise ValueError("set either model (continue a pretrained VAE) or architecture (a new one), not both")
+        if self.l1_weight == 0 and self.mse_weight == 0:
+            raise ValueError("l1_weight and mse_weight are both 0: nothing trains the reconstruction")
+        return self
 
 
 @dataclass
@@ -148,6 +193,7 @@ class VAETrainer(Trainer):
     """Trains (or continues) an AutoencoderKL; exports it with its measured latent scaling factor."""
 
     name = "vae"
+    description = "a KL autoencoder (AutoencoderKL), new or continued, with its latent scaling factor"
     config_class = VAETrainConfig
 
     def build(self) -> Autoencode:

@@ -81,6 +81,12 @@ def test_unknown_condition_name_raises():
         check_names(config, expand_methods(config))
 
 
+def test_unknown_feature_kind_is_a_config_error_listing_the_registered_ones():
+    with pytest.raises(InputError, match=r"features.kind: .*unknown feature extractor 'fid'; available: feature-net, inception, pixels"):
+        load_eval_config(_config(features={"kind": "fid"}))
+    assert load_eval_config(_config(features={"kind": "feature-net", "path": "net"})).features.kind == "feature-net"
+
+
 def test_unknown_sampler_raises():
     method = {"name": "m", "model": "m", "controlnets": {"canny": "x", "sr4x": "y"}, "sampler": "euler-magic"}
     config = load_eval_config(_config(methods=[method]))

@@ -1,4 +1,5 @@
-"""Feature extractors: the protocol, batching and checks, pixels, and the FID Inception-v3 architecture."""
+"""Feature extractors: the protocol, batching and checks, pixels, the registry of extractors, and the FID
+Inception-v3 architecture."""
 
 from __future__ import annotations
 
@@ -69,6 +70,48 @@ def test_load_extractor_by_kind():
     assert load_extractor({"kind": "pixels", "size": 2}).name == "pixels-2"
     with pytest.raises(InputError, match="need a 'path'"):
         load_extractor(FeatureConfig(kind="inception"))
+
+
+def test_builtin_extractors_register_through_the_hook():
+    from ccm_sdk.registry import feature_extractors
+
+    assert feature_extractors.names() == ["feature-net", "inception", "pixels"]
+    assert {e.plugin for e in feature_extractors.entries()} == {"ccm_sdk.builtin.feature_extractors"}
+
+
+def test_an_unknown_kind_lists_the_registered_extractors():
+    with pytest.raises(InputError, match=r"features: kind: Value error, unknown feature extractor 'inceptoin'; "
+                                         r"available: feature-net, inception, pixels"):  # fmt: skip
+        load_extractor({"kind": "inceptoin"})
+    with pytest.raises(InputError, match="unknown key|Extra inputs"):
+        load_extractor({"kind": "pixels", "sise": 4})
+
+
+def test_a_plugin_extractor_is_chosen_by_its_kind():
+    import types
+
+    import ccm_sdk
+    from ccm_sdk import plugins
+
+    seen = []
+
+    def channel_means(config, *, device="cpu"):
+        seen.append((config.path, str(device)))
+        return ModuleExtractor(torch.nn.AdaptiveAvgPool2d(1), name="channel-means")
+
+    plugin = types.ModuleType("means")
+    plugin.register_feature_extractors = ccm_sdk.hookimpl(lambda register: register(channel_means, name="test-means"))
+    plugins.load_plugins()
+    plugins.pm.register(plugin, name="means-plugin")
+    try:
+        extractor = load_extractor({"kind": "test-means", "path": "anywhere"})
+        assert seen == [("anywhere", "cpu")]
+        images = torch.rand(5, 3, 8, 8)
+        torch.testing.assert_close(extract_features(extractor, images), images.mean(dim=(2, 3)).double())
+    finally:
+        plugins.pm.unregister(name="means-plugin")
+    with pytest.raises(InputError, match="unknown feature extractor 'test-means'"):
+        load_extractor({"kind": "test-means"})
 
 
 # --- FID Inception-v3 --------------------------------------------------------------------

@@ -90,11 +90,22 @@ def test_train_resume_and_outputs(make_config, tmp_path, capsys):
 def test_help_lists_the_keys(capsys):
     assert main(["train", "lcd", "--help"]) == 0
     text = capsys.readouterr().out
+    assert "lcd: latent consistency distillation" in text
     assert "ema_decay = 0.95" in text and "train.lr = 1e-05" in text
+
+
+def test_help_before_a_trainer_lists_the_registered_trainers(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "trainers:\n" in text
+    assert "  lcd            latent consistency distillation of a diffusion model into an LCM" in text
+    assert "[ccm_sdk.builtin.trainers]" in text and "examples:" in text
 
 
 def test_errors_exit_2_with_the_message(tmp_path, capsys):
     assert main(["train", "dm_controlnet", "output_dir=o", "model=m", "train.lrr=1"]) == 2
     assert "unknown key 'train.lrr'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["train", "gan"])
+    assert main(["train", "gan"]) == 2
+    assert "unknown trainer 'gan'; available: adapter, ct_controlnet, dm_controlnet" in capsys.readouterr().err

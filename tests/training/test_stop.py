@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from ccm_sdk.errors import InputError, TrainingError, TrainingInterrupted
 from ccm_sdk.training import train
 from ccm_sdk.training.checkpoint import list_checkpoints
-from ccm_sdk.training.config import VAETrainConfig, resolve_key, validate_config
+from ccm_sdk.training.config import resolve_key, validate_config
 from ccm_sdk.training.core import Trainer
+from ccm_sdk.training.vae import VAETrainConfig
 from ccm_sdk.utils import stopping
 from ccm_sdk.utils.stopping import time_limit, time_limit_reached
 from ccm_sdk.utils.config_files import set_path

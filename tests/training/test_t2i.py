@@ -17,10 +17,10 @@ from ccm_sdk.datasets import collate
 from ccm_sdk.errors import ImageSizeError, IncompatibleModelsError, InputError, TrainingError
 from ccm_sdk.pipeline import CCMPipeline
 from ccm_sdk.schedule import NoiseSchedule
-from ccm_sdk.training.config import NoiseScheduleSection, T2ITrainConfig, dump_config, resolve_key, validate_config
+from ccm_sdk.training.config import dump_config, resolve_key, validate_config
 from ccm_sdk.training.dm_controlnet import DiffusionDraws, DMControlNetTrainer, diffusion_target
 from ccm_sdk.training.lcd import LCDTrainer
-from ccm_sdk.training.t2i import T2ITrainer, min_snr_weights, scheduler_config
+from ccm_sdk.training.t2i import NoiseScheduleSection, T2ITrainConfig, T2ITrainer, min_snr_weights, scheduler_config
 from ccm_sdk.training.text_encoder import build_text_encoder
 from ccm_sdk.utils.config_files import set_path
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from ccm_sdk.cli import main
 from ccm_sdk.errors import ImageSizeError, InputError
 from ccm_sdk.training import train
-from ccm_sdk.training.config import VAETrainConfig, dump_config, resolve_key, validate_config
-from ccm_sdk.training.vae import VAEDraws, VAETrainer, latent_scaling_factor
+from ccm_sdk.training.config import dump_config, resolve_key, validate_config
+from ccm_sdk.training.vae import VAEDraws, VAETrainConfig, VAETrainer, latent_scaling_factor
 from ccm_sdk.utils.config_files import set_path
 
 TINY = {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}  # 4x
@@ -198,3 +198,23 @@ def test_crop_size_must_fit_the_vae_and_the_images(vae_config):
         VAETrainer(vae_config(crop_size=10)).setup()
     with pytest.raises(ImageSizeError, match=r"crop_size 36 must be a multiple .* at most the 32x32"):
         VAETrainer(vae_config(crop_size=36)).setup()
+
+
+def test_data_dataset_reads_a_registered_dataset(vae_config):
+    import types
+
+    import ccm_sdk
+    from ccm_sdk import plugins
+
+    images = [torch.full((3, 16, 16), level) for level in (0.2, 0.5, 0.8)]  # bare images: the VAE needs no captions
+    plugin = types.ModuleType("greys")
+    plugin.register_datasets = ccm_sdk.hookimpl(lambda register: register(lambda count: images[:count], name="test-vae-greys"))
+    plugins.load_plugins()
+    plugins.pm.register(plugin, name="greys-plugin")
+    try:
+        trainer = VAETrainer(vae_config(data__path=None, data__dataset={"name": "test-vae-greys", "options": {"count": 2}}))
+        trainer.setup()
+        assert len(trainer.dataset) == 2
+        torch.testing.assert_close(trainer.dataset[1]["image"], images[1])
+    finally:
+        plugins.pm.unregister(name="greys-plugin")
