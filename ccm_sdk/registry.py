@@ -7,6 +7,8 @@ are added or removed (tests register throw-away plugins with ``pm.register``).
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -113,10 +115,12 @@ def _callable(obj: Any, name: str) -> None:
 
 
 def _trainer_class(obj: Any, name: str) -> None:
-    # imported here: the training package is only loaded once the trainers are listed
-    from .training.config import TrainConfig
-    from .training.core import Trainer
-
+    # A Trainer subclass exists only once ccm_sdk.training.core is loaded, so its bases are looked up
+    # there instead of imported: the training stack imports this registry, not the other way round.
+    core, config_module = sys.modules.get("ccm_sdk.training.core"), sys.modules.get("ccm_sdk.training.config")
+    if core is None or config_module is None:
+        raise PluginError(f"{name!r}: expected a subclass of Trainer (ccm_sdk.training.core), got {obj!r}")
+    Trainer, TrainConfig = core.Trainer, config_module.TrainConfig
     _subclass_of(Trainer)(obj, name)
     if getattr(obj, "name", None) != name:
         raise PluginError(f"trainer {name!r}: {obj.__name__}.name is {getattr(obj, 'name', None)!r}; register(cls) uses cls.name")
