@@ -301,3 +301,20 @@ def test_ccm_eval_stop_after_and_resume(models, image_folder, tmp_path, capsys, 
     assert main([*args, "--resume"]) == 0
     assert len(calls) == 1 and "(kept from an earlier run)" in capsys.readouterr().out
     assert main([*args, "--stop-after", "never"]) == 2
+
+
+def test_time_per_image_is_the_fastest_full_batch(models, image_folder, tmp_path):
+    """Other work on the machine only slows batches down: the cell reports its fastest full batch."""
+    from types import SimpleNamespace
+
+    from ccm_sdk.eval import runner
+
+    config = _config(models, image_folder, tmp_path, num_samples=5, batch_size=2, methods=["dm-controlnet+cm"])
+    method = runner.expand_methods(config, None)[0]
+    seconds = iter([4.0, 1.0, 0.1])  # per call: 2.0, 0.5 and (a batch of one) 0.1 s an image
+
+    def pipe(captions, controls, **kwargs):
+        return SimpleNamespace(images=torch.zeros(len(captions), 3, 8, 8), nfe=1, timings={"total": next(seconds)})
+
+    images, nfe, per_image = runner._generate(pipe, method, None, 1, ["a"] * 5, torch.zeros(5, 3, 8, 8), config)
+    assert images.shape[0] == 5 and nfe == 1 and per_image == 0.5
