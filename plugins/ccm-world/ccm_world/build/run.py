@@ -92,6 +92,7 @@ NEUTRAL_OPTIONS: dict[tuple[str, ...], Any] = {
     ("consistency", "gap_ratio"): None,
     ("consistency", "weighting"): "uniform",
     ("consistency", "recipe"): "ccm",  # the recipe every consistency-trained unit was built with before recipes had names
+    ("data", "dataset"): None,  # training data from a registered dataset; the build gives its trainers their data itself
 }
 
 
