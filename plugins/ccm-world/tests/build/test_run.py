@@ -384,6 +384,15 @@ def test_a_partial_pack_previews_an_unfinished_stage_from_its_last_checkpoint(bu
     assert again.state(again.by_name[net]) == "partial"  # a preview finishes nothing
 
 
+def test_the_full_preset_still_describes_the_installed_models(tmp_path):
+    """The full preset's pack fingerprint (every unit's spec and inputs) is the one the installed models
+    were packed under: a change of code or preset that would make the shipped models stale fails here,
+    not hours into the next build (a new trainer option needs its neutral value in NEUTRAL_OPTIONS)."""
+    manifest = json.loads((ccm_world.MODELS_DIR / MANIFEST).read_text())
+    build = WorldBuild(load_preset("full"), tmp_path / "work", models_dir=tmp_path / "models", log=lambda m: None)
+    assert build.fingerprint(build.by_name["pack"]) == manifest["fingerprint"]
+
+
 def test_options_at_their_neutral_value_leave_fingerprints_alone(tmp_path):
     def build(*overrides):
         return WorldBuild(load_preset("tiny", list(overrides)), tmp_path / "work", models_dir=tmp_path / "models", log=lambda m: None)
