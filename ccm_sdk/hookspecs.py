@@ -28,7 +28,8 @@ def register_adapters(register):
 
 @hookspec
 def register_samplers(register):
-    """Register sampler functions: ``register(fn, name=...)``, with the shared sampler signature."""
+    """Register Sampler subclasses: ``register(SamplerClass)``; each picks its timesteps and runs a pure
+    sampler function of the shared signature (ccm_sdk.sampling) over them."""
 
 
 @hookspec
