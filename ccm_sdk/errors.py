@@ -75,6 +75,13 @@ class DuplicateNameError(PluginError):
     """Two plugins registered the same name for the same kind of extension."""
 
 
+# --- serving -----------------------------------------------------------------------------
+
+
+class ServerBusyError(CCMError, RuntimeError):
+    """A server's queue of waiting work is full (or it is shutting down); the request may be sent again later."""
+
+
 # --- models ----------------------------------------------------------------------------
 
 
