@@ -36,6 +36,10 @@ class ImageSizeError(ShapeError):
     """An image size does not fit (mismatch, not divisible by the VAE factor, too small)."""
 
 
+class ImageTooLargeError(ImageSizeError):
+    """An image is larger than the consumer takes (a server's size limit, a decompression bomb)."""
+
+
 class NonFiniteError(InputError):
     """A tensor holds NaN or infinity."""
 
