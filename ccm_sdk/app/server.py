@@ -475,6 +475,7 @@ class CCMServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: socketserver's 5 drops connections (a 1 s client retry) under a burst
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler], *, service: GenerationService, max_connections: int):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
