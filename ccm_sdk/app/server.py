@@ -295,6 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
     read_timeout = DEFAULT_READ_TIMEOUT
     verbose = False
     server_version = "ccm-serve"
+    default_request_version = "HTTP/1.0"  # not http.server's 0.9, whose error answers have no status line
 
     def setup(self) -> None:
         super().setup()
@@ -356,6 +357,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str, kind: str, extra_headers: dict[str, str] | None = None) -> None:
         self._json(status, {"error": message, "type": kind}, extra_headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, too many headers, an unknown method) as JSON too."""
+        self.close_connection = True
+        short, long = self.responses.get(code, ("Error", ""))
+        self.log_error("code %d, message %s", code, message or short)
+        self._error(code, f"{message or short}: {explain or long}", short.title().replace(" ", ""))
 
     def _guard(self) -> bool:
         """The Host and Origin checks every request passes; False once it has been answered 403."""

@@ -432,6 +432,15 @@ def test_a_client_that_drips_its_headers_is_dropped_at_the_deadline(pipe, serve)
         assert dropped and time.monotonic() - started < 3
 
 
+def test_http_level_errors_are_json_too(server):
+    status, _, answer = _raw(server, b"GET /api/info HTTP/9\r\n\r\n")
+    assert status == 400 and answer["error"].startswith("Bad request version ('HTTP/9')") and answer["type"] == "BadRequest"
+    status, _, answer = _raw(server, _http(server, "PUT"))
+    assert status == 501 and answer["error"].startswith("Unsupported method ('PUT')") and answer["type"] == "NotImplemented"
+    status, _, answer = _raw(server, _http(server, "GET", "/api/info", headers={f"X-{i}": "y" for i in range(120)}))
+    assert status == 431 and "Too many headers" in answer["error"]
+
+
 def test_incomplete_and_chunked_bodies(server):
     with socket.create_connection(server.server_address[:2], timeout=30) as sock:
         sock.sendall(_http(server, body=b"x" * 100)[:-90])
