@@ -30,6 +30,11 @@ class WorkQueue:
         self._worker: threading.Thread | None = None
         self._closed = False
 
+    @property
+    def waiting(self) -> int:
+        """How many submitted calls wait for their turn (the running one not counted)."""
+        return self._jobs.qsize()
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Queue ``fn(*args)``; raises :class:`ServerBusyError` at once when the queue is full or closed."""
         future: Future = Future()

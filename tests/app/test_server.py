@@ -533,7 +533,7 @@ def test_a_full_queue_answers_503_at_once_and_the_waiting_go_in_order(pipe, serv
         second = threading.Thread(target=send, args=(2,))
         second.start()
         deadline = time.monotonic() + 30
-        while service._queue._jobs.qsize() < 1 and time.monotonic() < deadline:
+        while service._queue.waiting < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         started = time.monotonic()
         status, headers, answer = _raw(server, _http(server, body=_valid()))

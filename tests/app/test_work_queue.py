@@ -27,6 +27,7 @@ def test_runs_one_at_a_time_in_arrival_order_and_refuses_when_full():
     futures = [work.submit(job, 0)]
     assert busy.acquire(timeout=10)  # job 0 runs and holds the worker; 3 more may wait
     futures += [work.submit(job, n) for n in (1, 2, 3)]
+    assert work.waiting == 3
     with pytest.raises(ServerBusyError, match="the server is busy: 3 request"):
         work.submit(job, 4)
     gate.set()
