@@ -425,13 +425,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"expected Content-Type: application/json, got {got}", "UnsupportedMediaType")
             return
         length = self.headers.get("Content-Length")
-        if "Transfer-Encoding" in self.headers or length is None or not length.isdigit():
+        if "Transfer-Encoding" in self.headers or length is None or not (length.isascii() and length.isdigit()):
             self._error(HTTPStatus.LENGTH_REQUIRED, "expected a Content-Length header with the body's size (chunked bodies are not read)",
                         "LengthRequired")
             return
         limit = self.service.max_body_bytes
         if int(length) > limit:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body may be at most {limit} bytes, got {length}", "TooLarge")
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body may be at most {limit} bytes, got {length} "
+                        "(ccm serve --max-size raises the limit with the image size)", "TooLarge")
             return
         body = self._read_body(int(length))
         if body is None:

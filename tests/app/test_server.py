@@ -450,6 +450,8 @@ def test_incomplete_and_chunked_bodies(server):
     chunked = _http(server, body=b"", headers={"Content-Length": None, "Transfer-Encoding": "chunked"}) + b"2\r\n{}\r\n0\r\n\r\n"
     status, _, answer = _raw(server, chunked)
     assert status == 411 and "expected a Content-Length header" in answer["error"]
+    superscript = _http(server, body=b"", headers={"Content-Length": "\u00b2"})  # str.isdigit() says yes, int() says no
+    assert _raw(server, superscript)[0] == 411
 
 
 def test_host_origin_and_content_type_are_checked(server):
