@@ -191,10 +191,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             inpainting = {"initial_image": _open_source(args.image, args.size).convert("RGB"), "initial_mask": call_options["mask"]}
     service = GenerationService(pipe, model=str(model), condition=args.condition,
                                 condition_options=_options(args.option), initial_prompt=args.prompt,
-                                initial_control=initial, default_steps=args.steps, **inpainting)
-    server = make_server(service, host=args.host, port=args.port, verbose=args.verbose)
+                                initial_control=initial, default_steps=args.steps, max_size=args.max_size,
+                                max_queue=args.max_queue, **inpainting)
+    server = make_server(service, host=args.host, port=args.port, verbose=args.verbose, allow_hosts=args.allow_host,
+                         allow_origins=args.allow_origin, read_timeout=args.read_timeout, max_connections=args.max_connections)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"ccm serve: listening on {args.host}: anyone who reaches this address can use the model", file=sys.stderr)
+        print(f"ccm serve: listening on {args.host}: anyone who reaches this address can use the model; requests must name "
+              "this server in their Host header (--allow-host NAME adds the names clients use)", file=sys.stderr)
     print(f"ccm serve: open {server_url(server)}  (model {model}; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
@@ -278,8 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(srv, start=" to start from (its size is the drawing size); requests sent as 'image' use --condition too")
     srv.add_argument("--prompt", default="", help="the prompt to start with")
     srv.add_argument("--steps", type=int, default=4, help="the steps to start with")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    srv.add_argument("--port", type=int, default=7860, help="port (0: any free one)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    srv.add_argument("--port", type=int, default=7860, help="port (0: any free one; default: %(default)s)")
+    srv.add_argument("--max-size", type=int, metavar="PIXELS", help="largest side of an image a request may send, and so of "
+                     "the output (default: the model's native size, or the starting map's if larger; at most 4096)")
+    srv.add_argument("--max-queue", type=int, default=4, metavar="N",
+                     help="requests that may wait while one generates; more are answered 503 (default: %(default)s)")
+    srv.add_argument("--read-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="time a client has to send a whole request; slower ones are dropped (default: %(default)s)")
+    srv.add_argument("--max-connections", type=int, default=32, metavar="N",
+                     help="connections served at once; more are answered 503 (default: %(default)s)")
+    srv.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="also answer requests whose Host header is NAME, on any port (repeatable; '*': any name, which "
+                     "lets DNS-rebinding pages in; default: only localhost, 127.0.0.1, [::1] and --host, on --port)")
+    srv.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                     help="let web pages at ORIGIN (e.g. https://app.example) call the API, with CORS headers (repeatable; "
+                     "'*': any site; default: only the server's own page)")
     srv.add_argument("--verbose", action="store_true", help="log every request")
     srv.set_defaults(func=cmd_serve)
 

@@ -36,6 +36,10 @@ class ImageSizeError(ShapeError):
     """An image size does not fit (mismatch, not divisible by the VAE factor, too small)."""
 
 
+class ImageTooLargeError(ImageSizeError):
+    """An image is larger than the consumer takes (a server's size limit, a decompression bomb)."""
+
+
 class NonFiniteError(InputError):
     """A tensor holds NaN or infinity."""
 
@@ -73,6 +77,13 @@ class PluginError(CCMError, RuntimeError):
 
 class DuplicateNameError(PluginError):
     """Two plugins registered the same name for the same kind of extension."""
+
+
+# --- serving -----------------------------------------------------------------------------
+
+
+class ServerBusyError(CCMError, RuntimeError):
+    """A server's queue of waiting work is full (or it is shutting down); the request may be sent again later."""
 
 
 # --- models ----------------------------------------------------------------------------

@@ -145,6 +145,46 @@ def test_serve_inpainting_starts_with_the_picture_and_its_mask(tmp_path, lcm_dir
     assert np.array_equal(np.asarray(server_module.decode_image(info["mask"], field="mask")), np.asarray(Image.open(mask_file)))
 
 
+def test_serve_help_lists_the_limits_and_access_options_with_defaults(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for option, default in [("--host HOST", "default: 127.0.0.1"), ("--max-size PIXELS", "default: the model's native size"),
+                            ("--max-queue N", "default: 4"), ("--read-timeout SECONDS", "default: 10.0"),
+                            ("--max-connections N", "default: 32"), ("--allow-host NAME", "default: only localhost, 127.0.0.1, [::1]"),
+                            ("--allow-origin ORIGIN", "default: only the server's own page")]:
+        assert option in text and default in text, option
+
+
+def test_serve_passes_the_limits_and_access_options_on(lcm_dir, monkeypatch, capsys):
+    from ccm_sdk.app import server as server_module
+
+    made = {}
+
+    class _Server:
+        server_address = ("127.0.0.1", 1)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            pass
+
+    def fake_make_server(service, **kwargs):
+        made.update(kwargs, service=service)
+        return _Server()
+
+    monkeypatch.setattr(server_module, "make_server", fake_make_server)
+    assert main(["serve", "--model", str(lcm_dir), "--max-size", "128", "--max-queue", "2", "--read-timeout", "3",
+                 "--max-connections", "5", "--allow-host", "box.lan", "--allow-host", "pc.lan", "--allow-origin", "https://a.example"]) == 0
+    assert made["service"].max_size == 128 and made["service"]._queue.max_waiting == 2
+    assert made["allow_hosts"] == ["box.lan", "pc.lan"] and made["allow_origins"] == ["https://a.example"]
+    assert made["read_timeout"] == 3.0 and made["max_connections"] == 5 and made["host"] == "127.0.0.1"
+    assert main(["serve", "--model", str(lcm_dir), "--max-size", "16"]) == 2
+    assert "max_size: expected pixels a side from the drawing size 64 to 4096, got 16" in capsys.readouterr().err
+
+
 def test_plugins_and_conditions_listing(capsys):
     assert main(["plugins", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
@@ -174,7 +214,8 @@ def test_serve_starts_a_server_that_generates(tmp_path, lcm_dir, controlnet_dir,
             info = json.loads(answer.read())
         assert info["prompt"] == "a cat" and info["size"] == [64, 64]
         body = json.dumps({"prompt": "a cat", "control": info["control"], "steps": 1}).encode()
-        with urllib.request.urlopen(urllib.request.Request(url + "api/generate", data=body), timeout=60) as answer:
+        request = urllib.request.Request(url + "api/generate", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
             result = json.loads(answer.read())
         image = Image.open(io.BytesIO(base64.b64decode(result["image"].split(",", 1)[1])))
         assert image.size == (64, 64) and result["nfe"] == 1
