@@ -41,11 +41,11 @@ class ImageTooLargeError(ImageSizeError):
 
 
 class NonFiniteError(InputError):
-    """A tensor holds NaN or infinity."""
+    """A tensor or a number holds NaN or infinity."""
 
 
 class ValueRangeError(InputError):
-    """A tensor's values lie outside the range the consumer expects."""
+    """A number, or a tensor's values, lie outside the range the consumer expects."""
 
 
 class StepCountError(InputError):
