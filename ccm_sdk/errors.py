@@ -101,6 +101,14 @@ class CorruptWeightsError(ModelLoadError):
     """A weights file exists but cannot be read as safetensors / a state dict."""
 
 
+class MissingWeightsError(CorruptWeightsError):
+    """A weights file lacks tensors that its model's config calls for."""
+
+
+class UnknownConfigKeyError(ModelLoadError):
+    """A model's config.json holds keys its model class does not take (a typo, or another library version's key)."""
+
+
 class IncompatibleModelsError(CCMError, ValueError):
     """Two models that must work together (UNet and ControlNet, ControlNet and adapter) do not fit."""
 

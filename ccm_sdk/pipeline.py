@@ -206,12 +206,17 @@ class CCMPipeline:
         device: torch.device | str | None = None,
         local_files_only: bool | None = None,
         revision: str | None = None,
+        strict: bool = True,
     ) -> CCMPipeline:
         """Load a diffusers-layout model (folder or hub id), its ControlNet(s), adapter and LoRA.
 
         ``lora`` is a LoRA file or folder (e.g. LCM-LoRA) loaded into the UNet with diffusers'
         LoRA loader (peft). With ``local_files_only`` (default: ``HF_HUB_OFFLINE``) the hub
-        is never contacted.
+        is never contacted. Loading is strict: a tensor the weights lack raises
+        :class:`~ccm_sdk.errors.MissingWeightsError`, and a key of a diffusers ``config.json``
+        (UNet, VAE, ControlNet) the model class does not take raises
+        :class:`~ccm_sdk.errors.UnknownConfigKeyError`; ``strict=False`` turns the latter into a
+        warning, for configs written by other diffusers versions.
         """
         # 1. find the folder and read its index
         root = resolve_model_path(source, local_files_only=local_files_only, revision=revision)
@@ -223,7 +228,7 @@ class CCMPipeline:
                 raise MissingModelError(f"model {str(source)!r}: model_index.json lists no {name!r} component")
         # 2. load the components
         what = f"model {str(source)!r}"
-        kw = dict(torch_dtype=torch_dtype)
+        kw = dict(torch_dtype=torch_dtype, strict=strict)
         unet = load_component(UNet2DConditionModel, root / "unet", what=f"{what}, unet", **kw)
         vae = load_component(AutoencoderKL, root / "vae", what=f"{what}, vae", **kw)
         text_encoder = load_component(CLIPTextModel, root / "text_encoder", what=f"{what}, text_encoder", **kw)
@@ -242,7 +247,7 @@ class CCMPipeline:
             pipe.load_lora(lora, local_files_only=local_files_only)
         sources = [] if controlnet is None else list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
         for item in sources:
-            pipe.add_controlnet(load_controlnet(item, torch_dtype=torch_dtype, local_files_only=local_files_only))
+            pipe.add_controlnet(load_controlnet(item, torch_dtype=torch_dtype, local_files_only=local_files_only, strict=strict))
         if adapter is not None:
             from .models.adapter import load_adapter
 
@@ -686,8 +691,14 @@ class CCMPipeline:
             self.progress = progress
 
 
-def load_controlnet(source: ControlNetSource, *, torch_dtype: torch.dtype = torch.float32, local_files_only: bool | None = None) -> ControlNetModel:
-    """A ControlNetModel instance, a folder / hub id, or ``"provider:argument"`` for a registered provider."""
+def load_controlnet(
+    source: ControlNetSource, *, torch_dtype: torch.dtype = torch.float32, local_files_only: bool | None = None, strict: bool = True
+) -> ControlNetModel:
+    """A ControlNetModel instance, a folder / hub id, or ``"provider:argument"`` for a registered provider.
+
+    ``strict`` applies to folders and hub ids (see :meth:`CCMPipeline.from_pretrained`); a
+    registered provider loads as it does.
+    """
     if isinstance(source, ControlNetModel):
         return source
     if isinstance(source, torch.nn.Module):
@@ -697,7 +708,7 @@ def load_controlnet(source: ControlNetSource, *, torch_dtype: torch.dtype = torc
     if sep and provider in controlnet_providers and not Path(text).exists():
         return controlnet_providers.get(provider)(argument, torch_dtype=torch_dtype, local_files_only=local_files_only)
     # a folder, a hub id, or "name:argument" of a plugin's model source
-    return controlnet_providers.get("diffusers")(text, torch_dtype=torch_dtype, local_files_only=local_files_only)
+    return controlnet_providers.get("diffusers")(text, torch_dtype=torch_dtype, local_files_only=local_files_only, strict=strict)
 
 
 def _describe(value: Any) -> str:
