@@ -245,7 +245,7 @@ def load_eval_config(source: str | os.PathLike | dict[str, Any], overrides: dict
         raw = dict(source)
     else:
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise MissingModelError(f"eval config {str(path)!r} does not exist")
         raw = read_config_file(path)
     raw.update(overrides or {})
