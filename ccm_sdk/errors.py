@@ -56,6 +56,10 @@ class DTypeError(InputTypeError):
     """A tensor has a dtype the consumer does not take."""
 
 
+class FactoryNotAllowedError(InputError):
+    """A config names code to run (an eval ``dataset.factory``) without the opt-in that allows it."""
+
+
 # --- names and plugins -----------------------------------------------------------------
 
 
