@@ -96,17 +96,69 @@ def _call_options(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("ccm: --mask needs --image (the picture to inpaint); a ready --control map holds its mask already")
     from PIL import Image
 
-    mask = Image.open(mask_path).convert("L")
+    mask = _read_image(mask_path, "--mask", args).convert("L")
     if getattr(args, "size", None):
         mask = mask.resize((args.size, args.size), Image.NEAREST)
     return {"mask": mask}
 
 
-def _open_source(path: str, size: int | None):
+def _max_side(args: argparse.Namespace) -> int:
+    """The largest side of an input image: ``--max-size`` (``ccm serve``'s caps requests too), else the limit."""
+    from .utils.image_files import MAX_SIDE_LIMIT
+
+    return getattr(args, "max_size", None) or MAX_SIDE_LIMIT
+
+
+def _read_image(path: str, option: str, args: argparse.Namespace):
+    """The image file named by ``option``, its size checked from its header before it is decoded."""
+    from .utils.image_files import open_image
+
+    return open_image(path, what=option, max_side=_max_side(args),
+                      limit=f"at most {_max_side(args)}x{_max_side(args)} pixels are taken (--max-size raises the limit)")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Sizes and the output path, checked before any model loads, so no work is lost to a typo."""
+    from .errors import InputError
+    from .utils.image_files import MAX_SIDE_LIMIT
+
+    max_size = getattr(args, "max_size", None)
+    if max_size is not None and not 1 <= max_size <= MAX_SIDE_LIMIT:
+        raise InputError(f"--max-size: expected pixels a side from 1 to {MAX_SIDE_LIMIT}, got {max_size}")
+    size = getattr(args, "size", None)
+    if size is not None and not 1 <= size <= _max_side(args):
+        raise InputError(f"--size: expected pixels a side from 1 to {_max_side(args)} (--max-size), got {size}")
+    if getattr(args, "out", None) is not None:
+        check_output_path(args.out)
+
+
+def check_output_path(out: str | os.PathLike) -> Path:
+    """``out`` as an image file to write: not a directory, not under a file, an extension PIL writes."""
+    from PIL import Image
+
+    from .errors import InputError
+
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"--out: expected an image file path, got the directory {str(path)!r}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"--out: {str(path)!r} lies under {str(parent)!r}, which is a file, not a directory")
+            break
+    Image.init()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if path.suffix.lower() not in writable:
+        raise InputError(f"--out: expected an image file name ending in .png, .jpg, .webp or another extension PIL writes, "
+                         f"got {str(path)!r}")
+    return path
+
+
+def _open_source(path: str, size: int | None, args: argparse.Namespace, option: str):
     """The input image at ``path``, resized to ``size`` x ``size`` when given (RGBA stays RGBA)."""
     from PIL import Image
 
-    source = Image.open(path)
+    source = _read_image(path, option, args)
     if size:
         source = source.convert("RGBA" if source.mode == "RGBA" else "RGB").resize((size, size))
     return source
@@ -126,7 +178,7 @@ def _control_images(args: argparse.Namespace, count: int, call_options: dict[str
         raise SystemExit("ccm: --image or --control is required when a ControlNet is used")
     if call_options is None:
         call_options = _call_options(args)
-    source = _open_source(source_path, args.size)
+    source = _open_source(source_path, args.size, args, "--control" if args.control is not None else "--image")
     if args.image is not None and args.condition:
         control = get_condition(args.condition, **_options(args.option))(source, output_type="pil", **call_options)[0]
     else:
@@ -134,16 +186,18 @@ def _control_images(args: argparse.Namespace, count: int, call_options: dict[str
     return [control] * count
 
 
-def _load_pipeline(args: argparse.Namespace):
-    """``(pipeline, model name, ControlNet sources)`` from --model/--controlnet/--adapter/--lora or the defaults."""
+def _model_sources(args: argparse.Namespace) -> tuple[str | Path, list[str]]:
+    """``(model, ControlNet sources)`` from --model/--controlnet or the defaults."""
+    if args.model is None:
+        return _default_models(args)
+    return args.model, args.controlnet or []
+
+
+def _load_pipeline(args: argparse.Namespace, model: str | Path, controlnets: list[str]):
+    """The pipeline of ``model`` and ``controlnets``, with --adapter/--lora."""
     from .pipeline import CCMPipeline
 
-    if args.model is None:
-        model, controlnets = _default_models(args)
-    else:
-        model, controlnets = args.model, args.controlnet or []
-    pipe = CCMPipeline.from_pretrained(model, controlnet=controlnets or None, adapter=args.adapter, lora=args.lora)
-    return pipe, model, controlnets
+    return CCMPipeline.from_pretrained(model, controlnet=controlnets or None, adapter=args.adapter, lora=args.lora)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -152,8 +206,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .images import make_grid
 
-    pipe, model, controlnets = _load_pipeline(args)
-    control_images = _control_images(args, len(controlnets)) if controlnets else []
+    _check_arguments(args)
+    model, controlnets = _model_sources(args)
+    control_images = _control_images(args, len(controlnets)) if controlnets else []  # bad input files fail before the model loads
+    pipe = _load_pipeline(args, model, controlnets)
     generator = torch.Generator().manual_seed(args.seed)
     output = pipe(
         args.prompt,
@@ -182,13 +238,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app.server import GenerationService, make_server, server_url
 
-    pipe, model, controlnets = _load_pipeline(args)
+    _check_arguments(args)
+    model, controlnets = _model_sources(args)
+    pipe = _load_pipeline(args, model, controlnets)
     initial, inpainting = None, {}
     if controlnets and (args.control or args.image):
         call_options = _call_options(args)
         initial = _control_images(args, 1, call_options)[0]
         if "mask" in call_options:  # the page paints on the picture and its mask
-            inpainting = {"initial_image": _open_source(args.image, args.size).convert("RGB"), "initial_mask": call_options["mask"]}
+            inpainting = {"initial_image": _open_source(args.image, args.size, args, "--image").convert("RGB"), "initial_mask": call_options["mask"]}
     service = GenerationService(pipe, model=str(model), condition=args.condition,
                                 condition_options=_options(args.option), initial_prompt=args.prompt,
                                 initial_control=initial, default_steps=args.steps, max_size=args.max_size,
@@ -209,12 +267,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from . import get_condition
 
+    _check_arguments(args)
     condition = get_condition(args.condition, **_options(args.option))
-    control = condition(Image.open(args.image), output_type="pil", **_call_options(args))[0]
+    control = condition(_read_image(args.image, "--image", args), output_type="pil", **_call_options(args))[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     control.save(args.out)
     print(f"{args.condition} control map: {args.out} ({control.width}x{control.height}, {condition.channels} channels)")
@@ -244,6 +301,8 @@ def cmd_conditions(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_SIZE_HELP = ("largest side of an input image, read from its header before it is decoded (default: 4096, "
+                 "the most it may be)")
 MASK_HELP = "with --condition mask: the region to generate (white) in a black-and-white image the size of --image"
 
 
@@ -274,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--control-scale", type=float, default=1.0)
     gen.add_argument("--sampler", default="consistency")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--out", default="outputs/ccm.png")
+    gen.add_argument("--out", default="outputs/ccm.png", help="image file to write (.png, .jpg, ...; checked before generating)")
+    gen.add_argument("--max-size", type=int, metavar="PIXELS", help=MAX_SIZE_HELP)
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="a local web page to draw on: each stroke becomes an image")
@@ -304,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--condition", required=True)
     pre.add_argument("--image", required=True)
     pre.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
-    pre.add_argument("--out", required=True)
+    pre.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
+    pre.add_argument("--max-size", type=int, metavar="PIXELS", help=MAX_SIZE_HELP)
     pre.add_argument("--mask", help=MASK_HELP)
     pre.set_defaults(func=cmd_preprocess)
 

@@ -41,11 +41,11 @@ class ImageTooLargeError(ImageSizeError):
 
 
 class NonFiniteError(InputError):
-    """A tensor holds NaN or infinity."""
+    """A tensor or a number holds NaN or infinity."""
 
 
 class ValueRangeError(InputError):
-    """A tensor's values lie outside the range the consumer expects."""
+    """A number, or a tensor's values, lie outside the range the consumer expects."""
 
 
 class StepCountError(InputError):
@@ -54,6 +54,10 @@ class StepCountError(InputError):
 
 class DTypeError(InputTypeError):
     """A tensor has a dtype the consumer does not take."""
+
+
+class FactoryNotAllowedError(InputError):
+    """A config names code to run (an eval ``dataset.factory``) without the opt-in that allows it."""
 
 
 # --- names and plugins -----------------------------------------------------------------
@@ -99,6 +103,14 @@ class MissingModelError(ModelLoadError):
 
 class CorruptWeightsError(ModelLoadError):
     """A weights file exists but cannot be read as safetensors / a state dict."""
+
+
+class MissingWeightsError(CorruptWeightsError):
+    """A weights file lacks tensors that its model's config calls for."""
+
+
+class UnknownConfigKeyError(ModelLoadError):
+    """A model's config.json holds keys its model class does not take (a typo, or another library version's key)."""
 
 
 class IncompatibleModelsError(CCMError, ValueError):

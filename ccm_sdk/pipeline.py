@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +28,7 @@ from .errors import (
     MissingModelError,
     NonFiniteError,
     StepCountError,
+    ValueRangeError,
 )
 from .interfaces import Adapter, Condition, Sampler
 from .models.controlnet import check_controlnet_fits
@@ -36,6 +39,10 @@ from .registry import get_condition, get_sampler
 from .schedule import NoiseSchedule, guidance_embedding
 
 ControlNetSource = str | os.PathLike | ControlNetModel
+
+GUIDANCE_SCALE_RANGE = (0.0, 100.0)  # usual values are 1..15; beyond 100 is a typo, not a setting
+CONDITIONING_SCALE_RANGE = (-10.0, 10.0)  # usual values are 0..2; negative scales push away from the control
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
@@ -199,12 +206,17 @@ class CCMPipeline:
         device: torch.device | str | None = None,
         local_files_only: bool | None = None,
         revision: str | None = None,
+        strict: bool = True,
     ) -> CCMPipeline:
         """Load a diffusers-layout model (folder or hub id), its ControlNet(s), adapter and LoRA.
 
         ``lora`` is a LoRA file or folder (e.g. LCM-LoRA) loaded into the UNet with diffusers'
         LoRA loader (peft). With ``local_files_only`` (default: ``HF_HUB_OFFLINE``) the hub
-        is never contacted.
+        is never contacted. Loading is strict: a tensor the weights lack raises
+        :class:`~ccm_sdk.errors.MissingWeightsError`, and a key of a diffusers ``config.json``
+        (UNet, VAE, ControlNet) the model class does not take raises
+        :class:`~ccm_sdk.errors.UnknownConfigKeyError`; ``strict=False`` turns the latter into a
+        warning, for configs written by other diffusers versions.
         """
         # 1. find the folder and read its index
         root = resolve_model_path(source, local_files_only=local_files_only, revision=revision)
@@ -216,7 +228,7 @@ class CCMPipeline:
                 raise MissingModelError(f"model {str(source)!r}: model_index.json lists no {name!r} component")
         # 2. load the components
         what = f"model {str(source)!r}"
-        kw = dict(torch_dtype=torch_dtype)
+        kw = dict(torch_dtype=torch_dtype, strict=strict)
         unet = load_component(UNet2DConditionModel, root / "unet", what=f"{what}, unet", **kw)
         vae = load_component(AutoencoderKL, root / "vae", what=f"{what}, vae", **kw)
         text_encoder = load_component(CLIPTextModel, root / "text_encoder", what=f"{what}, text_encoder", **kw)
@@ -235,7 +247,7 @@ class CCMPipeline:
             pipe.load_lora(lora, local_files_only=local_files_only)
         sources = [] if controlnet is None else list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
         for item in sources:
-            pipe.add_controlnet(load_controlnet(item, torch_dtype=torch_dtype, local_files_only=local_files_only))
+            pipe.add_controlnet(load_controlnet(item, torch_dtype=torch_dtype, local_files_only=local_files_only, strict=strict))
         if adapter is not None:
             from .models.adapter import load_adapter
 
@@ -377,25 +389,94 @@ class CCMPipeline:
             tensor = tensor.repeat_interleave(batch, dim=0)
         return tensor.to(device=self.device, dtype=self.dtype)
 
-    def check_inputs(self, *, sampler: Sampler, num_inference_steps: int, height: int, width: int, strength: float, control_count: int, scales, starts, ends) -> None:
-        """Raise a typed error naming the first argument that does not fit."""
-        if not isinstance(num_inference_steps, int) or not sampler.min_steps <= num_inference_steps <= sampler.max_steps:
+    def check_inputs(
+        self,
+        *,
+        prompt: Any,
+        sampler: Sampler,
+        num_inference_steps: Any,
+        guidance_scale: Any,
+        num_images_per_prompt: Any,
+        height: Any,
+        width: Any,
+        strength: Any,
+        has_init_image: bool,
+        control_count: int,
+        controlnet_conditioning_scale: Any,
+        control_guidance_start: Any,
+        control_guidance_end: Any,
+        generator: Any,
+        output_type: Any,
+        negative_prompt: Any = None,
+        batch: int | None = None,
+    ) -> int:
+        """Raise a typed error naming the first argument that does not fit, before any model runs;
+        return the number of images.
+
+        ``height``/``width`` may be None (then they come from the control image and are checked
+        again); ``batch`` is the number of images when it is known other than from ``prompt``.
+        """
+        # 1. what to make: the prompt(s) and how many images of each
+        if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))):
+            raise InputTypeError(f"prompt: expected a str or a non-empty list of str, got {_describe(prompt)}")
+        if not (negative_prompt is None or isinstance(negative_prompt, str)
+                or (isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt))):
+            raise InputTypeError(f"negative_prompt: expected None, a str or a list of str, got {_describe(negative_prompt)}")
+        count = _integer("num_images_per_prompt", num_images_per_prompt, low=1)
+        batch = batch if batch is not None else (1 if isinstance(prompt, str) else len(prompt)) * count
+        # 2. how: the sampler's steps, guidance, strength, output type
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) or not (
+            sampler.min_steps <= num_inference_steps <= sampler.max_steps
+        ):
             raise StepCountError(
                 f"expected {sampler.min_steps}..{sampler.max_steps} steps for the {sampler.name!r} sampler, got {num_inference_steps!r}"
             )
-        factor = self.vae_scale_factor
-        if height % factor or width % factor or height < factor or width < factor:
-            raise ImageSizeError(f"height and width must be positive multiples of the VAE factor {factor}, got {height}x{width}")
-        if not 0 < strength <= 1:
-            raise InputError(f"expected strength in (0, 1], got {strength}")
+        _real("guidance_scale", guidance_scale, *GUIDANCE_SCALE_RANGE)
+        _real("strength", strength, 0.0, 1.0, low_open=True)
+        if strength != 1.0 and not has_init_image:
+            raise InputError(f"strength: {strength} < 1 needs an init image (img2img); pass image=...")
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type: expected one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+        # 3. the output size, when given
+        self._check_size(height, width)
+        # 4. the ControlNets: one control image, scale and guidance window each
         if control_count != len(self.controlnets):
             raise InputError(f"expected {len(self.controlnets)} control image(s), one per ControlNet, got {control_count}")
-        for name, values in (("controlnet_conditioning_scale", scales), ("control_guidance_start", starts), ("control_guidance_end", ends)):
-            if len(values) != len(self.controlnets):
-                raise InputError(f"expected {len(self.controlnets)} values of {name} (one per ControlNet), got {len(values)}")
-        for s, e in zip(starts, ends):
-            if not 0 <= s < e <= 1:
+        per_controlnet = {}
+        for name, value, (low, high) in (("controlnet_conditioning_scale", controlnet_conditioning_scale, CONDITIONING_SCALE_RANGE),
+                                         ("control_guidance_start", control_guidance_start, (0.0, 1.0)),
+                                         ("control_guidance_end", control_guidance_end, (0.0, 1.0))):  # fmt: skip
+            if not isinstance(value, (list, tuple)):
+                _real(name, value, low, high)
+            elif len(value) != len(self.controlnets):
+                raise InputError(f"expected {len(self.controlnets)} values of {name} (one per ControlNet), got {len(value)}")
+            else:
+                for i, item in enumerate(value):
+                    _real(f"{name}[{i}]", item, low, high)
+            per_controlnet[name] = self._per_controlnet(value)
+        for s, e in zip(per_controlnet["control_guidance_start"], per_controlnet["control_guidance_end"]):
+            if not s < e:
                 raise InputError(f"expected 0 <= control_guidance_start < control_guidance_end <= 1, got {s} and {e}")
+        # 5. randomness: one generator, or one per image
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise InputError(f"generator: expected {batch} generators (one per image), got {len(generator)}")
+            bad = next((g for g in generator if not isinstance(g, torch.Generator)), None)
+            if bad is not None:
+                raise InputTypeError(f"generator: expected a list of torch.Generator, got one {_describe(bad)}")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise InputTypeError(f"generator: expected a torch.Generator or a list of them, got {_describe(generator)}")
+        return batch
+
+    def _check_size(self, height: Any, width: Any) -> None:
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise InputTypeError(f"{name}: expected an int (pixels), got {_describe(value)}")
+            if value < factor or value % factor:
+                raise ImageSizeError(f"{name}: expected a positive multiple of the VAE factor {factor}, got {value}")
 
     def __call__(
         self,
@@ -425,24 +506,33 @@ class CCMPipeline:
         with torch.inference_mode():
             watch = _Stopwatch()
             sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
-            # 1. controls: one control map per ControlNet, made from raw images when a condition is named
-            controls = self._control_maps(control_image, condition)
+            # 1. checks of the arguments themselves, before any condition or network runs
+            controls = self._control_list(control_image)
+            batch = self.check_inputs(prompt=prompt, sampler=sampler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                      num_images_per_prompt=num_images_per_prompt, height=height, width=width, strength=strength,
+                                      has_init_image=image is not None, control_count=len(controls),
+                                      controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                      control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                                      generator=generator, output_type=output_type, negative_prompt=negative_prompt,
+                                      batch=None if _prompt is None else _prompt.embeds.shape[0])  # fmt: skip
             scales, starts, ends = (self._per_controlnet(v) for v in (controlnet_conditioning_scale, control_guidance_start, control_guidance_end))
-            # 2. checks
+            # 2. controls: one control map per ControlNet, made from raw images when a condition is named; the output size
+            controls = self._control_maps(controls, condition)
             height, width = self._output_size(controls, height, width)
-            self.check_inputs(sampler=sampler, num_inference_steps=num_inference_steps, height=height, width=width, strength=strength,
-                              control_count=len(controls), scales=scales, starts=starts, ends=ends)  # fmt: skip
-            if image is None and strength != 1.0:
-                raise InputError("strength < 1 needs an init image (img2img); pass image=...")
+            self._check_size(height, width)
+            with watch("prepare"):  # the images' checks, still before any network runs
+                specs = self._control_specs(controls, scales, starts, ends, height=height, width=width, batch=batch)
+                self._check_latents(latents, batch=batch, height=height, width=width)
+                if image is not None and tuple(_image_size(image)) != (height, width):
+                    size = _image_size(image)
+                    raise ImageSizeError(f"init image is {size[0]}x{size[1]} but the output is {height}x{width}")
             # 3. prompt
             with watch("encode_prompt"):
                 prompt_state = _prompt or self.prepare_prompt(prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                                                               num_images_per_prompt=num_images_per_prompt,
                                                               do_cfg=guidance_scale > 1.0 and not self.is_lcm)  # fmt: skip
-                batch = prompt_state.embeds.shape[0]
             with watch("prepare"):
-                # 4. timesteps and latents, with the control images batched to match
-                specs = self._control_specs(controls, scales, starts, ends, height=height, width=width, batch=batch)
+                # 4. timesteps and latents
                 timesteps = sampler.timesteps(self.schedule, num_inference_steps, strength)
                 latents = self._initial_latents(latents, generator=generator, image=image, timesteps=timesteps, batch=batch,
                                                 height=height, width=width)  # fmt: skip
@@ -455,10 +545,13 @@ class CCMPipeline:
                 images = latents if output_type == "latent" else self.decode_latents(latents, output_type=output_type)
             return CCMOutput(images=images, nfe=denoiser.stats.nfe, timings=watch.timings(), step_seconds=step_seconds, stats=denoiser.stats)
 
-    def _control_maps(self, control_image, condition) -> list[Any]:
-        """Step 1: the control images as a list (one per ControlNet), through their conditions when given."""
+    def _control_list(self, control_image) -> list[Any]:
+        """The control images as a list, one per ControlNet (a list is a batch when there is one ControlNet)."""
         several = isinstance(control_image, (list, tuple)) and len(self.controlnets) > 1
-        controls = [] if control_image is None else list(control_image) if several else [control_image]
+        return [] if control_image is None else list(control_image) if several else [control_image]
+
+    def _control_maps(self, controls: list[Any], condition) -> list[Any]:
+        """Step 2: the control images through their conditions when given."""
         if condition is None:
             return controls
         conds = list(condition) if isinstance(condition, (list, tuple)) else [condition]
@@ -474,9 +567,9 @@ class CCMPipeline:
         """Step 2: the output size: as given, else the first control image's, else the UNet's sample size."""
         if controls and (height is None or width is None):
             size = _image_size(controls[0])
-            height, width = height or size[0], width or size[1]
+            height, width = size[0] if height is None else height, size[1] if width is None else width
         default = self.unet.config.sample_size * self.vae_scale_factor
-        return height or default, width or default
+        return default if height is None else height, default if width is None else width
 
     def _control_specs(self, controls: list[Any], scales, starts, ends, *, height: int, width: int, batch: int) -> list[ControlSpec]:
         """Step 4: each ControlNet with its checked, batched control image and its scale and guidance window."""
@@ -487,20 +580,30 @@ class CCMPipeline:
 
     def _initial_latents(self, latents: torch.Tensor | None, *, generator, image, timesteps, batch: int, height: int, width: int) -> torch.Tensor:
         """Step 4: the starting latents: drawn, or the given ones checked; noised onto the init image for img2img."""
-        latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if isinstance(generator, list) and len(generator) != batch:
-            raise InputError(f"expected {batch} generators (one per image), got {len(generator)}")
+        if isinstance(generator, tuple):
+            generator = list(generator)  # randn_tensor takes a list
         if latents is None:
-            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=self.dtype)
+            latents = randn_tensor(self._latent_shape(batch, height, width), generator=generator, device=self.device, dtype=self.dtype)
         else:
-            if tuple(latents.shape) != latent_shape:
-                raise InputError(f"expected latents of shape {latent_shape}, got {tuple(latents.shape)}")
-            if not torch.isfinite(latents).all():
-                raise NonFiniteError("latents contain NaN or infinite values")
+            self._check_latents(latents, batch=batch, height=height, width=width)
             latents = latents.to(device=self.device, dtype=self.dtype)
         if image is not None:
             latents = self.schedule.add_noise(self.encode_image(image, height=height, width=width, batch=batch), latents, int(timesteps[0]))
         return latents
+
+    def _latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def _check_latents(self, latents: Any, *, batch: int, height: int, width: int) -> None:
+        if latents is None:
+            return
+        if not isinstance(latents, torch.Tensor):
+            raise InputTypeError(f"latents: expected a torch.Tensor or None, got {_describe(latents)}")
+        latent_shape = self._latent_shape(batch, height, width)
+        if tuple(latents.shape) != latent_shape:
+            raise InputError(f"expected latents of shape {latent_shape}, got {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise NonFiniteError("latents contain NaN or infinite values")
 
     def _denoiser(self, prompt: _Prompt, *, guidance_scale: float, controls: list[ControlSpec], timesteps) -> ControlledDenoiser:
         """Step 5: the network the sampler calls, for this prompt, guidance and these controls."""
@@ -588,8 +691,14 @@ class CCMPipeline:
             self.progress = progress
 
 
-def load_controlnet(source: ControlNetSource, *, torch_dtype: torch.dtype = torch.float32, local_files_only: bool | None = None) -> ControlNetModel:
-    """A ControlNetModel instance, a folder / hub id, or ``"provider:argument"`` for a registered provider."""
+def load_controlnet(
+    source: ControlNetSource, *, torch_dtype: torch.dtype = torch.float32, local_files_only: bool | None = None, strict: bool = True
+) -> ControlNetModel:
+    """A ControlNetModel instance, a folder / hub id, or ``"provider:argument"`` for a registered provider.
+
+    ``strict`` applies to folders and hub ids (see :meth:`CCMPipeline.from_pretrained`); a
+    registered provider loads as it does.
+    """
     if isinstance(source, ControlNetModel):
         return source
     if isinstance(source, torch.nn.Module):
@@ -599,7 +708,34 @@ def load_controlnet(source: ControlNetSource, *, torch_dtype: torch.dtype = torc
     if sep and provider in controlnet_providers and not Path(text).exists():
         return controlnet_providers.get(provider)(argument, torch_dtype=torch_dtype, local_files_only=local_files_only)
     # a folder, a hub id, or "name:argument" of a plugin's model source
-    return controlnet_providers.get("diffusers")(text, torch_dtype=torch_dtype, local_files_only=local_files_only)
+    return controlnet_providers.get("diffusers")(text, torch_dtype=torch_dtype, local_files_only=local_files_only, strict=strict)
+
+
+def _describe(value: Any) -> str:
+    """A received value for an error message: its type, and its repr when short."""
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 60 else type(value).__name__
+
+
+def _integer(name: str, value: Any, *, low: int) -> int:
+    """``value`` as an int (not a bool) of at least ``low``, or a typed error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name}: expected an int >= {low}, got {_describe(value)}")
+    if value < low:
+        raise ValueRangeError(f"{name}: expected an int >= {low}, got {value}")
+    return int(value)
+
+
+def _real(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    """``value`` as a finite float in [low, high] (or (low, high]), or a typed error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name}: expected a real number, got {_describe(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise NonFiniteError(f"{name}: expected a finite number, got {number}")
+    if not low <= number <= high or (low_open and number == low):
+        raise ValueRangeError(f"{name}: expected a number in {'(' if low_open else '['}{low:g}, {high:g}], got {number:g}")
+    return number
 
 
 def _image_size(image) -> tuple[int, int]:
@@ -624,7 +760,7 @@ class _Stopwatch:
     def __call__(self, name: str) -> Iterator[None]:
         begin = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - begin
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
 
     def timings(self) -> dict[str, float]:
         return {**self.seconds, "total": time.perf_counter() - self.start}

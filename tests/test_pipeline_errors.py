@@ -14,6 +14,7 @@ from ccm_sdk.errors import (
     ImageSizeError,
     IncompatibleModelsError,
     InputError,
+    InputTypeError,
     MissingModelError,
     NonFiniteError,
     StepCountError,
@@ -38,8 +39,98 @@ def test_control_image_size_must_match_output(pipe, control_image):
 
 
 def test_size_must_be_divisible_by_vae_factor(pipe):
-    with pytest.raises(ImageSizeError, match="multiples of the VAE factor 8, got 60x64"):
+    with pytest.raises(ImageSizeError, match="height: expected a positive multiple of the VAE factor 8, got 60"):
         pipe("x", torch.rand(1, 3, 60, 64))
+
+
+@pytest.fixture()
+def no_work(pipe, monkeypatch):
+    """Fails the test if the call encodes a prompt or runs the UNet: the checks must come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a network ran before the arguments were checked")
+
+    monkeypatch.setattr(pipe, "_encode_text", forbidden)
+    monkeypatch.setattr(pipe.unet, "forward", forbidden)
+    return pipe
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_ARGUMENTS = [
+    # (keyword arguments of the call, error type, message)
+    ({"prompt": None}, InputTypeError, "prompt: expected a str or a non-empty list of str, got NoneType None"),
+    ({"prompt": ["a", 3]}, InputTypeError, r"prompt: expected a str or a non-empty list of str, got list \['a', 3\]"),
+    ({"prompt": []}, InputTypeError, r"prompt: expected a str or a non-empty list of str, got list \[\]"),
+    ({"negative_prompt": 5}, InputTypeError, "negative_prompt: expected None, a str or a list of str, got int 5"),
+    ({"num_images_per_prompt": 0}, ValueRangeError, "num_images_per_prompt: expected an int >= 1, got 0"),
+    ({"num_images_per_prompt": -2}, ValueRangeError, "num_images_per_prompt: expected an int >= 1, got -2"),
+    ({"num_images_per_prompt": True}, InputTypeError, "num_images_per_prompt: expected an int >= 1, got bool True"),
+    ({"num_images_per_prompt": 2.0}, InputTypeError, "num_images_per_prompt: expected an int >= 1, got float 2.0"),
+    ({"num_inference_steps": True}, StepCountError, "expected 1..50 steps for the 'consistency' sampler, got True"),
+    ({"num_inference_steps": 2.5}, StepCountError, "expected 1..50 steps for the 'consistency' sampler, got 2.5"),
+    ({"guidance_scale": "8"}, InputTypeError, "guidance_scale: expected a real number, got str '8'"),
+    ({"guidance_scale": NAN}, NonFiniteError, "guidance_scale: expected a finite number, got nan"),
+    ({"guidance_scale": INF}, NonFiniteError, "guidance_scale: expected a finite number, got inf"),
+    ({"guidance_scale": -5}, ValueRangeError, r"guidance_scale: expected a number in \[0, 100\], got -5"),
+    ({"guidance_scale": 1e9}, ValueRangeError, r"guidance_scale: expected a number in \[0, 100\], got 1e\+09"),
+    ({"controlnet_conditioning_scale": "1"}, InputTypeError, "controlnet_conditioning_scale: expected a real number, got str '1'"),
+    ({"controlnet_conditioning_scale": NAN}, NonFiniteError, "controlnet_conditioning_scale: expected a finite number, got nan"),
+    ({"controlnet_conditioning_scale": 11.0}, ValueRangeError, r"controlnet_conditioning_scale: expected a number in \[-10, 10\], got 11"),
+    ({"controlnet_conditioning_scale": [NAN]}, NonFiniteError, r"controlnet_conditioning_scale\[0\]: expected a finite number, got nan"),
+    ({"controlnet_conditioning_scale": [1.0, 1.0]}, InputError, "expected 1 values of controlnet_conditioning_scale .one per ControlNet., got 2"),
+    ({"control_guidance_start": NAN}, NonFiniteError, "control_guidance_start: expected a finite number, got nan"),
+    ({"control_guidance_end": "1"}, InputTypeError, "control_guidance_end: expected a real number, got str '1'"),
+    ({"strength": 0}, ValueRangeError, r"strength: expected a number in \(0, 1\], got 0"),
+    ({"strength": 1.5}, ValueRangeError, r"strength: expected a number in \(0, 1\], got 1.5"),
+    ({"strength": NAN}, NonFiniteError, "strength: expected a finite number, got nan"),
+    ({"strength": "0.5"}, InputTypeError, "strength: expected a real number, got str '0.5'"),
+    ({"strength": 0.5}, InputError, "strength: 0.5 < 1 needs an init image"),
+    ({"height": 0, "width": 64}, ImageSizeError, "height: expected a positive multiple of the VAE factor 8, got 0"),
+    ({"height": 64, "width": -64}, ImageSizeError, "width: expected a positive multiple of the VAE factor 8, got -64"),
+    ({"height": 64, "width": 60}, ImageSizeError, "width: expected a positive multiple of the VAE factor 8, got 60"),
+    ({"height": 64.0, "width": 64}, InputTypeError, "height: expected an int .pixels., got float 64.0"),
+    ({"height": "64", "width": 64}, InputTypeError, "height: expected an int .pixels., got str '64'"),
+    ({"generator": 0}, InputTypeError, "generator: expected a torch.Generator or a list of them, got int 0"),
+    ({"generator": [torch.Generator(), torch.Generator()]}, InputError, "generator: expected 1 generators .one per image., got 2"),
+    ({"generator": [7]}, InputTypeError, "generator: expected a list of torch.Generator, got one int 7"),
+    ({"output_type": "jpeg"}, InputError, "output_type: expected one of 'pil', 'np', 'pt', 'latent', got 'jpeg'"),
+    ({"latents": [[0.0]]}, InputTypeError, "latents: expected a torch.Tensor or None, got list"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"), BAD_ARGUMENTS, ids=[" ".join(f"{k}={v!r}" for k, v in c[0].items()) for c in BAD_ARGUMENTS]
+)
+def test_bad_arguments_fail_before_any_network_runs(no_work, control_image, kwargs, error, message):
+    kwargs = {"prompt": "x", **kwargs}
+    with pytest.raises(error, match=message):
+        no_work(kwargs.pop("prompt"), control_image, **kwargs)
+
+
+def test_checks_come_before_the_condition_runs(no_work):
+    calls = []
+
+    def condition(image):
+        calls.append(image)
+        return image
+
+    with pytest.raises(NonFiniteError, match="guidance_scale"):
+        no_work("x", torch.rand(1, 3, 64, 64), condition=condition, guidance_scale=NAN)
+    assert calls == []
+
+
+def test_generators_one_per_image_of_every_prompt(no_work, control_image):
+    with pytest.raises(InputError, match="expected 4 generators .one per image., got 2"):
+        no_work(["a", "b"], control_image, num_images_per_prompt=2, generator=[torch.Generator(), torch.Generator()])
+
+
+def test_accepted_edge_values(pipe, control_image):
+    """The ends of the documented ranges, numpy scalars and tuples are taken."""
+    import numpy as np
+
+    out = pipe(("a",), control_image, num_inference_steps=np.int64(1), guidance_scale=np.float32(0.0),
+               controlnet_conditioning_scale=(-10.0,), generator=(torch.Generator().manual_seed(0),), output_type="latent")
+    assert out.images.shape == (1, 4, 8, 8)
 
 
 def test_wrong_channel_count_for_controlnet(pipe):

@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from concurrent.futures import Future
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,16 +31,17 @@ from importlib import resources
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import CCMError, ImageTooLargeError, InputError, ServerBusyError
+from ..utils.image_files import MAX_SIDE_LIMIT, open_image
 from .access import AccessPolicy
 from .work_queue import WorkQueue
 
 MAX_PROMPT_CHARS = 1000
 IMAGE_FORMATS = ("PNG", "JPEG")
-MAX_SIZE_LIMIT = 4096  # the largest --max-size: a 4096x4096 image is what PIL decodes without a bomb warning, with room
+MAX_SIZE_LIMIT = MAX_SIDE_LIMIT  # the largest --max-size
 BODY_BYTES_FIXED = 64 * 1024  # the prompt and the JSON around the images
 BODY_BYTES_PER_PIXEL = 24  # three images (control, or image and mask) as base64 (4/3) RGBA (4 bytes) PNGs, with 1.5x room
 DEFAULT_MAX_QUEUE = 4
@@ -49,7 +49,6 @@ DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 32
 DRAIN_SECONDS = 1.0
 DRAIN_BYTES = 1024 * 1024
-_BOMB_CHECK = threading.Lock()
 
 
 class GenerateRequest(BaseModel):
@@ -81,13 +80,6 @@ def max_body_bytes(max_side: int) -> int:
     return BODY_BYTES_FIXED + BODY_BYTES_PER_PIXEL * max_side * max_side
 
 
-def _open_image(raw: bytes) -> Image.Image:
-    """Reads the header only; PIL's decompression-bomb warning becomes an error (the lock keeps the warning filter to one thread)."""
-    with _BOMB_CHECK, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-
-
 def decode_image(data: str, *, field: str, max_side: int | None = None) -> Image.Image:
     """A PNG/JPEG from a ``data:image/...;base64,`` URL or bare base64, fully read (typed errors).
 
@@ -100,22 +92,8 @@ def decode_image(data: str, *, field: str, max_side: int | None = None) -> Image
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"{field}: expected a PNG or JPEG as a data URL or base64, got text that is not base64 ({exc})") from None
     limit = f"this server takes images of at most {max_side}x{max_side} pixels" if max_side else "it is refused"
-    try:
-        image = _open_image(raw)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{field}: the image is too large to decode ({exc}); {limit}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputError(f"{field}: expected a PNG or JPEG image, got {len(raw)} bytes that no image decoder reads ({exc})") from None
-    if max_side is not None and max(image.size) > max_side:
-        raise ImageTooLargeError(f"{field}: the image is {image.width}x{image.height} pixels; {limit} "
-                                 "(ccm serve --max-size raises the limit)")
-    try:
-        image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{field}: the image is too large to decode ({exc}); {limit}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputError(f"{field}: expected a PNG or JPEG image, got {len(raw)} bytes that do not decode ({exc})") from None
-    return image
+    return open_image(raw, what=field, max_side=max_side, formats=IMAGE_FORMATS, expected="a PNG or JPEG image",
+                      limit=limit + (" (ccm serve --max-size raises the limit)" if max_side else ""))
 
 
 def encode_png(image: Image.Image) -> str:

@@ -10,10 +10,13 @@ from ..models.controlnet import controlnet_from_unet
 from ..models.loading import load_component, read_json, resolve_model_path
 
 
-def diffusers_controlnet(source, *, torch_dtype: torch.dtype = torch.float32, local_files_only: bool | None = None) -> ControlNetModel:
-    """A diffusers ControlNetModel from a local folder or hub repo id (safetensors only)."""
+def diffusers_controlnet(
+    source, *, torch_dtype: torch.dtype = torch.float32, local_files_only: bool | None = None, strict: bool = True
+) -> ControlNetModel:
+    """A diffusers ControlNetModel from a local folder or hub repo id (safetensors only; ``strict``:
+    unknown config keys are errors, see :func:`~ccm_sdk.models.loading.load_component`)."""
     path = resolve_model_path(source, local_files_only=local_files_only, what="ControlNet")
-    return load_component(ControlNetModel, path, what=f"ControlNet {str(source)!r}", torch_dtype=torch_dtype)
+    return load_component(ControlNetModel, path, what=f"ControlNet {str(source)!r}", torch_dtype=torch_dtype, strict=strict)
 
 
 def controlnet_from_model(

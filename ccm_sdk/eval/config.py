@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import InputError, MissingModelError, UnknownNameError
+from ..errors import FactoryNotAllowedError, InputError, MissingModelError, UnknownNameError
 from ..utils.config_files import read_config_file
 from .features import FeatureConfig
 
@@ -36,7 +36,8 @@ class DatasetConfig(Section):
 
     name: str | None = Field(default=None, description="a dataset registered by a plugin (ccm_sdk.registry.datasets), e.g. 'world'")
     path: str | None = Field(default=None, description="image folder: a.png + a.txt (+ <key>/a.png control maps)")
-    factory: str | None = Field(default=None, description="'module:callable' returning a torch Dataset, e.g. 'ccm_world:WorldDataset'")
+    factory: str | None = Field(default=None, description="'module:callable' returning a torch Dataset, e.g. 'ccm_world:WorldDataset'; "
+                                "runs code named by the config, so it needs CCM_ALLOW_DATASET_FACTORY=1 in the environment")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the named dataset or the factory")
     resolution: int | None = Field(default=None, ge=8, description="folder datasets: resize and center-crop to this square size")
 
@@ -221,10 +222,32 @@ def expand_methods(config: EvalConfig, only: list[str] | None = None) -> list[Me
     return methods
 
 
+ALLOW_FACTORY_VARIABLE = "CCM_ALLOW_DATASET_FACTORY"
+
+
+def check_factory_allowed(factory: str) -> None:
+    """Raise FactoryNotAllowedError unless the environment opts in to ``dataset.factory``.
+
+    A factory is any ``module:callable`` (``subprocess:check_call`` runs a shell command), so
+    a config file alone must not be able to run it: whoever runs the evaluation opts in, in the
+    environment, which a config cannot set. Registered datasets (``dataset: {name: ...}``) need no opt-in.
+    """
+    if os.environ.get(ALLOW_FACTORY_VARIABLE, "").strip() == "1":
+        return
+    raise FactoryNotAllowedError(
+        f"dataset.factory {factory!r} would import and call code named by the config; expected a registered dataset "
+        f"(dataset: {{name: ...}}, see ccm_sdk.registry.datasets) or the opt-in {ALLOW_FACTORY_VARIABLE}=1 in the "
+        f"environment, got {ALLOW_FACTORY_VARIABLE}={os.environ.get(ALLOW_FACTORY_VARIABLE, '')!r}"
+    )
+
+
 def check_names(config: EvalConfig, methods: list[MethodConfig]) -> None:
-    """Raise UnknownNameError for conditions or samplers that nothing registered."""
+    """Raise UnknownNameError for conditions or samplers that nothing registered (and
+    FactoryNotAllowedError for a dataset factory without the opt-in)."""
     from ..registry import conditions, samplers
 
+    if config.dataset.factory is not None:
+        check_factory_allowed(config.dataset.factory)
     for condition in config.conditions:
         conditions.get(condition.name)
     for method in methods:
@@ -245,7 +268,7 @@ def load_eval_config(source: str | os.PathLike | dict[str, Any], overrides: dict
         raw = dict(source)
     else:
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise MissingModelError(f"eval config {str(path)!r} does not exist")
         raw = read_config_file(path)
     raw.update(overrides or {})

@@ -22,7 +22,7 @@ from ..interfaces import Condition
 from ..registry import get_condition, get_sampler
 from ..utils.stopping import StopSignals
 from .colour import ColourTargets, colour_accuracy
-from .config import ConditionConfig, EvalConfig, MethodConfig, check_names, expand_methods
+from .config import ConditionConfig, EvalConfig, MethodConfig, check_factory_allowed, check_names, expand_methods
 from .features import extract_features, load_extractor
 from .fid import fid_from_features
 from .fidelity import fidelity, fidelity_per_image, line_f1_per_image
@@ -46,6 +46,7 @@ def build_dataset(config: EvalConfig):
 
         return get_dataset(source.name, **source.options)
     if source.factory is not None:
+        check_factory_allowed(source.factory)
         module_name, _, attribute = source.factory.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attribute)

@@ -1,19 +1,25 @@
 """Finding and loading model folders: local paths first, the hub only when allowed.
 
 Weights load from safetensors only; a folder is checked (present, readable, valid headers)
-before any model class sees it, so errors say which file is wrong and why.
+before any model class sees it, so errors say which file is wrong and why. Loading is strict:
+a config key the model class does not take, and a tensor the model needs that the weights lack,
+are errors that name them (diffusers would warn, ignore the key and leave the tensor on the
+meta device, to fail later as NaN). ``strict=False`` lets unknown config keys through with a
+warning, for configs written by other diffusers versions; missing tensors stay an error.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
-from ..errors import CorruptWeightsError, MissingModelError, ModelLoadError
+from ..errors import CorruptWeightsError, MissingModelError, MissingWeightsError, ModelLoadError, UnknownConfigKeyError
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "**/*.json", "**/*.safetensors", "**/*.txt", "**/*.model"]
 
@@ -115,12 +121,55 @@ def check_component_folder(folder: Path, *, what: str, config_name: str = "confi
         check_safetensors(file)
 
 
-def load_component(cls, folder: Path, *, what: str, **kwargs: Any):
-    """``cls.from_pretrained(folder)`` after checking the folder, with errors that name the component."""
+def unknown_config_keys(cls, config: dict[str, Any]) -> list[str]:
+    """Keys of a diffusers ``config.json`` that the model class ``cls`` does not take as an argument
+    (keys starting with ``_`` are metadata).
+
+    Only diffusers models (``ConfigMixin``) are checked: transformers configs take any key by
+    design, and real ones carry keys later versions dropped (Stable Diffusion 1.5's text encoder
+    config has ``dropout``, which ``CLIPTextConfig`` no longer knows), so there a key proves nothing.
+    """
+    from diffusers.configuration_utils import ConfigMixin
+
+    if not (isinstance(cls, type) and issubclass(cls, ConfigMixin)):
+        return []
+    known = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "_deprecated_kwargs", ()) or ())
+    known -= {"self", "args", "kwargs"}
+    return sorted(key for key in config if not key.startswith("_") and key not in known)
+
+
+def check_config_keys(cls, folder: Path, *, what: str, strict: bool = True, config_name: str = "config.json") -> None:
+    """Raise UnknownConfigKeyError naming the keys of ``folder/config.json`` that ``cls`` does not take
+    (with ``strict=False``: warn and go on, as diffusers does)."""
+    unknown = unknown_config_keys(cls, read_json(folder / config_name, what=what))
+    if not unknown:
+        return
+    message = (f"{what}: {str(folder / config_name)!r} has keys that {cls.__name__} does not take: {', '.join(unknown)}; "
+               "expected only its arguments (a typo, or a config from another diffusers/transformers version)")
+    if strict:
+        raise UnknownConfigKeyError(message + "; pass strict=False to ignore them")
+    warnings.warn(message + "; ignored (strict=False)", stacklevel=3)
+
+
+def load_component(cls, folder: Path, *, what: str, strict: bool = True, **kwargs: Any):
+    """``cls.from_pretrained(folder)`` after checking the folder, with errors that name the component.
+
+    Unknown config keys raise :class:`UnknownConfigKeyError` (a warning with ``strict=False``);
+    tensors the model needs that the weights lack always raise :class:`MissingWeightsError`.
+    """
     check_component_folder(folder, what=what)
+    check_config_keys(cls, folder, what=what, strict=strict)
     try:
-        return cls.from_pretrained(folder, use_safetensors=True, **kwargs)
+        model, info = cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True, **kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"{what}: {cls.__name__} could not load {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
+    missing = sorted(map(str, info.get("missing_keys") or ()))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise MissingWeightsError(
+            f"{what}: the weights in {str(folder)!r} lack {len(missing)} tensor(s) that {cls.__name__} needs: {shown}; "
+            "expected a complete checkpoint for this config"
+        )
+    return model

@@ -18,9 +18,15 @@ from ..errors import InputError
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or JSON (.json) file holding one mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"config file {str(path)!r} is a directory, expected a YAML or JSON file")
     if not path.is_file():
         raise InputError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                         "expected a YAML or JSON file") from None
     try:
         if path.suffix == ".json":
             data = json.loads(text)
@@ -29,12 +35,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:
-        raise InputError(f"config file {str(path)!r} cannot be parsed: {exc}") from None
+        raise InputError(f"config file {str(path)!r} cannot be parsed: {_one_line(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise InputError(f"config file {str(path)!r} should hold a mapping, got {type(data).__name__}")
     return data
+
+
+def _one_line(exc: Exception) -> str:
+    """A parser's error on one line: YAML's spans several, with a caret under the place."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:  # yaml.MarkedYAMLError
+        what = " ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None))))
+        return f"{what} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
 
 
 def set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:

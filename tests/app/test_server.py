@@ -112,7 +112,7 @@ def test_image_is_preprocessed_with_the_condition(served):
         ({"prompt": "x", "control": "not base64!"}, 400, "control: expected a PNG or JPEG as a data URL or base64"),
         ({"prompt": "x", "control": base64.b64encode(b"plain text").decode()}, 400, "control: expected a PNG or JPEG image, got 10 bytes"),
         ({"prompt": "x", "control": "a", "image": "b"}, 400, "not both"),
-        ({"prompt": "x", "control": encode_png(_sketch(50))}, 400, "multiples of the VAE factor"),
+        ({"prompt": "x", "control": encode_png(_sketch(50))}, 400, "multiple of the VAE factor"),
         ({"prompt": "x", "steps": 51}, 400, "steps: Input should be less than or equal to 50"),
     ],
 )

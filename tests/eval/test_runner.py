@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from ccm_sdk.cli import main
-from ccm_sdk.errors import InputError
-from ccm_sdk.eval.config import load_eval_config
-from ccm_sdk.eval.runner import run_evaluation
+from ccm_sdk.errors import FactoryNotAllowedError, InputError
+from ccm_sdk.eval.config import check_names, expand_methods, load_eval_config
+from ccm_sdk.eval.runner import build_dataset, run_evaluation
 from ccm_sdk.models.adapter import UnifiedAdapter
 from ccm_sdk.testing import tiny
 
@@ -145,6 +145,7 @@ def test_dataset_control_maps_and_a_factory_dataset(models, tmp_path, monkeypatc
         "             'controls': {'edges': (torch.rand(1, 32, 32, generator=g) > 0.9).float()}} for _ in range(n)]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CCM_ALLOW_DATASET_FACTORY", "1")  # the config names code to run: opted in
     config = load_eval_config({
         "output_dir": str(tmp_path / "out"), "dataset": {"factory": "tiny_eval_data:make", "options": {"n": 3}},
         "num_samples": 3, "device": "cpu", "warmup": False,
@@ -183,6 +184,7 @@ def test_colour_column_and_fid_floor_for_a_dataset_with_colour_targets(models, t
         "    return Data(items)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CCM_ALLOW_DATASET_FACTORY", "1")  # the config names code to run: opted in
     raw = {
         "output_dir": str(tmp_path / "out"), "dataset": {"factory": "tiny_colour_data:make", "options": {"n": 6}},
         "num_samples": 3, "device": "cpu", "warmup": False,
@@ -318,3 +320,33 @@ def test_time_per_image_is_the_fastest_full_batch(models, image_folder, tmp_path
 
     images, nfe, per_image = runner._generate(pipe, method, None, 1, ["a"] * 5, torch.zeros(5, 3, 8, 8), config)
     assert images.shape[0] == 5 and nfe == 1 and per_image == 0.5
+
+
+@pytest.mark.parametrize(
+    "setting", [None, "", "0", "true", "yes"], ids=["unset", "empty", "zero", "true", "yes"]
+)
+def test_a_dataset_factory_runs_only_with_the_opt_in(tmp_path, monkeypatch, setting):
+    """Without CCM_ALLOW_DATASET_FACTORY=1 no factory is imported or called, under --validate or a run."""
+    marker = tmp_path / "ran"
+    module = f"factory_with_effects_{setting}"  # a fresh module per case: an imported one would not run again
+    (tmp_path / f"{module}.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\ndef make(): return []\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if setting is None:
+        monkeypatch.delenv("CCM_ALLOW_DATASET_FACTORY", raising=False)
+    else:
+        monkeypatch.setenv("CCM_ALLOW_DATASET_FACTORY", setting)
+    config = load_eval_config({
+        "output_dir": str(tmp_path / "out"), "dataset": {"factory": f"{module}:make"},
+        "num_samples": 2, "device": "cpu", "conditions": [{"name": "canny"}],
+        "methods": [{"name": "m", "model": "unused", "controlnets": {"canny": "unused"}}],
+    })  # fmt: skip
+    message = rf"dataset.factory '{module}:make' would import and call code .* CCM_ALLOW_DATASET_FACTORY=1 .*, got CCM_ALLOW_DATASET_FACTORY={setting or ''!r}"
+    with pytest.raises(FactoryNotAllowedError, match=message):
+        check_names(config, expand_methods(config))
+    with pytest.raises(FactoryNotAllowedError, match=message):
+        build_dataset(config)
+    assert not marker.exists()
+    monkeypatch.setenv("CCM_ALLOW_DATASET_FACTORY", "1")
+    assert build_dataset(config) == [] and marker.read_text() == "imported"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import pytest
 
-from ccm_sdk.errors import CorruptWeightsError, MissingModelError
-from ccm_sdk.models.loading import check_component_folder, read_json, resolve_model_path
+from ccm_sdk.errors import CorruptWeightsError, MissingModelError, MissingWeightsError, UnknownConfigKeyError
+from ccm_sdk.models.loading import check_component_folder, read_json, resolve_model_path, unknown_config_keys
 from ccm_sdk.pipeline import CCMPipeline
 
 
@@ -67,3 +69,59 @@ def test_truncated_safetensors(tmp_path, controlnet_dir):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CorruptWeightsError, match="diffusion_pytorch_model.safetensors"):
         check_component_folder(folder, what="ControlNet")
+
+
+# --- strict loading: what diffusers would only warn about --------------------------------
+
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+           "text_encoder": "model.safetensors", "controlnet": "diffusion_pytorch_model.safetensors"}
+
+
+def _broken_copy(tmp_path, lcm_dir, controlnet_dir, component):
+    """A copy of the tiny model and its ControlNet; ``(model, controlnet, folder of component)``."""
+    model = shutil.copytree(lcm_dir, tmp_path / "model")
+    controlnet = shutil.copytree(controlnet_dir, tmp_path / "controlnet")
+    return model, controlnet, controlnet if component == "controlnet" else model / component
+
+
+def _drop_tensor(file):
+    """Delete one tensor from a safetensors file; return its name."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(file)
+    name = sorted(state)[len(state) // 2]
+    del state[name]
+    save_file(state, file, metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder", "controlnet"])
+def test_a_missing_tensor_is_an_error_that_names_it(tmp_path, lcm_dir, controlnet_dir, component):
+    model, controlnet, folder = _broken_copy(tmp_path, lcm_dir, controlnet_dir, component)
+    name = _drop_tensor(folder / WEIGHTS[component])
+    for strict in (True, False):  # no opt-out: a model with a part left on the meta device only fails later, as NaN
+        with pytest.raises(MissingWeightsError, match=rf"lack 1 tensor\(s\) that \w+ needs: {re.escape(name)}"):
+            CCMPipeline.from_pretrained(model, controlnet=controlnet, strict=strict)
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "controlnet"])
+def test_an_unknown_config_key_is_an_error_that_names_it(tmp_path, lcm_dir, controlnet_dir, component):
+    model, controlnet, folder = _broken_copy(tmp_path, lcm_dir, controlnet_dir, component)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "block_out_channel": [1], "zz_typo": 1}))
+    with pytest.raises(UnknownConfigKeyError, match=r"does not take: block_out_channel, zz_typo; .* pass strict=False"):
+        CCMPipeline.from_pretrained(model, controlnet=controlnet)
+    with pytest.warns(UserWarning, match=r"does not take: block_out_channel, zz_typo; .*; ignored \(strict=False\)"):
+        pipe = CCMPipeline.from_pretrained(model, controlnet=controlnet, strict=False)
+    assert all(p.device.type != "meta" for module in pipe.modules().values() for p in module.parameters())
+
+
+def test_metadata_keys_and_real_configs_pass():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    sd15_vae = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu", "in_channels": 3,
+                "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512}
+    assert unknown_config_keys(AutoencoderKL, sd15_vae) == []
+    assert unknown_config_keys(UNet2DConditionModel, {"_name_or_path": "x", "cross_attention_dim": 768}) == []
+    assert unknown_config_keys(CLIPTextModel, {"dropout": 0.0}) == []  # transformers configs are not checked
