@@ -32,7 +32,7 @@ def test_runner_on_the_world_with_ground_truth_edges(feature_net, tmp_path):
     controlnet = tiny.save_tiny_controlnet(tmp_path / "cn", model)
     config = load_eval_config({
         "output_dir": str(tmp_path / "out"),
-        "dataset": {"factory": "ccm_world:WorldDataset", "options": {"size": 32, "length": 16, "seed": 1}},
+        "dataset": {"name": "world", "options": {"size": 32, "length": 16, "seed": 1}},
         "num_samples": 4, "device": "cpu", "warmup": False,
         "features": {"kind": "feature-net", "path": str(feature_net[0])},
         "conditions": [{"name": "world-edges", "control": "dataset", "key": "canny", "label": "edges"},
