@@ -59,6 +59,7 @@ class Condition(ABC):
     channels: ClassVar[int] = 3
     Options: ClassVar[type[ConditionOptions]] = ConditionOptions
     description: ClassVar[str] = ""
+    origin: str | None = None  # the plugin it came from ("plugin 'x' of distribution 'y' 1.0"), set by get_condition
 
     def __init__(self, **options: Any):
         self.options = build_options(self.Options, f"condition {self.name!r}", options)
@@ -115,16 +116,13 @@ class Condition(ABC):
 CONTROL_RANGE_SLACK = 1e-4  # float rounding just outside [0, 1] is clamped, not refused
 
 
-def condition_origin(condition: Condition | type[Condition]) -> str:
-    """Where a condition comes from, for error messages: its plugin and distribution, or its class."""
-    from .plugins import describe_plugin
-    from .registry import conditions
-
-    cls = condition if isinstance(condition, type) else type(condition)
-    name = getattr(cls, "name", None)
-    if isinstance(name, str) and name in conditions and conditions.get(name) is cls:
-        return describe_plugin(conditions.entry(name).plugin)
-    return f"class {cls.__module__}.{cls.__qualname__}, not a registered plugin"
+def condition_origin(condition: Condition) -> str:
+    """Where a condition comes from, for error messages: the plugin :func:`ccm_sdk.get_condition` took it
+    from, or its class when it was made directly."""
+    if getattr(condition, "origin", None):
+        return condition.origin
+    cls = type(condition)
+    return f"class {cls.__module__}.{cls.__qualname__}, not looked up by name"
 
 
 def check_control_map(control: Any, *, condition: Condition, batch: int | None = None) -> torch.Tensor:

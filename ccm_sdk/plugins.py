@@ -11,6 +11,7 @@ import os
 import re
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -38,6 +39,7 @@ _loaded = False
 _failures: dict[str, list[PluginFailure]] = {}  # plugin name -> what went wrong with it
 _versions: dict[str, str] = {}
 _distributions: dict[str, str] = {}  # entry-point plugin name -> the distribution that installed it
+_collectors: list[Callable[[], None]] = []  # the registries (ccm_sdk.registry), each collects its hook
 
 IMPORT_ERROR = "import-error"  # the entry point's module failed to import
 UNKNOWN_HOOK = "unknown-hook"  # a hook implementation pluggy refused: a misspelled hook name, or arguments the hook lacks
@@ -84,6 +86,11 @@ def report_failure(plugin: str, kind: str, exc: BaseException, *, hook: str | No
     if strict_mode():
         raise PluginError(f"plugin {plugin!r} failed ({where}): {failure.error}") from exc
     warnings.warn(f"ccm_sdk: skipping plugin {plugin!r} ({where}): {failure.error}", stacklevel=3)
+
+
+def add_collector(collect: Callable[[], None]) -> None:
+    """Have :func:`plugin_failures` call ``collect`` first: a registry that runs its hook and reports what fails."""
+    _collectors.append(collect)
 
 
 def clear_failures(hook: str) -> None:
@@ -210,11 +217,9 @@ def plugin_failures() -> list[PluginFailure]:
     """Every failure :data:`FAILURE_KINDS` names: plugins that failed to import or declare their hooks,
     and hooks that raised, registered something invalid or a name another plugin keeps.
 
-    Runs every registry's hook (the training stack included) so that all of them are reported.
+    Collects every registry (:func:`add_collector`; the training stack included) so that all are reported.
     """
-    from .registry import REGISTRIES
-
     load_plugins()
-    for registry in REGISTRIES:
-        registry.names()
+    for collect in list(_collectors):
+        collect()
     return [failure for recorded in _failures.values() for failure in recorded]

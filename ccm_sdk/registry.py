@@ -33,6 +33,7 @@ class Registry(Generic[T]):
         self.kind, self.hook_name, self._validate = kind, hook_name, validate
         self._entries: dict[str, Entry[T]] = {}
         self._snapshot: frozenset[object] | None = None
+        plugins.add_collector(self._ensure)
 
     def _collect(self) -> None:
         plugins.clear_failures(self.hook_name)
@@ -161,13 +162,15 @@ def _registries():
     )
 
 
-REGISTRIES = _registries()
-conditions, controlnets, adapters, samplers, datasets, models, trainers, feature_extractors = REGISTRIES
+conditions, controlnets, adapters, samplers, datasets, models, trainers, feature_extractors = _registries()
 
 
 def get_condition(name: str, **options: Any):
-    """Instantiate the condition registered as ``name`` with ``options``."""
-    return conditions.get(name)(**options)
+    """Instantiate the condition registered as ``name`` with ``options``; its ``origin`` names its plugin."""
+    entry = conditions.entry(name)
+    condition = entry.obj(**options)
+    condition.origin = plugins.describe_plugin(entry.plugin)
+    return condition
 
 
 def get_sampler(name: str, **options: Any):
