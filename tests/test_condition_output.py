@@ -139,3 +139,30 @@ def test_the_pipeline_stops_before_any_network_runs(pipe, monkeypatch):
 
     with pytest.raises(ConditionOutputError, match="got 0 NaN and 12288 infinite"):
         pipe("x", torch.rand(1, 3, 64, 64), condition=ReplacesCall(), num_inference_steps=1)
+
+
+def test_ccm_serve_answers_500_naming_the_plugin(pipe):
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from ccm_sdk.app.server import GenerationService, encode_png, make_server, server_url
+
+    service = GenerationService(pipe, model="tiny", condition="test-bad-output")
+    server = make_server(service, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    body = json.dumps({"prompt": "x", "image": encode_png(Image.new("RGB", (64, 64))), "steps": 1}).encode()
+    request = urllib.request.Request(server_url(server) + "api/generate", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with registered(_condition_class(lambda x: _map(x, float("nan")))):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=60)
+        answer = json.loads(info.value.read())
+        assert info.value.code == 500  # the server's plugin is at fault, not the request
+        assert answer["type"] == "ConditionOutputError" and f"(plugin '{PLUGIN}')" in answer["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
