@@ -248,14 +248,20 @@ def client_gone(sock: socket.socket) -> bool:
     (a client that half-closes after sending its request counts as gone too). Bytes waiting (a next
     request) mean it is still there.
     """
+    if sock.fileno() < 0:  # closed on this side
+        return True
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return False
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, InterruptedError, TimeoutError):
+        if hasattr(select, "poll"):  # select.select cannot take descriptors past FD_SETSIZE
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        # readable: a peek returns at once (the socket's own timeout would otherwise make recv wait)
+        return readable and sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError, TimeoutError, ValueError):  # cannot tell: keep the request
         return False
-    except (OSError, ValueError):  # reset, closed by this side, or a descriptor select cannot take
+    except OSError:  # reset by the client
         return True
 
 
