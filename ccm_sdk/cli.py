@@ -272,8 +272,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     _check_arguments(args)
     condition = get_condition(args.condition, **_options(args.option))
     control = condition(_read_image(args.image, "--image", args), output_type="pil", **_call_options(args))[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    control.save(args.out)
+    out = Path(args.out)  # reached only with a checked map: a condition's bad output raises ConditionOutputError above
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # same extension: PIL picks the format from it
+    control.save(partial)
+    os.replace(partial, out)
     print(f"{args.condition} control map: {args.out} ({control.width}x{control.height}, {condition.channels} channels)")
     return 0
 
@@ -288,7 +291,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for info in infos:
         print(f"{info.name:<40} {info.version:<10} {', '.join(info.hooks)}")
     for failure in failures:
-        print(f"{failure.plugin:<40} FAILED ({failure.stage}): {failure.error}")
+        where = f"{failure.kind} in {failure.hook}" if failure.hook else failure.kind
+        print(f"{failure.plugin:<40} FAILED ({where}): {failure.error}")
     return 0
 
 

@@ -83,6 +83,11 @@ class DuplicateNameError(PluginError):
     """Two plugins registered the same name for the same kind of extension."""
 
 
+class ConditionOutputError(PluginError):
+    """A condition returned a control map the Condition interface does not promise (not a float tensor
+    ``[B, channels, H, W]`` of finite values in [0, 1]); the message names the condition and its plugin."""
+
+
 # --- serving -----------------------------------------------------------------------------
 
 

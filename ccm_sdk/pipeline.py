@@ -30,7 +30,7 @@ from .errors import (
     StepCountError,
     ValueRangeError,
 )
-from .interfaces import Adapter, Condition, Sampler
+from .interfaces import Adapter, Condition, Sampler, check_control_map
 from .models.controlnet import check_controlnet_fits
 from .models.denoiser import ControlledDenoiser, ControlSpec, DenoiserStats
 from .models.loading import check_component_folder, load_component, read_json, resolve_model_path
@@ -557,7 +557,13 @@ class CCMPipeline:
         conds = list(condition) if isinstance(condition, (list, tuple)) else [condition]
         if len(conds) != len(controls):
             raise InputError(f"expected one condition per control image ({len(controls)}), got {len(conds)}")
-        return [(get_condition(c) if isinstance(c, str) else c)(img) for c, img in zip(conds, controls)]
+        maps = []
+        for c, img in zip(conds, controls):
+            cond = get_condition(c) if isinstance(c, str) else c
+            control = cond(img)
+            # Condition.__call__ checks its map already; this catches subclasses that replace __call__
+            maps.append(check_control_map(control, condition=cond) if isinstance(cond, Condition) else control)
+        return maps
 
     def _per_controlnet(self, value: Any) -> list[Any]:
         """A per-ControlNet argument as a list: a single value applies to every ControlNet."""
