@@ -751,7 +751,8 @@ class CCMPipeline:
             raise InputError(f"expected output_type 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         scaled = latents / self.vae.config.scaling_factor
         shift = self.vae.config.get("shift_factor")
-        decoded = self.vae.decode(scaled + shift if shift else scaled, return_dict=False)[0]
+        with self._vae_upcast() as vae_dtype:
+            decoded = self.vae.decode((scaled + shift if shift else scaled).to(vae_dtype), return_dict=False)[0]
         # in place on the decoder's fresh output: the same values as (x / 2 + 0.5).clamp(0, 1), two allocations fewer
         return image_utils.from_tensor(decoded.div(2).add_(0.5).clamp_(0, 1).float(), output_type)
 
@@ -763,11 +764,26 @@ class CCMPipeline:
             raise ImageSizeError(f"init image is {tensor.shape[-2]}x{tensor.shape[-1]} but the output is {height}x{width}")
         if tensor.shape[0] not in (1, batch):
             raise InputError(f"init image has batch {tensor.shape[0]}, expected 1 or {batch}")
-        tensor = tensor.to(device=self.device, dtype=self.dtype) * 2 - 1
-        latents = self.vae.encode(tensor).latent_dist.mode()
+        with self._vae_upcast() as vae_dtype:
+            tensor = tensor.to(device=self.device, dtype=vae_dtype) * 2 - 1
+            latents = self.vae.encode(tensor).latent_dist.mode().to(self.dtype)
         shift = self.vae.config.get("shift_factor") or 0.0
         latents = (latents - shift) * self.vae.config.scaling_factor
         return latents.expand(batch, -1, -1, -1) if latents.shape[0] == 1 else latents
+
+    @contextlib.contextmanager
+    def _vae_upcast(self) -> Iterator[torch.dtype]:
+        """Run the VAE in float32 for SDXL in float16 when its config asks (``force_upcast``), as diffusers'
+        SDXL pipelines do: the SDXL VAE overflows in float16. Yields the dtype the VAE's inputs take."""
+        dtype = self.vae.decoder.conv_in.weight.dtype
+        if not (self.is_sdxl and dtype == torch.float16 and self.vae.config.get("force_upcast", False)):
+            yield dtype
+            return
+        self.vae.to(dtype=torch.float32)
+        try:
+            yield torch.float32
+        finally:
+            self.vae.to(dtype=dtype)
 
     def stream(self, frames: Iterable[Any], prompt: str, *, seed: int = 0, **kwargs: Any) -> Iterator[CCMOutput]:
         """Generate one output per control frame, for real-time use.

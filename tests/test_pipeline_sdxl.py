@@ -165,3 +165,19 @@ def test_replacing_the_unet_keeps_the_rest(sdxl_dir, sdxl_lcm_dir):
     assert swapped.is_sdxl and swapped.is_lcm
     given = CCMPipeline.from_pretrained(sdxl_dir, unet=swapped.unet)
     assert given.unet is swapped.unet
+
+
+def test_float16_vae_is_upcast_when_its_config_asks(sdxl_lcm_dir):
+    half = CCMPipeline.from_pretrained(sdxl_lcm_dir).to(dtype=torch.float16)
+    assert half.vae.config.force_upcast
+    seen = []
+    hook = half.vae.decoder.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    latents = torch.randn(1, 4, 8, 8, dtype=torch.float16)
+    try:
+        images = half.decode_latents(latents, output_type="pt")
+    finally:
+        hook.remove()
+    assert seen == [torch.float32] and torch.isfinite(images).all()
+    assert half.vae.decoder.conv_in.weight.dtype == torch.float16  # back to the pipeline's dtype afterwards
+    encoded = half.encode_image(torch.rand(1, 3, 64, 64), height=64, width=64, batch=1)
+    assert encoded.dtype == torch.float16 and half.vae.encoder.conv_in.weight.dtype == torch.float16
