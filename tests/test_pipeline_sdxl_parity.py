@@ -114,7 +114,9 @@ def test_text_to_image_without_controlnet_matches_diffusers_sdxl(sdxl_lcm_dir, s
     assert abs(a.images - b.images).max() < TOL
 
 
-def test_lcm_lora_on_plain_sdxl_matches_diffusers(tmp_path, sdxl_dir, sdxl_plain_controlnet_dir, control_image):
+@pytest.mark.parametrize("guidance_scale", [1.0, 1.5])
+def test_lcm_lora_on_plain_sdxl_matches_diffusers(tmp_path, sdxl_dir, sdxl_plain_controlnet_dir, control_image, guidance_scale):
+    """Without a w-embedding, guidance above 1 is classifier-free guidance (zero negative embeddings), as in diffusers."""
     from ccm_sdk.testing.lora import save_random_unet_lora
 
     lora_file = save_random_unet_lora(sdxl_dir, tmp_path / "lcm-lora-sdxl")
@@ -122,9 +124,10 @@ def test_lcm_lora_on_plain_sdxl_matches_diffusers(tmp_path, sdxl_dir, sdxl_plain
     ref = _reference(sdxl_dir, [sdxl_plain_controlnet_dir], LCMScheduler)
     ref.load_lora_weights(str(lora_file))
     plain = _ours(sdxl_dir, [sdxl_plain_controlnet_dir])
-    kwargs = dict(num_inference_steps=4, guidance_scale=1.0, output_type="np")
+    kwargs = dict(num_inference_steps=4, guidance_scale=guidance_scale, output_type="np")
     a = ours("a house", control_image, generator=torch.Generator().manual_seed(3), **kwargs)
     b = ref("a house", image=control_image, generator=torch.Generator().manual_seed(3), **kwargs)
     c = plain("a house", control_image, generator=torch.Generator().manual_seed(3), **kwargs)
     assert abs(a.images - b.images).max() < TOL
     assert abs(a.images - c.images).max() > 1e-3  # the LoRA changed the UNet
+    assert a.nfe == (8 if guidance_scale > 1 else 4)
