@@ -137,7 +137,8 @@ def save_tiny_pipeline(path: str | Path, *, lcm: bool = True, seed: int = 0) -> 
 
 
 def save_tiny_controlnet(path: str | Path, model_path: str | Path, *, conditioning_channels: int = 3, seed: int = 1) -> Path:
-    """Save a tiny ControlNet that fits the UNet saved at ``model_path``."""
+    """Save a tiny ControlNet that fits the UNet saved at ``model_path`` (an SDXL ControlNet, with
+    ``addition_embed_type="text_time"``, for an SDXL model)."""
     unet = UNet2DConditionModel.from_pretrained(Path(model_path) / "unet")
     tiny_controlnet(unet, conditioning_channels=conditioning_channels, seed=seed).save_pretrained(path, safe_serialization=True)
     return Path(path)
