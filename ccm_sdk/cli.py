@@ -194,10 +194,12 @@ def _model_sources(args: argparse.Namespace) -> tuple[str | Path, list[str]]:
 
 
 def _load_pipeline(args: argparse.Namespace, model: str | Path, controlnets: list[str]):
-    """The pipeline of ``model`` and ``controlnets``, with --adapter/--lora."""
+    """The pipeline of ``model`` (its family, SD or SDXL, read from the folder) and ``controlnets``,
+    with --adapter/--lora/--unet."""
     from .pipeline import CCMPipeline
 
-    return CCMPipeline.from_pretrained(model, controlnet=controlnets or None, adapter=args.adapter, lora=args.lora)
+    return CCMPipeline.from_pretrained(model, controlnet=controlnets or None, adapter=args.adapter, lora=args.lora,
+                                       unet=getattr(args, "unet", None))  # fmt: skip
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -317,6 +319,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, start: str = "") ->
     parser.add_argument("--controlnet", action="append", help="ControlNet folder/hub id (repeatable)")
     parser.add_argument("--adapter", help="adapter folder or hub id")
     parser.add_argument("--lora", help="LoRA file or folder (e.g. LCM-LoRA)")
+    parser.add_argument("--unet", help="UNet folder or hub id that replaces the model's (e.g. a distilled LCM UNet such as an LCM-SDXL)")
     parser.add_argument("--condition", help="condition that turns --image into the control map (e.g. canny)")
     parser.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
     parser.add_argument("--image", help="input image, turned into the control map by --condition (as it is without one)" + start)
