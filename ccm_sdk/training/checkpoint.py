@@ -49,14 +49,15 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root``, oldest first (temporary folders are ignored)."""
+def list_checkpoints(root: str | os.PathLike, *, complete: bool = True) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, oldest first (temporary folders are ignored); ``complete=False``
+    adds ``step-N`` folders that lack their state.json (damaged after they were written)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
-        if path.is_dir() and path.name.startswith(PREFIX) and (path / STATE_NAME).is_file():
+        if path.is_dir() and path.name.startswith(PREFIX) and (not complete or (path / STATE_NAME).is_file()):
             try:
                 found.append((int(path.name[len(PREFIX) :]), path))
             except ValueError:
@@ -151,7 +152,7 @@ def load_checkpoint(
     """
     path = Path(path)
     state_file = path / STATE_NAME
-    if not path.is_dir() or not (state_file.is_file() or any(path.glob("*.pt")) or (path / "weights").is_dir()):
+    if not path.is_dir() or not (state_file.is_file() or path.name.startswith(PREFIX) or (path / "weights").is_dir()):
         raise TrainingError(f"{str(path)!r} is not a training checkpoint ({STATE_NAME} is missing)")
     meta = _read_meta(path)
     if meta.get("trainer") != trainer:
