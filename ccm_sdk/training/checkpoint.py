@@ -188,6 +188,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if meta.get("format", 1) != 1:
         expected.update(format=int, weights=list, objects=list)
     wrong = [f"{k} ({t.__name__})" for k, t in expected.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
+    for key in ("weights", "objects"):  # file names: plain, non-empty strings
+        if key in expected and isinstance(meta.get(key), list) and not all(isinstance(n, str) and n and "/" not in n for n in meta[key]):
+            wrong.append(f"{key} (a list of names)")
     if wrong:
         raise CorruptCheckpointError(path, file, f"missing or mistyped keys: {', '.join(wrong)}")
     if meta.get("format", 1) not in (1, FORMAT):
@@ -221,9 +224,11 @@ def _torch_load(file: Path, checkpoint: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # torch's message advises weights_only=False; keep only the line saying what the file asked for
+        lines = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        detail = f" ({lines[0].strip()})" if lines else ""
         raise CorruptCheckpointError(
-            checkpoint, file, f"not a weights-only torch file; loading it would run pickled code, which is refused ({first})"
+            checkpoint, file, f"not a weights-only torch file: loading it would run pickled code, which is refused{detail}"
         ) from None
     except Exception as error:  # a truncated zip archive, a file that is not a torch file at all
         raise CorruptCheckpointError(checkpoint, file, f"not a readable torch file ({error})") from error
