@@ -74,7 +74,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def capture_rng() -> dict[str, Any]:
-    """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    """This process's RNG states as tensors, numbers and lists (what ``state_files`` stores without pickle)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
