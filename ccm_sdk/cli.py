@@ -323,11 +323,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_conditions(args: argparse.Namespace) -> int:
+    from .conditions.weights import in_hub_cache
     from .registry import conditions
 
     for entry in conditions.entries():
         cls = entry.obj
-        print(f"{entry.name:<10} {cls.channels} ch  [{entry.plugin}]  {cls.description}")
+        repo = getattr(cls, "weights", None)
+        download = f"  [needs download: {repo}]" if repo and not in_hub_cache(repo) else ""
+        print(f"{entry.name:<10} {cls.channels} ch  [{entry.plugin}]{download}  {cls.description}")
     return 0
 
 
