@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .utils.threads import THREADS_HELP, set_threads
+
 
 def demo_model_dir() -> Path:
     """Where the tiny demo model is built: $CCM_CACHE/tiny-demo (default ~/.cache/ccm-sdk)."""
@@ -237,6 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _check_arguments(args)
     sampler = _sampler(args)  # a bad --sampler-option fails before any model loads
+    set_threads(args.threads)
     model, controlnets = _model_sources(args)
     control_images = _control_images(args, len(controlnets)) if controlnets else []  # bad input files fail before the model loads
     pipe = _load_pipeline(args, model, controlnets)
@@ -269,6 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app.server import GenerationService, make_server, server_url
 
     _check_arguments(args)
+    set_threads(args.threads)
     model, controlnets = _model_sources(args)
     pipe = _load_pipeline(args, model, controlnets)
     initial, inpainting = None, {}
@@ -433,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs/ccm.png", metavar="PATH", help="image file to write (.png, .jpg, ...; checked "
                      "before generating); the control map and a side-by-side grid go beside it (default: %(default)s)")
     gen.add_argument("--max-size", type=int, metavar="PIXELS", help=MAX_SIZE_HELP)
+    gen.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="a local web page to draw on: each stroke becomes an image")
@@ -455,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                      help="let web pages at ORIGIN (e.g. https://app.example) call the API, with CORS headers (repeatable; "
                      "'*': any site; default: only the server's own page)")
+    srv.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     srv.add_argument("--verbose", action="store_true", help="log every request")
     srv.set_defaults(func=cmd_serve)
 
