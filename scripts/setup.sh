@@ -3,7 +3,7 @@
 # skips the install when nothing it depends on changed since the last run.
 #
 # torch comes from the package index pip uses. From PyPI, Linux x86_64 gets the CUDA build (with its
-# nvidia-* wheels, several GB) and macOS, Windows and Linux ARM a CPU build. To choose, name one of
+# nvidia-* wheels, several GB) and macOS and Windows a CPU build. To choose, name one of
 # PyTorch's own indexes:
 #   CCM_TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/setup.sh     # CPU only
 #   CCM_TORCH_INDEX=https://download.pytorch.org/whl/cu126 bash scripts/setup.sh   # CUDA 12.6
