@@ -7,6 +7,7 @@ probe is either skipped (HF_HUB_OFFLINE) or replaced.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -68,10 +69,19 @@ def test_unreachable_hub_reads_the_cache_only(name, empty_cache, no_network, mon
 
 
 def test_the_probe_gives_up_after_its_timeout(monkeypatch):
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))  # a hanging name look-up
+    release = threading.Event()
+
+    def hang(*args, **kwargs):  # a name look-up that hangs until the test ends
+        release.wait(30)
+        raise OSError("gave up")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     start = time.perf_counter()
-    assert weights.hub_reachable.__wrapped__(timeout=0.2) is False
-    assert time.perf_counter() - start < 2.0
+    try:
+        assert weights.hub_reachable.__wrapped__(timeout=0.2) is False
+        assert time.perf_counter() - start < 2.0
+    finally:
+        release.set()
 
     def refused(*args, **kwargs):
         raise ConnectionRefusedError("refused")
