@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .utils.threads import THREADS_HELP, set_threads
+
 
 def demo_model_dir() -> Path:
     """Where the tiny demo model is built: $CCM_CACHE/tiny-demo (default ~/.cache/ccm-sdk)."""
     return Path(os.environ.get("CCM_CACHE", Path.home() / ".cache" / "ccm-sdk")) / "tiny-demo"
 
 
-def _options(pairs: list[str]) -> dict[str, Any]:
+def _options(pairs: list[str], option: str = "--option") -> dict[str, Any]:
     """``key=value`` pairs; values parse as JSON when they can (numbers, lists, true/false)."""
     from .utils.config_files import parse_value
 
@@ -23,9 +25,38 @@ def _options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"ccm: expected --option key=value, got {pair!r}")
+            raise SystemExit(f"ccm: expected {option} key=value, got {pair!r}")
         options[key] = parse_value(value)
     return options
+
+
+class RegisteredNames:
+    """The names in one registry, read only when first needed (argparse ``choices`` that load no plugin
+    while ``ccm --help`` is built; ``ccm generate --help`` lists them)."""
+
+    def __init__(self, registry: str):
+        self.registry = registry
+
+    def _names(self) -> list[str]:
+        from . import registry
+
+        return sorted(getattr(registry, self.registry).names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+def _sampler(args: argparse.Namespace):
+    """The sampler ``--sampler`` names with its ``--sampler-option`` values (an InputError names the accepted ones)."""
+    from . import get_sampler
+
+    return get_sampler(args.sampler, **_options(args.sampler_option, "--sampler-option"))
 
 
 def _tiny_demo_model() -> tuple[Path, Path]:
@@ -209,6 +240,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .images import make_grid
 
     _check_arguments(args)
+    sampler = _sampler(args)  # a bad --sampler-option fails before any model loads
+    set_threads(args.threads)
     model, controlnets = _model_sources(args)
     control_images = _control_images(args, len(controlnets)) if controlnets else []  # bad input files fail before the model loads
     pipe = _load_pipeline(args, model, controlnets)
@@ -219,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         generator=generator,
-        sampler=args.sampler,
+        sampler=sampler,
         controlnet_conditioning_scale=args.control_scale,
     )
     out = Path(args.out)
@@ -241,6 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app.server import GenerationService, make_server, server_url
 
     _check_arguments(args)
+    set_threads(args.threads)
     model, controlnets = _model_sources(args)
     pipe = _load_pipeline(args, model, controlnets)
     initial, inpainting = None, {}
@@ -299,16 +333,65 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_conditions(args: argparse.Namespace) -> int:
+    from .conditions.weights import in_hub_cache
     from .registry import conditions
 
     for entry in conditions.entries():
         cls = entry.obj
-        print(f"{entry.name:<10} {cls.channels} ch  [{entry.plugin}]  {cls.description}")
+        repo = getattr(cls, "weights", None)
+        download = f"  [needs download: {repo}]" if repo and not in_hub_cache(repo) else ""
+        print(f"{entry.name:<10} {cls.channels} ch  [{entry.plugin}]{download}  {cls.description}")
+    return 0
+
+
+def _summary(obj: Any) -> str:
+    """The first paragraph of ``obj``'s docstring, on one line (its ``description`` when it has one)."""
+    text = getattr(obj, "description", "") or (obj.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(text.split())
+
+
+def _option_fields(options_cls: Any) -> str:
+    """``name=default`` for every field of an Options model, or ``no options``."""
+    fields = getattr(options_cls, "model_fields", {})
+    if not fields:
+        return "no options"
+    return ", ".join(f"{name}={({} if field.default_factory is dict else field.default)!r}" for name, field in fields.items())
+
+
+def cmd_samplers(args: argparse.Namespace) -> int:
+    from .registry import samplers
+
+    for entry in samplers.entries():
+        cls = entry.obj
+        print(f"{entry.name:<12} {cls.min_steps}-{cls.max_steps} steps  [{entry.plugin}]  {_summary(cls)}")
+        print(f"{'':<12} --sampler-option: {_option_fields(cls.Options)}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from .registry import adapters
+
+    for entry in adapters.entries():
+        print(f"{entry.name:<12} [{entry.plugin}]  {_summary(entry.obj)}")
+    return 0
+
+
+def cmd_controlnets(args: argparse.Namespace) -> int:
+    from .registry import controlnets
+
+    for entry in controlnets.entries():
+        print(f"{entry.name:<12} [{entry.plugin}]  {_summary(entry.obj)}")
     return 0
 
 
 MAX_SIZE_HELP = ("largest side of an input image, read from its header before it is decoded (default: 4096, "
                  "the most it may be)")
+GENERATE_EPILOG = """\
+examples:
+  ccm generate --prompt "a red circle on a blue background" --image photo.png --condition sketch
+  ccm generate --model MODEL --controlnet CONTROLNET --condition canny --image photo.png --prompt "a cat" --steps 2
+  ccm generate --prompt "a cat" --control map.png --sampler consistency --sampler-option gamma=0.3
+"""
 MASK_HELP = "with --condition mask: the region to generate (white) in a black-and-white image the size of --image"
 
 
@@ -316,32 +399,53 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, start: str = "") ->
     """The model and control-map options ``generate`` and ``serve`` share (``start``: what serve adds to the help)."""
     parser.add_argument("--model", help=f"model folder, hub id or source:name (default: the embedded {EMBEDDED_MODEL} with its "
                         "ControlNet for --condition; a tiny untrained demo model when that is not installed)")
-    parser.add_argument("--controlnet", action="append", help="ControlNet folder/hub id (repeatable)")
-    parser.add_argument("--adapter", help="adapter folder or hub id")
-    parser.add_argument("--lora", help="LoRA file or folder (e.g. LCM-LoRA)")
-    parser.add_argument("--unet", help="UNet folder or hub id that replaces the model's (e.g. a distilled LCM UNet such as an LCM-SDXL)")
-    parser.add_argument("--condition", help="condition that turns --image into the control map (e.g. canny)")
-    parser.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
-    parser.add_argument("--image", help="input image, turned into the control map by --condition (as it is without one)" + start)
-    parser.add_argument("--control", help="a ready control map (not preprocessed; --condition still picks the default ControlNet)" + start)
-    parser.add_argument("--size", type=int, help="resize the input image to SIZE x SIZE first")
-    parser.add_argument("--mask", help=MASK_HELP)
+    parser.add_argument("--controlnet", action="append", metavar="SOURCE",
+                        help="ControlNet folder, hub id or source:name (repeatable; default: none with --model, else the "
+                        "embedded model's ControlNet for --condition)")
+    parser.add_argument("--adapter", metavar="SOURCE", help="unified adapter folder or hub id, combining the ControlNets "
+                        "(default: none)")
+    parser.add_argument("--lora", metavar="PATH", help="LoRA file or folder, e.g. LCM-LoRA (default: none)")
+    parser.add_argument("--unet", metavar="SOURCE", help="UNet folder or hub id that replaces the model's, e.g. a distilled LCM UNet "
+                        "such as an LCM-SDXL (default: the model's own)")
+    parser.add_argument("--condition", metavar="NAME", help="condition that turns --image into the control map, e.g. canny; "
+                        "`ccm conditions` lists them (default: none, so --image is the map as it is; the embedded model "
+                        "takes sketch)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="condition option (repeatable; default: the condition's own defaults)")
+    parser.add_argument("--image", metavar="PATH", help="input image, turned into the control map by --condition (as it is "
+                        "without one)" + start + " (default: none)")
+    parser.add_argument("--control", metavar="PATH", help="a ready control map (not preprocessed; --condition still picks the "
+                        "default ControlNet)" + start + " (default: none)")
+    parser.add_argument("--size", type=int, metavar="PIXELS", help="resize the input image to PIXELS x PIXELS first "
+                        "(default: keep its size)")
+    parser.add_argument("--mask", metavar="PATH", help=MASK_HELP + " (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccm", description="Controllable consistency-model image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate a controlled image")
+    gen = sub.add_parser("generate", help="generate a controlled image", description="Generate one image from a prompt and "
+                         "a control map (--image through --condition, or a ready --control map).", epilog=GENERATE_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_arguments(gen)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--steps", type=int, default=4)
-    gen.add_argument("--guidance", type=float, default=8.0)
-    gen.add_argument("--control-scale", type=float, default=1.0)
-    gen.add_argument("--sampler", default="consistency")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--out", default="outputs/ccm.png", help="image file to write (.png, .jpg, ...; checked before generating)")
+    gen.add_argument("--prompt", required=True, help="what to draw (required)")
+    gen.add_argument("--steps", type=int, default=4, metavar="N", help="sampling steps, one network call each "
+                     "(default: %(default)s)")
+    gen.add_argument("--guidance", type=float, default=8.0, metavar="SCALE", help="guidance scale, folded into the "
+                     "consistency model's step as LCM does (default: %(default)s)")
+    gen.add_argument("--control-scale", type=float, default=1.0, metavar="SCALE", help="strength of the ControlNet "
+                     "residuals (default: %(default)s)")
+    gen.add_argument("--sampler", default="consistency", choices=RegisteredNames("samplers"), metavar="NAME",
+                     help="sampling method: %(choices)s; `ccm samplers` describes them (default: %(default)s)")
+    gen.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="sampler option, e.g. gamma=0.3 for consistency or eta=0.5 for ddim (repeatable; default: the "
+                     "sampler's own defaults, listed by `ccm samplers`)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed of the starting noise (default: %(default)s)")
+    gen.add_argument("--out", default="outputs/ccm.png", metavar="PATH", help="image file to write (.png, .jpg, ...; checked "
+                     "before generating); the control map and a side-by-side grid go beside it (default: %(default)s)")
     gen.add_argument("--max-size", type=int, metavar="PIXELS", help=MAX_SIZE_HELP)
+    gen.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="a local web page to draw on: each stroke becomes an image")
@@ -364,16 +468,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                      help="let web pages at ORIGIN (e.g. https://app.example) call the API, with CORS headers (repeatable; "
                      "'*': any site; default: only the server's own page)")
+    srv.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     srv.add_argument("--verbose", action="store_true", help="log every request")
     srv.set_defaults(func=cmd_serve)
 
     pre = sub.add_parser("preprocess", help="run a condition on an image and save the control map")
-    pre.add_argument("--condition", required=True)
-    pre.add_argument("--image", required=True)
-    pre.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
-    pre.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
+    pre.add_argument("--condition", required=True, metavar="NAME", help="the condition to run, e.g. canny; `ccm conditions` "
+                     "lists them (required)")
+    pre.add_argument("--image", required=True, metavar="PATH", help="the input image (required)")
+    pre.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="condition option (repeatable; default: the condition's own defaults)")
+    pre.add_argument("--out", required=True, metavar="PATH", help="image file to write (.png, .jpg, ...; required)")
     pre.add_argument("--max-size", type=int, metavar="PIXELS", help=MAX_SIZE_HELP)
-    pre.add_argument("--mask", help=MASK_HELP)
+    pre.add_argument("--mask", metavar="PATH", help=MASK_HELP + " (default: none)")
     pre.set_defaults(func=cmd_preprocess)
 
     plug = sub.add_parser("plugins", help="list plugins, their versions, and those that failed")
@@ -382,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cond = sub.add_parser("conditions", help="list the registered conditions")
     cond.set_defaults(func=cmd_conditions)
+    sub.add_parser("samplers", help="list the registered samplers, their step ranges and options").set_defaults(func=cmd_samplers)
+    sub.add_parser("adapters", help="list the registered adapters").set_defaults(func=cmd_adapters)
+    sub.add_parser("controlnets", help="list the registered ControlNet providers").set_defaults(func=cmd_controlnets)
     from .training import add_train_parser
     add_train_parser(sub)
     from .eval.cli import add_eval_parser

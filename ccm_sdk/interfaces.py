@@ -52,7 +52,8 @@ class Condition(ABC):
     """Turns images into control maps for a ControlNet, and extracts them back as h(y).
 
     Subclasses set ``name``, ``channels`` and optionally ``Options``, and implement
-    ``preprocess`` on a float32 RGB batch [B, 3, H, W] in [0, 1].
+    ``preprocess`` on a float32 RGB batch [B, 3, H, W] in [0, 1]. A condition whose network is
+    downloaded on first use names the hub repo of its default weights in ``weights``.
     """
 
     name: ClassVar[str]
@@ -60,6 +61,7 @@ class Condition(ABC):
     Options: ClassVar[type[ConditionOptions]] = ConditionOptions
     description: ClassVar[str] = ""
     origin: str | None = None  # the plugin it came from ("plugin 'x' of distribution 'y' 1.0"), set by get_condition
+    weights: ClassVar[str | None] = None  # hub repo of the default weights, downloaded on first use; None: nothing to download
 
     def __init__(self, **options: Any):
         self.options = build_options(self.Options, f"condition {self.name!r}", options)

@@ -233,3 +233,64 @@ def test_generate_reads_the_sdxl_family_from_the_model_folder(tmp_path, sdxl_dir
     assert "2 network evaluations" in capsys.readouterr().out  # the LCM UNet: no classifier-free guidance
     assert main([*args[:3], *args[5:], "--sampler", "ddim", "--out", str(tmp_path / "dm.png")]) == 0
     assert "4 network evaluations" in capsys.readouterr().out  # the plain SDXL UNet: DDIM with guidance
+
+
+@pytest.mark.parametrize("command", ["generate", "preprocess"])
+def test_every_option_has_help_with_its_default(command):
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"ccm {command} {action.option_strings[0]} has no help"
+        assert "default" in action.help or "required" in action.help, f"ccm {command} {action.option_strings[0]}: no default shown"
+    text = sub.format_help()
+    assert "%(" not in text
+    if command == "generate":
+        assert "consistency, ddim, scheduler" in text and "(default: 4)" in text
+
+
+def test_sampler_option_reaches_the_sampler():
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--sampler", "consistency",
+                                          "--sampler-option", "gamma=0.3", "--sampler-option", "original_inference_steps=20"])
+    sampler = cli._sampler(args)
+    assert (sampler.name, sampler.options.gamma, sampler.options.original_inference_steps) == ("consistency", 0.3, 20)
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--sampler", "ddim", "--sampler-option", "eta=1"])
+    assert cli._sampler(args).options.eta == 1.0
+
+
+def test_bad_sampler_options_fail_before_the_model_loads(tmp_path, capsys):
+    base = ["generate", "--model", str(tmp_path / "no-model"), "--prompt", "x"]
+    with pytest.raises(SystemExit, match="expected --sampler-option key=value, got 'gamma'"):
+        main([*base, "--sampler-option", "gamma"])
+    assert main([*base, "--sampler-option", "eta=0.5"]) == 2  # eta is ddim's, not consistency's
+    err = capsys.readouterr().err
+    assert "invalid options for sampler 'consistency'" in err and "Accepted options: gamma, original_inference_steps" in err
+    assert "no-model" not in err  # the sampler is checked first
+    with pytest.raises(SystemExit):
+        main([*base, "--sampler", "no-such-sampler"])
+    assert "invalid choice: 'no-such-sampler' (choose from 'consistency', 'ddim', 'scheduler')" in capsys.readouterr().err
+
+
+def test_samplers_adapters_and_controlnets_listings(capsys):
+    assert main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    assert "consistency  1-50 steps  [ccm_sdk.builtin.samplers]" in out
+    assert "--sampler-option: gamma=None, original_inference_steps=None" in out and "eta=0.0" in out
+    assert main(["adapters"]) == 0
+    assert "unified" in capsys.readouterr().out
+    assert main(["controlnets"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusers" in out and "from-unet" in out and "\n\n" not in out
+
+
+def test_train_help_describes_every_trainer_in_one_line(capsys):
+    from ccm_sdk.registry import trainers
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for entry in trainers.entries():
+        line = next(line for line in lines if line.split()[:1] == [entry.name])
+        assert entry.obj.description and entry.obj.description in line

@@ -1,13 +1,18 @@
 """Loading the networks behind model-backed conditions, with typed errors.
 
 A weights source is a file, a local folder, or a Hugging Face hub repo id. Hub downloads honour
-``HF_HUB_OFFLINE`` and ``local_files_only`` (then only the local hub cache is read).
+``HF_HUB_OFFLINE`` and ``local_files_only`` (then only the local hub cache is read). When the hub
+cannot be reached (no network: a short connection probe fails), only the cache is read too, so a
+missing download fails at once with a hint instead of after huggingface_hub's retries.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
+import threading
 from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +24,52 @@ from ..errors import CorruptWeightsError, IncompatibleModelsError, MissingModelE
 from ..models.loading import hub_offline
 
 
+PROBE_SECONDS = 3.0  # how long the hub's address may take to resolve and accept a connection
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
+    """Whether the hub's host resolves and accepts a TCP connection within ``timeout`` seconds (asked once per process).
+
+    The probe runs in a thread so that a hanging name look-up cannot hold the caller longer.
+    """
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    reached = threading.Event()
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            reached.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=probe, daemon=True, name="ccm-hub-probe").start()
+    return reached.wait(timeout)
+
+
 def offline(local_files_only: bool = False) -> bool:
-    """Whether hub look-ups must stay in the local cache."""
-    return local_files_only or hub_offline()
+    """Whether hub look-ups must stay in the local cache: asked to, HF_HUB_OFFLINE set, or the hub unreachable."""
+    return local_files_only or hub_offline() or not hub_reachable()
+
+
+def in_hub_cache(repo: str) -> bool:
+    """Whether the local hub cache holds a snapshot of ``repo`` (read from disk only; says nothing of its files)."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(any(snapshot.iterdir()) for snapshot in snapshots.iterdir() if snapshot.is_dir())
+
+
+def download_hint(repo: str, filenames: Sequence[str] = (), *, option: str = "model") -> str:
+    """How to get ``repo``'s weights onto this machine, for an error message."""
+    files = f" {filenames[-1]}" if filenames else ""
+    return (f"download it once with network access (`hf download {repo}{files}`, or any call with the network up), "
+            f"then it is read from the hub cache offline; or pass a local copy with the condition option {option}=PATH")
 
 
 def is_local_path(source: str | os.PathLike) -> bool:
@@ -54,10 +102,13 @@ def resolve_weights_file(
             return Path(hf_hub_download(os.fspath(source), name, local_files_only=offline(local_files_only)))
         except Exception as exc:  # hub errors differ across huggingface_hub versions; all mean "not here"
             failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    mode = " (offline: local cache only)" if offline(local_files_only) else ""
+    hint = f"To fix: {download_hint(os.fspath(source), filenames)}"
+    if offline(local_files_only):  # the hub's own message says only that the file is not cached
+        raise MissingModelError(f"{what}: {source!r} is not a local file or folder, and hub repo {source!r} "
+                                f"(offline: local cache only) has none of {list(filenames)} in the local cache. {hint}")
     raise MissingModelError(
-        f"{what}: {source!r} is not a local file or folder, and hub repo {source!r}{mode} gave none of "
-        f"{list(filenames)}: " + "; ".join(failures)
+        f"{what}: {source!r} is not a local file or folder, and hub repo {source!r} gave none of "
+        f"{list(filenames)}: " + "; ".join(failures) + f". {hint}"
     )
 
 
@@ -136,7 +187,7 @@ def load_transformers_model(
         except Exception as exc:
             raise MissingModelError(
                 f"{what}: {source!r} is not a local folder and hub repo {source!r} is not in the local cache "
-                f"(offline: local cache only): {type(exc).__name__}: {exc}"
+                f"(offline: local cache only). To fix: {download_hint(text)}"
             ) from exc
     path = Path(text).expanduser()
     if is_local_path(text):
@@ -152,7 +203,7 @@ def load_transformers_model(
     try:
         with _quiet_transformers():
             model, info = auto_cls.from_pretrained(
-                text, local_files_only=offline(local_files_only), output_loading_info=True
+                text, local_files_only=is_local_path(text) or offline(local_files_only), output_loading_info=True
             )
     except ValueError as exc:
         if "Unrecognized" in str(exc) or "configuration class" in str(exc):

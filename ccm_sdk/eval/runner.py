@@ -108,8 +108,10 @@ class _Pipelines:
 
 
 def _generate(pipe, method: MethodConfig, sampler, steps: int, captions: list[str], controls: torch.Tensor,
-              config: EvalConfig) -> tuple[torch.Tensor, int, float]:  # fmt: skip
+              config: EvalConfig, bar=None) -> tuple[torch.Tensor, int, float]:  # fmt: skip
     """All images for one (method, steps, condition): images, NFE per image, seconds per image.
+
+    ``bar``: a tqdm bar advanced by the images of each batch as it is done.
 
     Seconds per image is the fastest batch's (of the full-size batches, when there are any), as
     timeit reports the best of its repeats: other work on the machine can only slow a batch down,
@@ -128,6 +130,8 @@ def _generate(pipe, method: MethodConfig, sampler, steps: int, captions: list[st
         images.append(output.images.float().cpu())
         nfe = output.nfe
         per_image.append((stop - start == config.batch_size, output.timings["total"] / (stop - start)))
+        if bar is not None:
+            bar.update(stop - start)
     full = [seconds for whole, seconds in per_image if whole]
     return torch.cat(images), nfe, min(full or [seconds for _, seconds in per_image])
 
@@ -142,12 +146,40 @@ def _line_f1(condition: Condition, spec: ConditionConfig, images: torch.Tensor, 
 
 def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, captions: list[str], controls: torch.Tensor,
           condition: Condition, extractor, real_features: torch.Tensor, config: EvalConfig,
-          colours: list[ColourTargets] | None) -> tuple[EvalRow, torch.Tensor]:  # fmt: skip
-    """Generate and score one cell: its row and the generated images."""
+          colours: list[ColourTargets] | None, show_progress: bool = False) -> tuple[EvalRow, torch.Tensor]:  # fmt: skip
+    """Generate and score one cell: its row and the generated images.
+
+    ``show_progress``: a progress bar on stderr, images done of the cell's and the time left, then "scoring".
+    """
     sampler = get_sampler(method.sampler, **method.sampler_options)
-    if config.warmup:
-        _generate(pipe, method, sampler, steps, captions[:1], controls[:1], config)
-    generated, nfe, seconds = _generate(pipe, method, sampler, steps, captions, controls, config)
+    with _cell_bar(f"{method.name} | {steps} steps | {spec.title}", len(captions), show_progress) as bar:
+        if config.warmup:
+            _generate(pipe, method, sampler, steps, captions[:1], controls[:1], config)
+        generated, nfe, seconds = _generate(pipe, method, sampler, steps, captions, controls, config, bar)
+        if bar is not None:
+            bar.set_postfix_str("scoring")
+        return _score(method, spec, steps, generated, nfe, seconds, controls, condition, extractor, real_features, config, colours), generated
+
+
+@contextlib.contextmanager
+def _cell_bar(description: str, total: int, enabled: bool):
+    """A tqdm bar of a cell's images (None when disabled), removed when the cell ends."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=description, unit="image", leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _score(method: MethodConfig, spec: ConditionConfig, steps: int, generated: torch.Tensor, nfe: int, seconds: float,
+           controls: torch.Tensor, condition: Condition, extractor, real_features: torch.Tensor, config: EvalConfig,
+           colours: list[ColourTargets] | None) -> EvalRow:  # fmt: skip
+    """One cell's row: FID, Fidelity, line F1 and colour accuracy of ``generated``."""
     fid = fid_from_features(extract_features(extractor, generated, batch_size=config.features.batch_size), real_features)
     values = fidelity_per_image(condition, generated, controls)
     scored = values[~torch.isnan(values)]
@@ -155,8 +187,7 @@ def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, caption
     sem = float(scored.std() / scored.numel() ** 0.5) if scored.numel() > 1 else float("nan")
     lines = _line_f1(condition, spec, generated, controls)
     colour = float("nan") if colours is None else colour_accuracy(generated, colours)
-    row = EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples, sem, lines, colour)
-    return row, generated
+    return EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples, sem, lines, colour)
 
 
 def _colour_targets(dataset, count: int) -> list[ColourTargets] | None:
@@ -181,6 +212,7 @@ def run_evaluation(
     log: Callable[[str], None] | None = print,
     progress: str | os.PathLike | None = None,
     resume: bool = False,
+    show_progress: bool | None = None,
 ) -> EvalResult:
     """Evaluate ``config`` (optionally only the named ``methods``) and return the rows.
 
@@ -188,8 +220,13 @@ def run_evaluation(
     and SIGTERM, SIGUSR1 or a :func:`~ccm_sdk.utils.stopping.time_limit` stop the run between two
     cells with :class:`EvalInterrupted`; ``resume=True`` reuses the cells kept there whose settings
     are unchanged (else they are cleared first). Without it nothing is written.
+
+    ``show_progress``: a progress bar inside each cell (images done, time left) on stderr; default:
+    when there is a ``log``.
     """
     say = log or (lambda message: None)
+    if show_progress is None:
+        show_progress = log is not None
     kept = None if progress is None else EvalProgress(progress, config)
     if kept is not None and not resume:
         kept.clear()
@@ -233,7 +270,8 @@ def run_evaluation(
                 note = " (kept from an earlier run)"
             else:
                 row, generated = _cell(pipelines.get(method, None if method.uncontrolled else method.controlnets[spec.title]), method, spec, steps, captions,
-                                       controls[spec.title], conditions[spec.title], extractor, real_features, config, colours)  # fmt: skip
+                                       controls[spec.title], conditions[spec.title], extractor, real_features, config, colours,
+                                       show_progress)  # fmt: skip
                 shown, note = generated[:show], ""
                 if kept is not None:
                     kept.save(row, shown, method, spec)

@@ -53,7 +53,7 @@ def _require_triton() -> None:
     if error is not None:
         raise TritonUnavailableError(
             f"{ENV_VAR}=triton was requested but triton cannot be imported ({error}); "
-            f"install triton (pip install 'ccm-sdk[triton]') or set {ENV_VAR}=auto or reference"
+            f"install triton (pip install 'ccm-sdk[gpu]') or set {ENV_VAR}=auto or reference"
         )
 
 

@@ -78,6 +78,7 @@ class DepthCondition(Condition):
     channels = 3
     Options = DepthOptions
     description = "monocular depth (transformers DPT / Depth Anything), normalised per image, near = bright"
+    weights = DEFAULT_MODEL
 
     def __init__(self, **options):
         super().__init__(**options)

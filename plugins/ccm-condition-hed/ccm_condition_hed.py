@@ -156,6 +156,7 @@ class HEDCondition(Condition):
     channels = 3
     Options = HEDOptions
     description = "HED soft edges (ControlNet's Apache-2.0 HED network)"
+    weights = DEFAULT_REPO
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -182,6 +182,7 @@ class PoseCondition(Condition):
     channels = 3
     Options = PoseOptions
     description = "human pose (ViTPose, whole image as the person box) drawn as an OpenPose skeleton"
+    weights = DEFAULT_MODEL
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -350,3 +350,15 @@ def test_a_dataset_factory_runs_only_with_the_opt_in(tmp_path, monkeypatch, sett
     assert not marker.exists()
     monkeypatch.setenv("CCM_ALLOW_DATASET_FACTORY", "1")
     assert build_dataset(config) == [] and marker.read_text() == "imported"
+
+
+def test_cells_show_their_progress(models, image_folder, tmp_path, capsys):
+    config = _config(models, image_folder, tmp_path, num_samples=4, batch_size=2, conditions=[{"name": "canny"}],
+                     methods=["cm-controlnet+cm"])  # fmt: skip
+    result = run_evaluation(config, log=None, show_progress=True)
+    err = capsys.readouterr().err
+    assert "CM's ControlNet + CM | 2 steps | canny" in err and "CM's ControlNet + CM | 1 steps | canny" in err
+    assert "4/4" in err and "image/s" in err  # the cell's images, counted a batch at a time
+    assert "scoring" in err and len(result.rows) == 2
+    run_evaluation(config, log=None)  # no log: no bar
+    assert "image/s" not in capsys.readouterr().err

@@ -21,19 +21,66 @@ from ccm_sdk.training.config import (
 from ccm_sdk.training.ct_controlnet import CTControlNetTrainConfig
 
 SHIPPED = sorted((Path(__file__).parents[2] / "configs" / "train").glob("*.yaml"))
+WORLD = [path for path in SHIPPED if path.stem.startswith("world-")]  # ready to run offline on the embedded world
 
 
 def test_one_shipped_config_per_builtin_trainer():
     builtin = [e.name for e in trainers.entries() if e.plugin == "ccm_sdk.builtin.trainers"]
-    assert sorted(p.stem for p in SHIPPED) == builtin
+    assert sorted(p.stem for p in SHIPPED if p not in WORLD) == builtin
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p not in WORLD], ids=lambda p: p.stem)
 def test_shipped_config_validates(path):
     config = load_config(path.stem, path)
     assert type(config) is trainers.get(path.stem).config_class
     assert config.trainer == path.stem
     assert load_config(None, path) == config  # the file names its trainer
+
+
+def _world_or_skip() -> None:
+    from ccm_sdk.errors import MissingModelError
+    from ccm_sdk.models.loading import resolve_model_path
+    from ccm_sdk.registry import datasets
+
+    if "world" not in datasets:
+        pytest.skip("the ccm-world plugin is not installed")
+    try:
+        resolve_model_path("world:lcm")
+    except (MissingModelError, UnknownNameError):
+        pytest.skip("the world's models are not installed")
+
+
+@pytest.mark.parametrize(("path", "trainer", "model"), [
+    (Path(__file__).parents[2] / "configs" / "train" / "world-ct-sketch.yaml", "ct_controlnet", "world:lcm"),
+    (Path(__file__).parents[2] / "configs" / "train" / "world-dm-sketch.yaml", "dm_controlnet", "world:teacher"),
+], ids=["ct", "dm"])  # fmt: skip
+def test_world_configs_run_offline_on_the_embedded_world(path, trainer, model):
+    _world_or_skip()
+    from ccm_sdk.models.loading import resolve_model_path
+
+    assert path in WORLD
+    config = load_config(None, path)
+    assert (config.trainer, config.model, config.condition) == (trainer, model, "sketch")
+    assert config.data.path is None and config.data.dataset.name == "world" and config.train.max_steps == 300
+    assert (resolve_model_path(config.model) / "model_index.json").is_file()  # in the repository: no download
+    sample = config.data.dataset.build()[0]
+    assert sample["image"].shape == (3, 64, 64)
+    assert sample["controls"][config.data.control_key].shape == (3, 64, 64)  # the trainer reads the world's own maps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["world-ct-sketch", "world-dm-sketch"])
+def test_world_configs_train_a_few_steps(name, tmp_path):
+    _world_or_skip()
+    from ccm_sdk.training import train
+
+    path = Path(__file__).parents[2] / "configs" / "train" / f"{name}.yaml"
+    config = load_config(None, path, [("output_dir", str(tmp_path)), ("max_steps", 2), ("checkpoint.every", 2),
+                                      ("validation.interval", None), ("log.progress", False), ("log.plot", False)])  # fmt: skip
+    result = train(config)
+    assert (tmp_path / "controlnet" / "config.json").is_file()
+    assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 2
+    assert result is not None
 
 
 def _write(tmp_path, data, name="c.yaml"):
