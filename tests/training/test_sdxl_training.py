@@ -150,6 +150,19 @@ def test_lcd_guidance_uses_zeroed_negative_embeddings(sdxl_config):
     assert torch.equal(negative.encoder_hidden_states, embeds) and torch.equal(negative.added_cond_kwargs["text_embeds"], pooled)
 
 
+def test_dreambooth_prior_preservation_generates_class_images_with_the_sdxl_model(sdxl_config, tmp_path):
+    classes = tmp_path / "classes"
+    config = sdxl_config("dreambooth-lora", "prior", with_prior_preservation=True, class_prompt="a photo of a square",
+                         class_data_dir=str(classes), num_class_images=2, class_image_steps=1)  # fmt: skip
+    trainer = trainer_class("dreambooth")(config)
+    trainer.setup()
+    assert sorted(p.name for p in classes.glob("*.png")) == ["class-00000.png", "class-00001.png"]
+    batch = collate([trainer.dataset[0], trainer.dataset[len(trainer.dataset) - 1]])
+    inputs = trainer.prepare_inputs(batch)
+    assert inputs.embeds.added_cond_kwargs["time_ids"].shape == (2, 6)
+    assert torch.isfinite(trainer.compute_loss(inputs, trainer.sample_draws(inputs)))
+
+
 def test_t2i_refuses_an_sdxl_model(tmp_path, squares, sdxl_dir):
     from ccm_sdk.training.config import validate_config
 
@@ -188,13 +201,15 @@ def _check_outputs_load(case: str, outputs: dict[str, Path], models: dict[str, P
 def test_trains_saves_what_loads_and_resumes_exactly(case, sdxl_config, monkeypatch, control_image,
                                                      sdxl_dir, sdxl_lcm_dir, sdxl_controlnet_dir):  # fmt: skip
     cls = trainer_class(sdxl_config(case, "probe").trainer)
-    # 1. the reference, uninterrupted: finite losses, the weights move, the outputs load and generate
-    reference = cls(sdxl_config(case, "reference"))
+    # 1. the reference, uninterrupted (with validation samples, which must not touch the training RNG):
+    #    finite losses, the weights move, the outputs load and generate
+    reference = cls(sdxl_config(case, "reference", validation={"interval": 2, "num_images": 1, "sample_steps": 1}))
     reference.setup()
     before = weights_digest(reference.trainable_state())
     result = reference.train()
     assert len(result.history) == STEPS and all(torch.isfinite(torch.tensor(loss)) for _, loss, _ in result.history)
     assert weights_digest(reference.trainable_state()) != before
+    assert sorted(p.name for p in (result.output_dir / "samples").glob("step-*.png")) == ["step-00000002.png", "step-00000004.png"]
     models = {"sdxl_dir": sdxl_dir, "sdxl_lcm_dir": sdxl_lcm_dir, "sdxl_controlnet_dir": sdxl_controlnet_dir}
     _check_outputs_load(case, result.outputs, models, control_image[..., :32, :32])
     # 2. the same run killed after step 3: its last checkpoint holds step 2, and no outputs exist
