@@ -126,6 +126,17 @@ class TrainingError(CCMError, RuntimeError):
     """Training cannot go on (NaN loss, unusable dataset)."""
 
 
+class CorruptCheckpointError(TrainingError):
+    """A training checkpoint is damaged: a file is missing, truncated or unreadable, or needs pickle to load."""
+
+    def __init__(self, checkpoint, file, reason: str):
+        self.checkpoint, self.file, self.reason = str(checkpoint), str(file), reason
+        super().__init__(f"checkpoint {self.checkpoint!r} is corrupt: {self.file!r}: {reason}")
+
+    def __reduce__(self):  # pickles with its three arguments (for multiprocessing)
+        return type(self), (self.checkpoint, self.file, self.reason)
+
+
 class Interrupted(CCMError, RuntimeError):
     """Long work was asked to stop (SIGTERM, SIGUSR1, a time limit) after saving what it had done; run it again to go on."""
 
