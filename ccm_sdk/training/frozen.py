@@ -97,7 +97,9 @@ class FrozenBase:
         """:meth:`encode_text` after :func:`drop_captions` (the hidden states only; see :meth:`conditioning`)."""
         return self.encode_text(drop_captions(captions, dropout))
 
-    def conditioning(self, batch: dict[str, Any], *, captions: Sequence[str] | None = None, dropout: float = 0.0) -> torch.Tensor | Conditioning:
+    def conditioning(
+        self, batch: dict[str, Any], *, captions: Sequence[str] | None = None, dropout: float = 0.0
+    ) -> torch.Tensor | Conditioning:
         """The UNet's text conditioning of a collated batch (``captions``: instead of the batch's),
         each caption replaced by "" with probability ``dropout``.
 
@@ -109,7 +111,9 @@ class FrozenBase:
             return embeds
         return Conditioning(embeds, {"text_embeds": pooled, "time_ids": self.time_ids(batch)})
 
-    def negative_conditioning(self, batch: dict[str, Any], prompt: str, positive: torch.Tensor | Conditioning) -> torch.Tensor | Conditioning:
+    def negative_conditioning(
+        self, batch: dict[str, Any], prompt: str, positive: torch.Tensor | Conditioning
+    ) -> torch.Tensor | Conditioning:
         """The unconditional half of classifier-free guidance for ``batch``: ``prompt`` encoded for
         every sample. For SDXL an empty prompt gives zero hidden states and pooled embeddings (the
         pipeline's ``force_zeros_for_empty_prompt``, as diffusers' SDXL pipelines and LCM
