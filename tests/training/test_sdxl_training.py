@@ -4,6 +4,11 @@ the pipeline loads, and resumes after a kill to bit-identical weights."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +233,31 @@ def test_trains_saves_what_loads_and_resumes_exactly(case, sdxl_config, monkeypa
         different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
         assert not different, f"{len(different)} tensors differ after resuming, e.g. {different[:3]}"
     assert (killed / "loss.csv").read_text() == (result.output_dir / "loss.csv").read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_command_line_run_then_resume_is_exact(sdxl_config, tmp_path):
+    """The same on a real process: ``ccm train ct_controlnet`` on the SDXL LCM, SIGKILLed after a checkpoint."""
+    from ccm_sdk.training.config import dump_config
+
+    steps = 12
+    train = {"max_steps": steps, "batch_size": 2, "lr": 1e-3, "num_threads": 1, "device": "cpu"}
+    reference = trainer_class("ct_controlnet")(sdxl_config("ct_controlnet", "sig-reference", train=train)).train()
+    config = sdxl_config("ct_controlnet", "sig-killed", train=train)
+    config_file = dump_config(config, tmp_path / "killed.yaml")
+    command = [sys.executable, "-m", "ccm_sdk.training", "ct_controlnet", "--config", str(config_file)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints, deadline = Path(config.output_dir) / "checkpoints", time.monotonic() + 120
+    while not any(step >= 4 for step, _ in list_checkpoints(checkpoints)):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list_checkpoints(checkpoints)[-1][0] < steps and not (Path(config.output_dir) / "controlnet").exists()
+    process = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    ours = _weights(Path(config.output_dir) / "controlnet")
+    theirs = _weights(reference.outputs["controlnet"])
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
