@@ -203,9 +203,9 @@ def _check_outputs_load(case: str, outputs: dict[str, Path], models: dict[str, P
 
 
 @pytest.mark.parametrize("case", ["dm_controlnet", "ct_controlnet", "adapter", "lcd-full", "lcd-lora", "dreambooth-lora", "dreambooth-full"])
-def test_trains_saves_what_loads_and_resumes_exactly(case, sdxl_config, monkeypatch, control_image,
+def test_trains_saves_what_loads_and_resumes_exactly(case, sdxl_config, sdxl_models, monkeypatch, control_image,
                                                      sdxl_dir, sdxl_lcm_dir, sdxl_controlnet_dir):  # fmt: skip
-    cls = trainer_class(sdxl_config(case, "probe").trainer)
+    cls = trainer_class(sdxl_models[case][0])
     # 1. the reference, uninterrupted (with validation samples, which must not touch the training RNG):
     #    finite losses, the weights move, the outputs load and generate
     reference = cls(sdxl_config(case, "reference", validation={"interval": 2, "num_images": 1, "sample_steps": 1}))
