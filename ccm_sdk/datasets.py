@@ -12,7 +12,9 @@ Layouts:
   (+ ``a.<key>.png``), as webdataset writes them.
 
 Sizes: with ``resolution`` every image (and its maps) is resized so its shorter side is
-``resolution`` and center-cropped to a square; without it all images must share one size.
+``resolution`` and center-cropped to a square; without it all images must share one size. Each
+item also records ``original_size`` (height, width before resizing) and ``crop_top_left`` (the
+crop's top-left corner in the resized image), which SDXL's size/crop conditioning takes.
 """
 
 from __future__ import annotations
@@ -63,14 +65,25 @@ def _image_size(source: Path | IO[bytes], what: str) -> tuple[int, int]:
         raise TrainingError(f"cannot read image {what}: {exc}") from None
 
 
+def fit_geometry(height: int, width: int, resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized size, crop top-left) of :func:`fit_to_resolution` for a ``height`` x ``width`` image."""
+    scale = resolution / min(height, width)
+    size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+    return size, ((size[0] - resolution) // 2, (size[1] - resolution) // 2)
+
+
 def fit_to_resolution(tensor: torch.Tensor, resolution: int) -> torch.Tensor:
     """[C,H,W] -> [C,resolution,resolution]: shorter side resized to ``resolution``, then center crop."""
-    h, w = tensor.shape[-2:]
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
+    size, (top, left) = fit_geometry(*tensor.shape[-2:], resolution)
     tensor = image_utils.resize(tensor[None], size)[0].clamp(0, 1)
-    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     return tensor[:, top : top + resolution, left : left + resolution]
+
+
+def _geometry(image: torch.Tensor, resolution: int | None) -> dict[str, tuple[int, int]]:
+    """An item's ``original_size`` and ``crop_top_left`` for an image [C,H,W] before fitting."""
+    height, width = (int(v) for v in image.shape[-2:])
+    crop = (0, 0) if resolution is None else fit_geometry(height, width, resolution)[1]
+    return {"original_size": (height, width), "crop_top_left": crop}
 
 
 class _RecordDataset(Dataset):
@@ -121,19 +134,22 @@ class _RecordDataset(Dataset):
             )
         return self.default_caption
 
-    def _tensor(self, location: Any, *, rgb: bool) -> torch.Tensor:
+    def _tensor(self, location: Any, *, rgb: bool, fit: bool = True) -> torch.Tensor:
         what = self._what(location)
         image = _decode(self._read(location), what)
         if rgb and image.mode != "RGB":
             image = image.convert("RGB")
         tensor = image_utils.to_tensor(image)[0]
-        if self.resolution is not None:
+        if fit and self.resolution is not None:
             tensor = fit_to_resolution(tensor, self.resolution)
         return tensor
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        image = self._tensor(record.image, rgb=True)
+        image = self._tensor(record.image, rgb=True, fit=False)
+        geometry = _geometry(image, self.resolution)
+        if self.resolution is not None:
+            image = fit_to_resolution(image, self.resolution)
         controls = {}
         for key, location in record.controls.items():
             control = self._tensor(location, rgb=False)
@@ -142,7 +158,7 @@ class _RecordDataset(Dataset):
                     f"control map {self._what(location)} is {tuple(control.shape[-2:])} but its image is {tuple(image.shape[-2:])}"
                 )
             controls[key] = control
-        return {"image": image, "caption": self._caption(record), "controls": controls}
+        return {"image": image, "caption": self._caption(record), "controls": controls, **geometry}
 
 
 class ImageFolderDataset(_RecordDataset):
@@ -272,7 +288,9 @@ class TorchDataset(Dataset):
             item = {"image": item[0], "caption": item[1]}
         if not isinstance(item, dict) or "image" not in item or "caption" not in item:
             raise TrainingError(f"dataset item {index} should be a dict with 'image' and 'caption' (or a pair), got {type(item).__name__}")
-        image = image_utils.to_rgb(self._tensor(item["image"], f"dataset item {index}")[None])[0]
+        image = image_utils.to_tensor(item["image"])
+        geometry = _geometry(image, self.resolution)
+        image = image_utils.to_rgb(self._tensor(image, f"dataset item {index}")[None])[0]
         controls = dict(item.get("controls") or {})
         if item.get("control") is not None:
             controls[self.control_key] = item["control"]
@@ -280,6 +298,7 @@ class TorchDataset(Dataset):
             "image": image,
             "caption": str(item["caption"]),
             "controls": {k: self._tensor(v, f"control {k!r} of dataset item {index}") for k, v in controls.items()},
+            **geometry,
         }
         parameters = item.get("latent_parameters")
         if parameters is not None:
@@ -350,4 +369,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         if with_latents != len(items):
             raise TrainingError(f"{len(items) - with_latents} of {len(items)} items in one batch have no latent_parameters; give all or none")
         batch["latent_parameters"] = torch.stack([item["latent_parameters"] for item in items])
+    for key, name in (("original_size", "original_sizes"), ("crop_top_left", "crop_top_lefts")):
+        if all(item.get(key) is not None for item in items):  # [B, 2] (height, width) / (top, left)
+            batch[name] = torch.tensor([list(item[key]) for item in items], dtype=torch.long)
     return batch

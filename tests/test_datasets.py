@@ -108,6 +108,23 @@ def test_resolution_resizes_and_center_crops_images_and_maps(tmp_path):
     assert fit_to_resolution(torch.rand(3, 20, 10), 8).shape == (3, 8, 8)
 
 
+def test_items_record_the_size_before_resizing_and_the_crop(tmp_path):
+    """SDXL's time ids need them: a 40x64 image at resolution 32 is resized to 32x51 and cropped at (0, 9)."""
+    folder = tmp_path / "geometry"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 64, 3), np.uint8)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a")
+    item = ImageFolderDataset(folder, resolution=32)[0]
+    assert item["original_size"] == (40, 64) and item["crop_top_left"] == (0, 9) and item["image"].shape == (3, 32, 32)
+    assert ImageFolderDataset(folder)[0]["crop_top_left"] == (0, 0)  # not resized: no crop
+    wrapped = TorchDataset([{"image": torch.rand(3, 64, 40), "caption": "b"}], resolution=32)[0]
+    assert wrapped["original_size"] == (64, 40) and wrapped["crop_top_left"] == (9, 0)
+    batch = collate([item, item])
+    assert batch["original_sizes"].tolist() == [[40, 64]] * 2 and batch["crop_top_lefts"].tolist() == [[0, 9]] * 2
+    bare = {k: v for k, v in item.items() if k not in ("original_size", "crop_top_left")}
+    assert "original_sizes" not in collate([item, bare])  # recorded for only some items: left out
+
+
 def test_missing_caption_is_an_error_unless_a_default_is_set(tmp_path, make_squares):
     folder = make_squares(tmp_path / "nocap", count=2)
     (folder / "img1.txt").unlink()

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 
 from ..models.adapter import UnifiedAdapter
+from ..models.conditioning import Conditioning
 from ..models.controlled_unet import Control, controlled_unet
 from ..models.controlnet import check_controlnet_fits
 from ..pipeline import CCMPipeline, load_controlnet
@@ -24,7 +25,7 @@ from .config import ConsistencyConfig, Section, TrainConfig
 from .controls import ControlSource, check_condition_fits
 from .core import Trainer
 from .ct import ConsistencyDraws, Denoise, consistency_loss, consistency_pair, sample_draws
-from .frozen import FrozenBase, freeze, place
+from .frozen import FrozenBase, freeze, pipeline_like, place
 
 
 class ControlNetSpec(Section):
@@ -54,7 +55,7 @@ class AdapterTrainConfig(TrainConfig):
 @dataclass
 class AdapterInputs:
     latents: torch.Tensor
-    embeds: torch.Tensor
+    embeds: torch.Tensor | Conditioning  # SDXL: with the pooled embeddings and time ids
     batch: dict[str, Any]  # control maps are made once the step's condition is drawn
 
 
@@ -109,7 +110,7 @@ class AdapterTrainer(Trainer):
     def prepare_inputs(self, batch: dict[str, Any]) -> AdapterInputs:
         return AdapterInputs(
             latents=self.base.encode_batch(batch),
-            embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
+            embeds=self.base.conditioning(batch, dropout=self.config.data.caption_dropout),
             batch=batch,
         )
 
@@ -141,9 +142,7 @@ class AdapterTrainer(Trainer):
         """For each ControlNet: its control maps, then images from the consistency model through the adapter."""
         pipe, rows = self.base.pipe, []
         for spec, source, controlnet in zip(self.config.controlnets, self.sources, self.controlnets):
-            current = CCMPipeline(unet=self.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                  scheduler_config=pipe.schedule.scheduler_config, controlnets=[controlnet],
-                                  adapter=self.unwrapped())  # fmt: skip
+            current = pipeline_like(pipe, unet=self.unet, controlnets=[controlnet], adapter=self.unwrapped())
             control = source.maps(batch).to(self.device)
             images = self.sample_images(current, batch, control=control, consistency=True, guidance_scale=self.config.consistency.w + 1.0)
             rows += [(spec.condition, control), ("generated", images)]

@@ -13,13 +13,14 @@ from pydantic import Field
 from ..conditions.mask import MaskCondition, random_masks
 from ..errors import ChannelMismatchError
 from ..interfaces import Condition, build_options
+from ..models.conditioning import Conditioning
 from ..models.controlnet import check_controlnet_fits, controlnet_from_unet
 from ..pipeline import CCMPipeline, load_controlnet
 from ..registry import conditions
 from ..utils.atomic import atomic_folder
 from .config import TrainConfig
 from .core import Trainer
-from .frozen import FrozenBase, freeze, place
+from .frozen import FrozenBase, freeze, pipeline_like, place
 
 
 class ControlNetTrainConfig(TrainConfig):
@@ -131,7 +132,7 @@ class ControlInputs:
     """A batch encoded for ControlNet training."""
 
     latents: torch.Tensor
-    embeds: torch.Tensor
+    embeds: torch.Tensor | Conditioning  # SDXL: with the pooled embeddings and time ids
     control: torch.Tensor  # [B, C, H, W] in [0, 1]
 
 
@@ -169,7 +170,7 @@ class ControlNetTrainer(Trainer):
     def prepare_inputs(self, batch: dict[str, Any]) -> ControlInputs:
         return ControlInputs(
             latents=self.base.encode_batch(batch),
-            embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
+            embeds=self.base.conditioning(batch, dropout=self.config.data.caption_dropout),
             control=self.control.maps(batch).to(self.device),
         )
 
@@ -177,9 +178,7 @@ class ControlNetTrainer(Trainer):
 
     def validation_pipeline(self) -> CCMPipeline:
         """The frozen base model with the ControlNet being trained."""
-        pipe = self.base.pipe
-        return CCMPipeline(unet=self.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                           scheduler_config=pipe.schedule.scheduler_config, controlnets=[self.unwrapped()])  # fmt: skip
+        return pipeline_like(self.base.pipe, unet=self.unet, controlnets=[self.unwrapped()])
 
     def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
         control = self.control.maps(batch).to(self.device)

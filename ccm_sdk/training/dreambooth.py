@@ -19,6 +19,8 @@ from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from ..datasets import IMAGE_EXTENSIONS, RecaptionedDataset, open_dataset
 from ..errors import TrainingError
+from ..models.conditioning import Conditioning
+from ..models.controlled_unet import controlled_unet
 from ..pipeline import CCMPipeline
 from .batches import JointBatches, StepBatches
 from .config import ConsistencyConfig, LoraSection, TrainConfig
@@ -53,7 +55,7 @@ class DreamBoothTrainConfig(TrainConfig):
 @dataclass
 class DreamBoothInputs:
     latents: torch.Tensor
-    embeds: torch.Tensor
+    embeds: torch.Tensor | Conditioning  # SDXL: with the pooled embeddings and time ids
     num_instance: int  # the first rows are subject images, the rest class images
 
 
@@ -136,7 +138,7 @@ class DreamBoothTrainer(Trainer):
         num_instance = num // 2 if self.config.with_prior_preservation else num
         return DreamBoothInputs(
             latents=self.base.encode_batch(batch),
-            embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
+            embeds=self.base.conditioning(batch, dropout=self.config.data.caption_dropout),
             num_instance=num_instance,
         )
 
@@ -145,7 +147,7 @@ class DreamBoothTrainer(Trainer):
 
     def denoiser(self, unet: torch.nn.Module, inputs: DreamBoothInputs, timestep_cond: torch.Tensor | None) -> Denoise:
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return unet(x, t, encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond, return_dict=False)[0]
+            return controlled_unet(unet, x, t, inputs.embeds, timestep_cond=timestep_cond)
 
         return denoise
 

@@ -18,14 +18,15 @@ def save_pipeline_with_unet(
 ) -> Path:
     """The base model at ``model`` with its UNet replaced by ``unet``, saved in diffusers layout.
 
-    The other components are loaded afresh in float32 so mixed-precision copies never leak out.
+    The other components are loaded afresh in float32 so mixed-precision copies never leak out;
+    an SDXL base keeps its second text encoder and tokenizer.
     """
     from ..pipeline import CCMPipeline
+    from .frozen import pipeline_like
 
     base = CCMPipeline.from_pretrained(model)
     scheduler_config = {**base.schedule.scheduler_config, **(scheduler_updates or {})}
-    unet = _float32_copy(unet)
-    pipe = CCMPipeline(unet=unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, scheduler_config=scheduler_config)
+    pipe = pipeline_like(base, unet=_float32_copy(unet), scheduler_config=scheduler_config)
     with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp)
     return Path(out)

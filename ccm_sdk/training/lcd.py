@@ -25,12 +25,14 @@ from diffusers import UNet2DConditionModel
 from pydantic import Field, model_validator
 
 from ..errors import IncompatibleModelsError, TrainingError
+from ..models.conditioning import Conditioning, cat_conditioning
+from ..models.controlled_unet import controlled_unet
 from ..pipeline import CCMPipeline
 from .config import LoraSection, TrainConfig
 from .core import Trainer
 from .ema import EmaTarget, EmaTargetHooks
 from .export import save_pipeline_with_unet, save_unet_lora
-from .frozen import FrozenBase, freeze, place
+from .frozen import FrozenBase, freeze, pipeline_like, place
 from .lora import add_unet_lora
 from .losses import l2, pseudo_huber
 
@@ -59,8 +61,8 @@ class LCDTrainConfig(TrainConfig):
 @dataclass
 class LCDInputs:
     latents: torch.Tensor
-    embeds: torch.Tensor
-    uncond_embeds: torch.Tensor
+    embeds: torch.Tensor | Conditioning  # SDXL: with the pooled embeddings and time ids
+    uncond_embeds: torch.Tensor | Conditioning
 
 
 @dataclass
@@ -109,11 +111,11 @@ class LCDTrainer(EmaTargetHooks, Trainer):
         return student
 
     def prepare_inputs(self, batch: dict[str, Any]) -> LCDInputs:
-        captions = batch["captions"]
+        embeds = self.base.conditioning(batch, dropout=self.config.data.caption_dropout)
         return LCDInputs(
             latents=self.base.encode_batch(batch),
-            embeds=self.base.encode_captions(captions, dropout=self.config.data.caption_dropout),
-            uncond_embeds=self.base.encode_text([self.config.negative_prompt] * len(captions)),
+            embeds=embeds,
+            uncond_embeds=self.base.negative_conditioning(batch, self.config.negative_prompt, embeds),
         )
 
     def sample_draws(self, inputs: LCDInputs) -> LCDDraws:
@@ -127,10 +129,8 @@ class LCDTrainer(EmaTargetHooks, Trainer):
     def teacher_step(self, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, inputs: LCDInputs, w: torch.Tensor) -> torch.Tensor:
         """One CFG-augmented DDIM step of the frozen teacher from (x, t) to t_prev."""
         schedule = self.base.schedule
-        out = self.teacher(
-            torch.cat([x, x]).to(self.weight_dtype), torch.cat([t, t]).to(self.device),
-            encoder_hidden_states=torch.cat([inputs.embeds, inputs.uncond_embeds]), return_dict=False,
-        )[0].float()  # fmt: skip
+        both = cat_conditioning([inputs.embeds, inputs.uncond_embeds])
+        out = controlled_unet(self.teacher, torch.cat([x, x]).to(self.weight_dtype), torch.cat([t, t]).to(self.device), both).float()
         cond, uncond = out.chunk(2)
         x0_c, x0_u = schedule.to_x0(cond, x, t), schedule.to_x0(uncond, x, t)
         eps_c, eps_u = schedule.to_eps(cond, x, t), schedule.to_eps(uncond, x, t)
@@ -147,14 +147,13 @@ class LCDTrainer(EmaTargetHooks, Trainer):
         x_start = schedule.add_noise(inputs.latents, draws.noise, t_start)
         timestep_cond = self.base.guidance_cond(self.unwrapped(), draws.w)
         # 2. the student's prediction (with gradients)
-        kwargs = dict(encoder_hidden_states=inputs.embeds, timestep_cond=timestep_cond, return_dict=False)
-        out = self.model(x_start, t_start.to(self.device), **kwargs)[0]
+        out = controlled_unet(self.model, x_start, t_start.to(self.device), inputs.embeds, timestep_cond=timestep_cond)
         f_student, _ = schedule.consistency(out.float(), x_start.float(), t_start)
         # 3. the teacher's guided ODE step, then the target network at t_n
         x_prev = self.teacher_step(x_start, t_start, t_prev, inputs, draws.w)
         with torch.no_grad():
             target_net = self.target if self.target is not None else self.unwrapped()
-            out_prev = target_net(x_prev, t_prev.to(self.device), **kwargs)[0]
+            out_prev = controlled_unet(target_net, x_prev, t_prev.to(self.device), inputs.embeds, timestep_cond=timestep_cond)
             f_target, _ = schedule.consistency(out_prev.float(), x_prev.float(), t_prev)
         # 4. distance
         if cfg.loss == "huber":
@@ -164,8 +163,7 @@ class LCDTrainer(EmaTargetHooks, Trainer):
     def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
         cfg, pipe = self.config, self.base.pipe
         student = self.target if self.target is not None else self.unwrapped()
-        current = CCMPipeline(unet=student, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                              scheduler_config=pipe.schedule.scheduler_config)  # fmt: skip
+        current = pipeline_like(pipe, unet=student)
         # an LCM-LoRA student has no w-embedding: the consistency sampler with plain CFG
         guidance = (cfg.w_min + cfg.w_max) / 2 + 1.0
         images = self.sample_images(current, batch, consistency=True, guidance_scale=guidance)

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ImageSizeError, IncompatibleModelsError, InputError, MissingModelError, TrainingError
 from ..models.loading import load_component, read_json, resolve_model_path
+from ..models.sdxl import takes_text_time
 from ..pipeline import CCMPipeline
 from ..schedule import NoiseSchedule
 from ..utils.atomic import atomic_folder
@@ -221,6 +222,11 @@ class T2ITrainer(Trainer):
             )  # fmt: skip
         else:
             unet = load_unet(cfg.unet or cfg.model)
+        if takes_text_time(unet.config):
+            raise IncompatibleModelsError(
+                "t2i trains Stable Diffusion 1.x/2.x-layout UNets (one text encoder), but this UNet is an SDXL one "
+                "(addition_embed_type 'text_time'); SDXL bases are taken by dm_controlnet, ct_controlnet, adapter, lcd and dreambooth"
+            )
         if unet.config.get("time_cond_proj_dim") is not None:
             raise IncompatibleModelsError(
                 "t2i trains a diffusion model, but this UNet takes a guidance embedding (time_cond_proj_dim): it is a consistency model"
