@@ -20,14 +20,17 @@ import numbers
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import images as image_utils
 from .errors import InputError, InputTypeError, ValueRangeError
-from .pipeline import CCMOutput, CCMPipeline, _Prompt
+
+if TYPE_CHECKING:  # the pipeline imports this module in CCMPipeline.stream
+    from .models.denoiser import DenoiserStats
+    from .pipeline import CCMPipeline, _Prompt
 
 DEFAULT_SIMILARITY_THRESHOLD = 0.004  # a moved stroke of a 64x64 sketch is about 0.01; sensor noise through a condition, 0
 SEED_POLICIES = ("fixed", "increment")
@@ -35,9 +38,14 @@ MAX_BATCH_SIZE = 64
 
 
 @dataclass
-class StreamOutput(CCMOutput):
-    """One output per input frame (a :class:`CCMOutput` with where it came from)."""
+class StreamOutput:
+    """One output per input frame: :class:`~ccm_sdk.pipeline.CCMOutput`'s fields and where the frame came from."""
 
+    images: Any  # one image: a list of one PIL image, a [1,H,W,3] array or a [1,3,H,W] tensor
+    nfe: int  # network evaluations for this image (0 when skipped)
+    timings: dict[str, float]  # seconds, of the pipeline call that made it (shared by a batch)
+    step_seconds: list[float] = field(default_factory=list)
+    stats: DenoiserStats | None = None
     frame: int = 0  # the input frame's index in the stream
     skipped: bool = False  # the filter kept the last image: no network ran for this frame (nfe 0)
     difference: float | None = None  # mean absolute difference to the last generated frame's inputs (None: first frame)
@@ -206,10 +214,11 @@ class StreamEngine:
         if batch not in self._prompt_states:
             one = self._prompt_states[1]
             with torch.inference_mode():
-                self._prompt_states[batch] = _Prompt(
-                    one.embeds.repeat_interleave(batch, dim=0),
-                    None if one.negative is None else one.negative.repeat_interleave(batch, dim=0),
-                    None if one.timestep_cond is None else one.timestep_cond.repeat_interleave(batch, dim=0),
+                self._prompt_states[batch] = replace(
+                    one,
+                    embeds=one.embeds.repeat_interleave(batch, dim=0),
+                    negative=None if one.negative is None else one.negative.repeat_interleave(batch, dim=0),
+                    timestep_cond=None if one.timestep_cond is None else one.timestep_cond.repeat_interleave(batch, dim=0),
                 )
         return self._prompt_states[batch]
 
