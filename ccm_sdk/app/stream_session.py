@@ -222,7 +222,7 @@ class StreamSession:
                   "seconds": round(float(output.timings.get("total", 0.0)), 4),
                   "difference": None if output.difference is None else round(output.difference, 5),
                   "server_ms": round((time.perf_counter() - received.arrived) * 1000, 2),
-                  "generated": stats.generated, "skipped_total": stats.skipped, "dropped": self.frames.dropped}
+                  "generated": stats.generated, "skipped_total": stats.skipped, "dropped_total": self.frames.dropped}
         self.ws.send(pack(header, payload))
 
     def _send_error(self, message: str, kind: str) -> None:
