@@ -1,7 +1,8 @@
 """``ccm serve``: a drawing page and a JSON endpoint that turns each sketch into an image.
 
-Endpoints: ``GET /`` (the page), ``GET /api/info`` (model, size, defaults) and
-``POST /api/generate`` (a :class:`GenerateRequest` as JSON -> the image as a PNG data URL).
+Endpoints: ``GET /`` (the page), ``GET /api/info`` (model, size, defaults),
+``POST /api/generate`` (a :class:`GenerateRequest` as JSON -> the image as a PNG data URL) and
+``GET /api/stream`` (a WebSocket: frames in, images out; :mod:`.stream_session`).
 Bad requests get a 4xx answer with a message that says what was expected; the server keeps
 running. It binds to 127.0.0.1 unless told otherwise, and never reads a path a client names.
 
