@@ -194,10 +194,12 @@ def _model_sources(args: argparse.Namespace) -> tuple[str | Path, list[str]]:
 
 
 def _load_pipeline(args: argparse.Namespace, model: str | Path, controlnets: list[str]):
-    """The pipeline of ``model`` and ``controlnets``, with --adapter/--lora."""
+    """The pipeline of ``model`` (its family, SD or SDXL, read from the folder) and ``controlnets``,
+    with --adapter/--lora/--unet."""
     from .pipeline import CCMPipeline
 
-    return CCMPipeline.from_pretrained(model, controlnet=controlnets or None, adapter=args.adapter, lora=args.lora)
+    return CCMPipeline.from_pretrained(model, controlnet=controlnets or None, adapter=args.adapter, lora=args.lora,
+                                       unet=getattr(args, "unet", None))  # fmt: skip
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -272,8 +274,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     _check_arguments(args)
     condition = get_condition(args.condition, **_options(args.option))
     control = condition(_read_image(args.image, "--image", args), output_type="pil", **_call_options(args))[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    control.save(args.out)
+    out = Path(args.out)  # reached only with a checked map: a condition's bad output raises ConditionOutputError above
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # same extension: PIL picks the format from it
+    control.save(partial)
+    os.replace(partial, out)
     print(f"{args.condition} control map: {args.out} ({control.width}x{control.height}, {condition.channels} channels)")
     return 0
 
@@ -288,7 +293,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for info in infos:
         print(f"{info.name:<40} {info.version:<10} {', '.join(info.hooks)}")
     for failure in failures:
-        print(f"{failure.plugin:<40} FAILED ({failure.stage}): {failure.error}")
+        where = f"{failure.kind} in {failure.hook}" if failure.hook else failure.kind
+        print(f"{failure.plugin:<40} FAILED ({where}): {failure.error}")
     return 0
 
 
@@ -313,6 +319,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, start: str = "") ->
     parser.add_argument("--controlnet", action="append", help="ControlNet folder/hub id (repeatable)")
     parser.add_argument("--adapter", help="adapter folder or hub id")
     parser.add_argument("--lora", help="LoRA file or folder (e.g. LCM-LoRA)")
+    parser.add_argument("--unet", help="UNet folder or hub id that replaces the model's (e.g. a distilled LCM UNet such as an LCM-SDXL)")
     parser.add_argument("--condition", help="condition that turns --image into the control map (e.g. canny)")
     parser.add_argument("--option", action="append", default=[], help="condition option key=value (repeatable)")
     parser.add_argument("--image", help="input image, turned into the control map by --condition (as it is without one)" + start)

@@ -83,6 +83,11 @@ class DuplicateNameError(PluginError):
     """Two plugins registered the same name for the same kind of extension."""
 
 
+class ConditionOutputError(PluginError):
+    """A condition returned a control map the Condition interface does not promise (not a float tensor
+    ``[B, channels, H, W]`` of finite values in [0, 1]); the message names the condition and its plugin."""
+
+
 # --- serving -----------------------------------------------------------------------------
 
 
@@ -119,6 +124,17 @@ class IncompatibleModelsError(CCMError, ValueError):
 
 class TrainingError(CCMError, RuntimeError):
     """Training cannot go on (NaN loss, unusable dataset)."""
+
+
+class CorruptCheckpointError(TrainingError):
+    """A training checkpoint is damaged: a file is missing, truncated or unreadable, or needs pickle to load."""
+
+    def __init__(self, checkpoint, file, reason: str):
+        self.checkpoint, self.file, self.reason = str(checkpoint), str(file), reason
+        super().__init__(f"checkpoint {self.checkpoint!r} is corrupt: {self.file!r}: {reason}")
+
+    def __reduce__(self):  # pickles with its three arguments (for multiprocessing)
+        return type(self), (self.checkpoint, self.file, self.reason)
 
 
 class Interrupted(CCMError, RuntimeError):

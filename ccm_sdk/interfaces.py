@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import images as image_utils
-from .errors import InputError, ShapeError, ValueRangeError
+from .errors import ConditionOutputError, InputError, ShapeError
 
 if TYPE_CHECKING:
     from .schedule import NoiseSchedule
@@ -59,6 +59,7 @@ class Condition(ABC):
     channels: ClassVar[int] = 3
     Options: ClassVar[type[ConditionOptions]] = ConditionOptions
     description: ClassVar[str] = ""
+    origin: str | None = None  # the plugin it came from ("plugin 'x' of distribution 'y' 1.0"), set by get_condition
 
     def __init__(self, **options: Any):
         self.options = build_options(self.Options, f"condition {self.name!r}", options)
@@ -83,15 +84,10 @@ class Condition(ABC):
             tensor = image_utils.resize(tensor, (max(1, round(h * scale)), max(1, round(w * scale))))
         return tensor
 
-    def _finish(self, control: torch.Tensor, input_size: tuple[int, int], output_type: str):
+    def _finish(self, control: Any, batch: int, input_size: tuple[int, int], output_type: str):
+        control = check_control_map(control, condition=self, batch=batch)
         size = self.options.output_size or input_size
         control = image_utils.resize(control, tuple(size))
-        if control.ndim != 4 or control.shape[1] != self.channels:
-            raise ShapeError(
-                f"condition {self.name!r} produced shape {tuple(control.shape)}, expected [B, {self.channels}, H, W]"
-            )
-        if control.numel() and (control.min() < -1e-4 or control.max() > 1 + 1e-4):
-            raise ValueRangeError(f"condition {self.name!r} produced values outside [0, 1]")
         return image_utils.from_tensor(control.clamp(0, 1), output_type)
 
     def _run(self, method, image, output_type: str, kwargs: dict[str, Any]):
@@ -99,7 +95,7 @@ class Condition(ABC):
         input_size = tuple(image_utils.to_tensor(image).shape[-2:]) if self.options.detect_resolution else tuple(batch.shape[-2:])
         with torch.no_grad():
             control = method(batch, **kwargs)
-        return self._finish(control, input_size, output_type)
+        return self._finish(control, batch.shape[0], input_size, output_type)
 
     def __call__(self, image, *, output_type: str = "pt", **kwargs: Any):
         """Preprocess PIL/numpy/tensor input into a control map (tensor [B,C,H,W] by default)."""
@@ -115,6 +111,53 @@ class Condition(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
+
+
+CONTROL_RANGE_SLACK = 1e-4  # float rounding just outside [0, 1] is clamped, not refused
+
+
+def condition_origin(condition: Condition) -> str:
+    """Where a condition comes from, for error messages: the plugin :func:`ccm_sdk.get_condition` took it
+    from, or its class when it was made directly."""
+    if getattr(condition, "origin", None):
+        return condition.origin
+    cls = type(condition)
+    return f"class {cls.__module__}.{cls.__qualname__}, not looked up by name"
+
+
+def check_control_map(control: Any, *, condition: Condition, batch: int | None = None) -> torch.Tensor:
+    """``control`` if it is what ``condition.preprocess``/``extract`` promise: a floating-point
+    ``torch.Tensor`` ``[B, condition.channels, H, W]`` (``B == batch`` when given) of finite values in
+    [0, 1]. Anything else raises :class:`ConditionOutputError` naming the condition, its plugin, what
+    was expected and what came.
+    """
+
+    def fail(expected: str, got: str) -> ConditionOutputError:
+        return ConditionOutputError(f"condition {getattr(condition, 'name', '?')!r} ({condition_origin(condition)}) "
+                                    f"returned a bad control map: expected {expected}, got {got}")
+
+    channels = condition.channels
+    if not isinstance(control, torch.Tensor):
+        raise fail("a torch.Tensor", f"{type(control).__module__}.{type(control).__qualname__}")
+    if not control.is_floating_point():
+        raise fail("a floating-point tensor", f"dtype {control.dtype}")
+    if control.ndim != 4:
+        raise fail(f"a 4-d tensor [B, {channels}, H, W]", f"{control.ndim}-d shape {tuple(control.shape)}")
+    if control.shape[1] != channels:
+        raise fail(f"{channels} channel(s) [B, {channels}, H, W]", f"shape {tuple(control.shape)}")
+    if batch is not None and control.shape[0] != batch:
+        raise fail(f"one map per input image ({batch})", f"{control.shape[0]} in shape {tuple(control.shape)}")
+    if control.shape[2] < 1 or control.shape[3] < 1:
+        raise fail("a map of at least 1x1 pixels", f"shape {tuple(control.shape)}")
+    finite = torch.isfinite(control)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(control).sum())
+        raise fail("finite values in [0, 1]", f"{nan} NaN and {int((~finite).sum()) - nan} infinite value(s) "
+                   f"of {control.numel()}")
+    low, high = (float(control.min()), float(control.max())) if control.numel() else (0.0, 0.0)
+    if low < -CONTROL_RANGE_SLACK or high > 1 + CONTROL_RANGE_SLACK:
+        raise fail("values in [0, 1]", f"values in [{low:.4g}, {high:.4g}]")
+    return control
 
 
 # --- adapters --------------------------------------------------------------------------

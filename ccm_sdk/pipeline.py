@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import images as image_utils
 from .errors import (
@@ -30,10 +30,12 @@ from .errors import (
     StepCountError,
     ValueRangeError,
 )
-from .interfaces import Adapter, Condition, Sampler
+from .interfaces import Adapter, Condition, Sampler, check_control_map
+from .models.conditioning import Conditioning
 from .models.controlnet import check_controlnet_fits
 from .models.denoiser import ControlledDenoiser, ControlSpec, DenoiserStats
 from .models.loading import check_component_folder, load_component, read_json, resolve_model_path
+from .models.sdxl import MicroConditioning, check_sdxl_models, takes_text_time
 from .registry import controlnets as controlnet_providers
 from .registry import get_condition, get_sampler
 from .schedule import NoiseSchedule, guidance_embedding
@@ -61,6 +63,8 @@ class _Prompt:
     embeds: torch.Tensor
     negative: torch.Tensor | None
     timestep_cond: torch.Tensor | None
+    pooled: torch.Tensor | None = None  # SDXL: text_encoder_2's pooled, projected embedding
+    negative_pooled: torch.Tensor | None = None
 
 
 class CCMPipeline:
@@ -78,8 +82,17 @@ class CCMPipeline:
         scheduler_config: dict[str, Any],
         controlnets: Sequence[ControlNetModel] = (),
         adapter: Adapter | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = True,
     ):
+        """``text_encoder_2``/``tokenizer_2`` make an SDXL pipeline (its UNet must take
+        ``addition_embed_type="text_time"``); ``force_zeros_for_empty_prompt`` is SDXL's rule that
+        guidance without a negative prompt uses zero embeddings, as in diffusers."""
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        _check_family(unet, text_encoder, text_encoder_2, tokenizer_2)
         self.schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.controlnets: list[ControlNetModel] = []
@@ -90,7 +103,7 @@ class CCMPipeline:
             self.set_adapter(adapter)
         self.progress = True
         self.set_vae_channels_last(self.device.type == "cpu")
-        if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+        if text_encoder_2 is None and text_encoder.config.hidden_size != unet.config.cross_attention_dim:
             raise IncompatibleModelsError(
                 f"text encoder hidden size {text_encoder.config.hidden_size} does not match the UNet's "
                 f"cross_attention_dim {unet.config.cross_attention_dim}"
@@ -115,6 +128,11 @@ class CCMPipeline:
     def is_lcm(self) -> bool:
         """True when the UNet takes the guidance-scale embedding (a distilled LCM)."""
         return self.unet.config.get("time_cond_proj_dim") is not None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True for an SDXL-family model (two text encoders, size/crop micro-conditioning)."""
+        return self.text_encoder_2 is not None
 
     def add_controlnet(self, controlnet: ControlNetModel) -> None:
         check_controlnet_fits(self.unet, controlnet, vae_scale_factor=self.vae_scale_factor, label=f"ControlNet {len(self.controlnets)}")
@@ -146,6 +164,8 @@ class CCMPipeline:
 
     def modules(self) -> dict[str, torch.nn.Module]:
         mods = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            mods["text_encoder_2"] = self.text_encoder_2
         mods.update({f"controlnet_{i}": net for i, net in enumerate(self.controlnets)})
         if self.adapter is not None:
             mods["adapter"] = self.adapter
@@ -202,6 +222,7 @@ class CCMPipeline:
         controlnet: ControlNetSource | Sequence[ControlNetSource] | None = None,
         adapter: str | os.PathLike | Adapter | None = None,
         lora: str | os.PathLike | None = None,
+        unet: str | os.PathLike | UNet2DConditionModel | None = None,
         torch_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         local_files_only: bool | None = None,
@@ -210,6 +231,11 @@ class CCMPipeline:
     ) -> CCMPipeline:
         """Load a diffusers-layout model (folder or hub id), its ControlNet(s), adapter and LoRA.
 
+        The family comes from the folder: Stable Diffusion 1.x/2.x (one text encoder), or SDXL
+        (``text_encoder_2`` and ``tokenizer_2`` listed in ``model_index.json`` and a UNet with
+        ``addition_embed_type="text_time"``); a layout that mixes them raises
+        :class:`~ccm_sdk.errors.IncompatibleModelsError`. ``unet`` replaces the model's UNet
+        (a folder, hub id or model, e.g. a distilled LCM UNet published on its own).
         ``lora`` is a LoRA file or folder (e.g. LCM-LoRA) loaded into the UNet with diffusers'
         LoRA loader (peft). With ``local_files_only`` (default: ``HF_HUB_OFFLINE``) the hub
         is never contacted. Loading is strict: a tensor the weights lack raises
@@ -226,20 +252,30 @@ class CCMPipeline:
         for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if name not in index or index[name] in (None, [None, None]):
                 raise MissingModelError(f"model {str(source)!r}: model_index.json lists no {name!r} component")
-        # 2. load the components
         what = f"model {str(source)!r}"
+        sdxl = _detect_sdxl(root, index, what=what, unet_given=unet is not None)
+        # 2. load the components
         kw = dict(torch_dtype=torch_dtype, strict=strict)
-        unet = load_component(UNet2DConditionModel, root / "unet", what=f"{what}, unet", **kw)
+        if unet is None:
+            unet = load_component(UNet2DConditionModel, root / "unet", what=f"{what}, unet", **kw)
+        elif isinstance(unet, UNet2DConditionModel):
+            unet = unet.to(dtype=torch_dtype)
+        else:
+            unet_dir = resolve_model_path(unet, local_files_only=local_files_only, what="UNet")
+            unet = load_component(UNet2DConditionModel, unet_dir, what=f"UNet {str(unet_dir)!r}", **kw)
         vae = load_component(AutoencoderKL, root / "vae", what=f"{what}, vae", **kw)
         text_encoder = load_component(CLIPTextModel, root / "text_encoder", what=f"{what}, text_encoder", **kw)
-        tokenizer_dir = root / "tokenizer"
-        check_component_folder(tokenizer_dir, what=f"{what}, tokenizer", config_name="tokenizer_config.json", weights=False)
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-        except Exception as exc:
-            raise MissingModelError(f"{what}, tokenizer: cannot load {str(tokenizer_dir)!r}: {exc}") from exc
+        tokenizer = _load_tokenizer(root / "tokenizer", what=f"{what}, tokenizer")
+        sdxl_parts: dict[str, Any] = {}
+        if sdxl:
+            sdxl_parts = dict(
+                text_encoder_2=load_component(CLIPTextModelWithProjection, root / "text_encoder_2", what=f"{what}, text_encoder_2", **kw),
+                tokenizer_2=_load_tokenizer(root / "tokenizer_2", what=f"{what}, tokenizer_2"),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            )
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json", what=f"{what}, scheduler")
-        pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config)
+        pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config,
+                   **sdxl_parts)  # fmt: skip
         if device is not None:
             pipe.to(device)
         # 3. optional LoRA, ControlNets and adapter
@@ -298,9 +334,17 @@ class CCMPipeline:
         }
         if not self.is_lcm:
             index["image_encoder"] = [None, None]
-        for name in ("unet", "vae", "text_encoder"):
+        if self.is_sdxl:  # diffusers' SDXL pipeline takes no safety checker and zeroes empty negative prompts
+            for name in ("safety_checker", "requires_safety_checker"):
+                del index[name]
+            index.update(_class_name="StableDiffusionXLPipeline", image_encoder=[None, None],
+                         text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer_2=["transformers", "CLIPTokenizer"],
+                         force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)  # fmt: skip
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")[: 4 if self.is_sdxl else 3]:
             getattr(self, name).save_pretrained(path / name, safe_serialization=True)
         self.tokenizer.save_pretrained(path / "tokenizer")
+        if self.is_sdxl:
+            self.tokenizer_2.save_pretrained(path / "tokenizer_2")
         (path / "scheduler").mkdir(exist_ok=True)
         scheduler_config = {"_class_name": "LCMScheduler", "_diffusers_version": diffusers.__version__, **self.schedule.scheduler_config}
         (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
@@ -317,28 +361,52 @@ class CCMPipeline:
     def encode_prompt(
         self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None, do_cfg: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """CLIP hidden states of the prompts (and of the negative prompts when ``do_cfg``)."""
+        """CLIP hidden states of the prompts (and of the negative prompts when ``do_cfg``); for SDXL
+        both encoders' penultimate hidden states side by side."""
+        embeds, negative, _, _ = self._encode_prompts(prompt, negative_prompt=negative_prompt, do_cfg=do_cfg)
+        return embeds, negative
+
+    def _encode_prompts(self, prompt, *, negative_prompt, do_cfg: bool):
+        """(embeds, negative embeds, pooled, negative pooled); the pooled ones are None but for SDXL,
+        and the negatives None without ``do_cfg``."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        embeds = self._encode_text(prompts, max_length=self.tokenizer.model_max_length)
+        embeds, pooled = self._encode_text(prompts, max_length=self.tokenizer.model_max_length)
         if not do_cfg:
-            return embeds, None
+            return embeds, None, pooled, None
+        if self.is_sdxl and negative_prompt is None and self.force_zeros_for_empty_prompt:
+            return embeds, torch.zeros_like(embeds), pooled, torch.zeros_like(pooled)  # as diffusers' SDXL pipelines do
         negatives = [""] * len(prompts) if negative_prompt is None else [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise InputError(f"expected {len(prompts)} negative prompts (one per prompt), got {len(negatives)}")
-        return embeds, self._encode_text(negatives, max_length=embeds.shape[1])
+        negative, negative_pooled = self._encode_text(negatives, max_length=embeds.shape[1])
+        return embeds, negative, pooled, negative_pooled
 
-    def _encode_text(self, texts: list[str], *, max_length: int) -> torch.Tensor:
-        input_ids, attention_mask = self._tokenize(tuple(texts), max_length)
-        mask = attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        hidden = self.text_encoder(input_ids.to(self.device), attention_mask=mask)[0]
-        return hidden.to(device=self.device)
+    def _encode_text(self, texts: list[str], *, max_length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, pooled embedding or None). SDXL: the penultimate hidden states of both
+        encoders concatenated, and text_encoder_2's projected pooled output, as diffusers computes them."""
+        if not self.is_sdxl:
+            input_ids, attention_mask = self._tokenize(tuple(texts), max_length)
+            mask = attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+            hidden = self.text_encoder(input_ids.to(self.device), attention_mask=mask)[0]
+            return hidden.to(device=self.device), None
+        states, pooled = [], None
+        for which, encoder in enumerate((self.text_encoder, self.text_encoder_2)):
+            input_ids, _ = self._tokenize(tuple(texts), max_length, which=which)
+            output = encoder(input_ids.to(self.device), output_hidden_states=True)
+            if pooled is None and output[0].ndim == 2:
+                pooled = output[0]  # the projected text embedding of the encoder with a projection
+            states.append(output.hidden_states[-2])
+        hidden = torch.cat(states, dim=-1).to(device=self.device, dtype=self.text_encoder_2.dtype)
+        return hidden, pooled.to(device=self.device)
 
-    def _tokenize(self, texts: tuple[str, ...], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and mask; the last few prompts are remembered (interactive use repeats them)."""
-        key = (texts, max_length)
+    def _tokenize(self, texts: tuple[str, ...], max_length: int, which: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask from tokenizer ``which`` (1: SDXL's ``tokenizer_2``); the last few
+        prompts are remembered (interactive use repeats them)."""
+        key = (texts, max_length, which)
         cache = self.__dict__.setdefault("_token_cache", {})
         if key not in cache:
-            tokens = self.tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+            tokenizer = self.tokenizer_2 if which else self.tokenizer
+            tokens = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
             if len(cache) >= 32:
                 cache.pop(next(iter(cache)))
             cache[key] = (tokens.input_ids, tokens.attention_mask)
@@ -347,11 +415,13 @@ class CCMPipeline:
     def prepare_prompt(
         self, prompt, *, negative_prompt=None, guidance_scale: float, num_images_per_prompt: int, do_cfg: bool
     ) -> _Prompt:
-        embeds, negative = self.encode_prompt(prompt, negative_prompt=negative_prompt, do_cfg=do_cfg)
-        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        negative = negative.repeat_interleave(num_images_per_prompt, dim=0) if negative is not None else None
+        with torch.no_grad():
+            encoded = self._encode_prompts(prompt, negative_prompt=negative_prompt, do_cfg=do_cfg)
+        embeds, negative, pooled, negative_pooled = (
+            None if v is None else v.repeat_interleave(num_images_per_prompt, dim=0) for v in encoded
+        )
         timestep_cond = self._guidance_condition(guidance_scale, embeds.shape[0], embeds.dtype) if self.is_lcm else None
-        return _Prompt(embeds, negative, timestep_cond)
+        return _Prompt(embeds, negative, timestep_cond, pooled, negative_pooled)
 
     def _guidance_condition(self, guidance_scale: float, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """The w-embedding ``timestep_cond``; remembered under inference mode, where it cannot reach autograd."""
@@ -500,9 +570,11 @@ class CCMPipeline:
         sampler: str | Sampler = "consistency",
         output_type: str = "pil",
         callback: Callable[[dict[str, Any]], Any] | None = None,
+        micro_conditioning: MicroConditioning | dict[str, Any] | None = None,
         _prompt: _Prompt | None = None,
     ) -> CCMOutput:
-        """Generate images; see the README for the arguments. ``image``+``strength`` is img2img."""
+        """Generate images; see the README for the arguments. ``image``+``strength`` is img2img.
+        ``micro_conditioning`` (SDXL only) sets the size/crop conditioning; see docs/sdxl.md."""
         with torch.inference_mode():
             watch = _Stopwatch()
             sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
@@ -516,6 +588,7 @@ class CCMPipeline:
                                       generator=generator, output_type=output_type, negative_prompt=negative_prompt,
                                       batch=None if _prompt is None else _prompt.embeds.shape[0])  # fmt: skip
             scales, starts, ends = (self._per_controlnet(v) for v in (controlnet_conditioning_scale, control_guidance_start, control_guidance_end))
+            micro = self._micro_conditioning(micro_conditioning)
             # 2. controls: one control map per ControlNet, made from raw images when a condition is named; the output size
             controls = self._control_maps(controls, condition)
             height, width = self._output_size(controls, height, width)
@@ -537,13 +610,22 @@ class CCMPipeline:
                 latents = self._initial_latents(latents, generator=generator, image=image, timesteps=timesteps, batch=batch,
                                                 height=height, width=width)  # fmt: skip
                 # 5. denoiser
-                denoiser = self._denoiser(prompt_state, guidance_scale=guidance_scale, controls=specs, timesteps=timesteps)
+                denoiser = self._denoiser(prompt_state, guidance_scale=guidance_scale, controls=specs, timesteps=timesteps,
+                                          size=(height, width), micro=micro)  # fmt: skip
             # 6. sample
             latents, step_seconds = self._sample(sampler, denoiser, latents, timesteps, generator=generator, callback=callback, watch=watch)
             # 7. decode
             with watch("decode"):
                 images = latents if output_type == "latent" else self.decode_latents(latents, output_type=output_type)
             return CCMOutput(images=images, nfe=denoiser.stats.nfe, timings=watch.timings(), step_seconds=step_seconds, stats=denoiser.stats)
+
+    def _micro_conditioning(self, value: Any) -> MicroConditioning | None:
+        """Step 1: SDXL's size/crop conditioning, checked (None for the Stable Diffusion family)."""
+        if not self.is_sdxl:
+            if value is not None:
+                raise InputError("micro_conditioning applies to SDXL models only; this model is Stable Diffusion 1.x/2.x")
+            return None
+        return MicroConditioning.coerce(value)
 
     def _control_list(self, control_image) -> list[Any]:
         """The control images as a list, one per ControlNet (a list is a batch when there is one ControlNet)."""
@@ -557,7 +639,13 @@ class CCMPipeline:
         conds = list(condition) if isinstance(condition, (list, tuple)) else [condition]
         if len(conds) != len(controls):
             raise InputError(f"expected one condition per control image ({len(controls)}), got {len(conds)}")
-        return [(get_condition(c) if isinstance(c, str) else c)(img) for c, img in zip(conds, controls)]
+        maps = []
+        for c, img in zip(conds, controls):
+            cond = get_condition(c) if isinstance(c, str) else c
+            control = cond(img)
+            # Condition.__call__ checks its map already; this catches subclasses that replace __call__
+            maps.append(check_control_map(control, condition=cond) if isinstance(cond, Condition) else control)
+        return maps
 
     def _per_controlnet(self, value: Any) -> list[Any]:
         """A per-ControlNet argument as a list: a single value applies to every ControlNet."""
@@ -605,18 +693,39 @@ class CCMPipeline:
         if not torch.isfinite(latents).all():
             raise NonFiniteError("latents contain NaN or infinite values")
 
-    def _denoiser(self, prompt: _Prompt, *, guidance_scale: float, controls: list[ControlSpec], timesteps) -> ControlledDenoiser:
-        """Step 5: the network the sampler calls, for this prompt, guidance and these controls."""
+    def _denoiser(self, prompt: _Prompt, *, guidance_scale: float, controls: list[ControlSpec], timesteps,
+                  size: tuple[int, int] | None = None, micro: MicroConditioning | None = None) -> ControlledDenoiser:  # fmt: skip
+        """Step 5: the network the sampler calls, for this prompt, guidance and these controls
+        (for SDXL also the output ``size`` (height, width) and its micro-conditioning)."""
+        positive, negative = self._conditioning(prompt, size=size, micro=micro)
         return ControlledDenoiser(
             self.unet,
-            prompt_embeds=prompt.embeds,
-            negative_embeds=prompt.negative,
+            prompt_embeds=positive,
+            negative_embeds=negative,
             guidance_scale=guidance_scale,
             timestep_cond=prompt.timestep_cond,
             controls=controls,
             adapter=self.adapter,
             timesteps=[int(t) for t in timesteps],
         )
+
+    def _conditioning(self, prompt: _Prompt, *, size: tuple[int, int] | None, micro: MicroConditioning | None):
+        """The (positive, negative) text conditioning of the UNet: the hidden states, and for SDXL the
+        pooled embeddings and time ids as ``added_cond_kwargs``, as diffusers' SDXL pipelines build them."""
+        if not self.is_sdxl:
+            return prompt.embeds, prompt.negative
+        if size is None:
+            raise InputError("an SDXL model needs the output size (height, width) for its time ids")
+        time_ids, negative_time_ids = (micro or MicroConditioning()).time_ids(*size)
+        batch, dtype = prompt.embeds.shape[0], prompt.embeds.dtype
+
+        def added(pooled: torch.Tensor, ids: list[int]) -> dict[str, torch.Tensor]:
+            return {"text_embeds": pooled, "time_ids": torch.tensor([ids], dtype=dtype, device=self.device).repeat(batch, 1)}
+
+        positive = Conditioning(prompt.embeds, added(prompt.pooled, time_ids))
+        if prompt.negative is None:
+            return positive, None
+        return positive, Conditioning(prompt.negative, added(prompt.negative_pooled, negative_time_ids))
 
     def _sample(self, sampler: Sampler, denoiser: ControlledDenoiser, latents: torch.Tensor, timesteps, *, generator, callback,
                 watch: _Stopwatch) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
@@ -648,7 +757,8 @@ class CCMPipeline:
             raise InputError(f"expected output_type 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         scaled = latents / self.vae.config.scaling_factor
         shift = self.vae.config.get("shift_factor")
-        decoded = self.vae.decode(scaled + shift if shift else scaled, return_dict=False)[0]
+        with self._vae_upcast() as vae_dtype:
+            decoded = self.vae.decode((scaled + shift if shift else scaled).to(vae_dtype), return_dict=False)[0]
         # in place on the decoder's fresh output: the same values as (x / 2 + 0.5).clamp(0, 1), two allocations fewer
         return image_utils.from_tensor(decoded.div(2).add_(0.5).clamp_(0, 1).float(), output_type)
 
@@ -660,11 +770,26 @@ class CCMPipeline:
             raise ImageSizeError(f"init image is {tensor.shape[-2]}x{tensor.shape[-1]} but the output is {height}x{width}")
         if tensor.shape[0] not in (1, batch):
             raise InputError(f"init image has batch {tensor.shape[0]}, expected 1 or {batch}")
-        tensor = tensor.to(device=self.device, dtype=self.dtype) * 2 - 1
-        latents = self.vae.encode(tensor).latent_dist.mode()
+        with self._vae_upcast() as vae_dtype:
+            tensor = tensor.to(device=self.device, dtype=vae_dtype) * 2 - 1
+            latents = self.vae.encode(tensor).latent_dist.mode().to(self.dtype)
         shift = self.vae.config.get("shift_factor") or 0.0
         latents = (latents - shift) * self.vae.config.scaling_factor
         return latents.expand(batch, -1, -1, -1) if latents.shape[0] == 1 else latents
+
+    @contextlib.contextmanager
+    def _vae_upcast(self) -> Iterator[torch.dtype]:
+        """Run the VAE in float32 for SDXL in float16 when its config asks (``force_upcast``), as diffusers'
+        SDXL pipelines do: the SDXL VAE overflows in float16. Yields the dtype the VAE's inputs take."""
+        dtype = self.vae.decoder.conv_in.weight.dtype
+        if not (self.is_sdxl and dtype == torch.float16 and self.vae.config.get("force_upcast", False)):
+            yield dtype
+            return
+        self.vae.to(dtype=torch.float32)
+        try:
+            yield torch.float32
+        finally:
+            self.vae.to(dtype=dtype)
 
     def stream(self, frames: Iterable[Any], prompt: str, *, seed: int = 0, similarity_threshold: float | None = 0.004,
                batch_size: int = 1, seed_policy: str = "fixed", realtime: bool = False, **kwargs: Any) -> Iterator[Any]:
@@ -707,6 +832,54 @@ def load_controlnet(
         return controlnet_providers.get(provider)(argument, torch_dtype=torch_dtype, local_files_only=local_files_only)
     # a folder, a hub id, or "name:argument" of a plugin's model source
     return controlnet_providers.get("diffusers")(text, torch_dtype=torch_dtype, local_files_only=local_files_only, strict=strict)
+
+
+def _detect_sdxl(root: Path, index: dict[str, Any], *, what: str, unet_given: bool) -> bool:
+    """Whether the folder is an SDXL layout; a typed error when its index and its UNet disagree."""
+    listed = [name for name in ("text_encoder_2", "tokenizer_2") if index.get(name) not in (None, [None, None])]
+    if len(listed) == 1:
+        missing = ({"text_encoder_2", "tokenizer_2"} - set(listed)).pop()
+        raise MissingModelError(f"{what}: model_index.json lists {listed[0]!r} but no {missing!r}; an SDXL model needs both")
+    if unet_given:
+        return bool(listed)
+    unet_config = read_json(root / "unet" / "config.json", what=f"{what}, unet")
+    embed_type = unet_config.get("addition_embed_type")
+    if listed and not takes_text_time(unet_config):
+        raise IncompatibleModelsError(
+            f"{what} has text_encoder_2 and tokenizer_2 (the SDXL layout) but its UNet's addition_embed_type is {embed_type!r}; "
+            "expected 'text_time', the SDXL UNet that takes the pooled text embedding and size/crop time ids"
+        )
+    if not listed and takes_text_time(unet_config):
+        raise IncompatibleModelsError(
+            f"{what}: the UNet takes SDXL's added conditions (addition_embed_type 'text_time') but model_index.json lists no "
+            "text_encoder_2/tokenizer_2; expected the SDXL layout (models without a first text encoder, such as the SDXL refiner, "
+            "are not supported)"
+        )
+    return bool(listed)
+
+
+def _load_tokenizer(folder: Path, *, what: str) -> CLIPTokenizer:
+    check_component_folder(folder, what=what, config_name="tokenizer_config.json", weights=False)
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise MissingModelError(f"{what}: cannot load {str(folder)!r}: {exc}") from exc
+
+
+def _check_family(unet: UNet2DConditionModel, text_encoder, text_encoder_2, tokenizer_2) -> None:
+    """Raise IncompatibleModelsError unless the text encoders fit the UNet's family
+    (Stable Diffusion: one encoder; SDXL: two, and a UNet with ``addition_embed_type="text_time"``)."""
+    if (text_encoder_2 is None) != (tokenizer_2 is None):
+        raise IncompatibleModelsError("an SDXL pipeline takes text_encoder_2 and tokenizer_2 together; got only one of them")
+    sdxl_unet = takes_text_time(unet.config)
+    if text_encoder_2 is None and sdxl_unet:
+        raise IncompatibleModelsError("the UNet takes SDXL's added conditions (addition_embed_type 'text_time'); expected text_encoder_2 and tokenizer_2")
+    if text_encoder_2 is not None and not sdxl_unet:
+        raise IncompatibleModelsError(
+            f"text_encoder_2 was given (SDXL) but the UNet's addition_embed_type is {unet.config.get('addition_embed_type')!r}, expected 'text_time'"
+        )
+    if text_encoder_2 is not None:
+        check_sdxl_models(unet, text_encoder, text_encoder_2)
 
 
 def _describe(value: Any) -> str:

@@ -33,39 +33,57 @@ class Registry(Generic[T]):
         self.kind, self.hook_name, self._validate = kind, hook_name, validate
         self._entries: dict[str, Entry[T]] = {}
         self._snapshot: frozenset[object] | None = None
+        plugins.add_collector(self._ensure)
 
     def _collect(self) -> None:
+        plugins.clear_failures(self.hook_name)
         entries: dict[str, Entry[T]] = {}
         hook = getattr(plugins.pm.hook, self.hook_name)
-        # get_hookimpls lists in registration order: built-ins first, so they keep their names.
-        for impl in hook.get_hookimpls():
+        # the documented rule for a name two plugins register: the one first in plugins.precedence keeps it
+        for impl in sorted(hook.get_hookimpls(), key=lambda impl: plugins.precedence(impl.plugin_name)):
             staged: list[Entry[T]] = []
+            invalid: list[Exception] = []
 
-            def register(obj, name: str | None = None, _staged=staged, _plugin=impl.plugin_name):
+            def register(obj, name: str | None = None, _staged=staged, _invalid=invalid, _plugin=impl.plugin_name):
                 name = name if name is not None else getattr(obj, "name", None)
-                if not isinstance(name, str) or not name:
-                    raise PluginError(f"{self.kind} {obj!r} has no name; pass register(obj, name=...)")
-                self._validate(obj, name)
+                try:
+                    if not isinstance(name, str) or not name:
+                        raise PluginError(f"{self.kind} {obj!r} has no name; pass register(obj, name=...)")
+                    self._validate(obj, name)
+                except Exception as exc:
+                    _invalid.append(exc)
+                    raise
                 _staged.append(Entry(name, obj, _plugin))
 
+            plugin = impl.plugin_name
             try:
                 impl.function(register=register)
-                for entry in staged:
-                    if entry.name in entries:
-                        first = entries[entry.name].plugin
-                        raise DuplicateNameError(
-                            f"{self.kind} {entry.name!r} is registered by both plugin {first!r} "
-                            f"and plugin {entry.plugin!r}"
-                        )
-                    if sum(e.name == entry.name for e in staged) > 1:
-                        raise DuplicateNameError(
-                            f"plugin {entry.plugin!r} registers {self.kind} {entry.name!r} twice"
-                        )
             except Exception as exc:
-                plugins.report_failure(impl.plugin_name, f"register ({self.kind})", exc)
+                raised = any(exc is e for e in invalid)
+                self._report(plugin, plugins.INVALID_REGISTRATION if raised else plugins.HOOK_RAISED, exc)
+                continue
+            if invalid:  # the hook caught what register() raised: the registration is still invalid
+                self._report(plugin, plugins.INVALID_REGISTRATION, invalid[0])
+                continue
+            names = [entry.name for entry in staged]
+            twice = next((name for name in names if names.count(name) > 1), None)
+            if twice is not None:
+                self._report(plugin, plugins.INVALID_REGISTRATION,
+                             DuplicateNameError(f"plugin {plugin!r} registers {self.kind} {twice!r} twice"))
+                continue
+            clash = next((entry for entry in staged if entry.name in entries), None)
+            if clash is not None:
+                keeper = entries[clash.name].plugin
+                self._report(plugin, plugins.NAME_COLLISION, DuplicateNameError(
+                    f"{self.kind} {clash.name!r} is registered by both plugin {keeper!r} and plugin {plugin!r}: "
+                    f"{plugins.describe_plugin(keeper)} keeps it and {plugins.describe_plugin(plugin)} is skipped "
+                    f"({plugins.PRECEDENCE_RULE})"), collides_with=keeper)
                 continue
             entries.update((e.name, e) for e in staged)
         self._entries = entries
+
+    def _report(self, plugin: str, kind: str, exc: Exception, *, collides_with: str | None = None) -> None:
+        plugins.report_failure(plugin, kind, exc, hook=self.hook_name, collides_with=collides_with)
 
     def _ensure(self) -> None:
         plugins.load_plugins()
@@ -148,8 +166,11 @@ conditions, controlnets, adapters, samplers, datasets, models, trainers, feature
 
 
 def get_condition(name: str, **options: Any):
-    """Instantiate the condition registered as ``name`` with ``options``."""
-    return conditions.get(name)(**options)
+    """Instantiate the condition registered as ``name`` with ``options``; its ``origin`` names its plugin."""
+    entry = conditions.entry(name)
+    condition = entry.obj(**options)
+    condition.origin = plugins.describe_plugin(entry.plugin)
+    return condition
 
 
 def get_sampler(name: str, **options: Any):

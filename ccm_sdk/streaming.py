@@ -20,7 +20,7 @@ import numbers
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -214,12 +214,9 @@ class StreamEngine:
         if batch not in self._prompt_states:
             one = self._prompt_states[1]
             with torch.inference_mode():
-                self._prompt_states[batch] = replace(
-                    one,
-                    embeds=one.embeds.repeat_interleave(batch, dim=0),
-                    negative=None if one.negative is None else one.negative.repeat_interleave(batch, dim=0),
-                    timestep_cond=None if one.timestep_cond is None else one.timestep_cond.repeat_interleave(batch, dim=0),
-                )
+                repeated = {f.name: None if getattr(one, f.name) is None else getattr(one, f.name).repeat_interleave(batch, dim=0)
+                            for f in fields(one)}  # embeds, negative, timestep_cond and any pooled embeddings (SDXL)
+                self._prompt_states[batch] = replace(one, **repeated)
         return self._prompt_states[batch]
 
     # --- frames ---------------------------------------------------------------------------

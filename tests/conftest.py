@@ -77,3 +77,30 @@ def squares(tmp_path_factory) -> Path:
 def make_squares():
     """:func:`write_squares` for tests that need their own image folder."""
     return write_squares
+
+
+@pytest.fixture(scope="session")
+def sdxl_lcm_dir(tmp_path_factory):
+    """A tiny SDXL-architecture LCM (two text encoders, text_time UNet with the guidance embedding)."""
+    return tiny.save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-lcm-sdxl", lcm=True)
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    """A tiny plain SDXL-architecture model: the DM baseline and LCM-LoRA base."""
+    return tiny.save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", lcm=False)
+
+
+@pytest.fixture(scope="session")
+def sdxl_controlnet_dir(tmp_path_factory, sdxl_lcm_dir):
+    return tiny.save_tiny_controlnet(tmp_path_factory.mktemp("models") / "cn-sdxl-a", sdxl_lcm_dir, seed=4)
+
+
+@pytest.fixture(scope="session")
+def sdxl_controlnet_b_dir(tmp_path_factory, sdxl_lcm_dir):
+    return tiny.save_tiny_controlnet(tmp_path_factory.mktemp("models") / "cn-sdxl-b", sdxl_lcm_dir, seed=5)
+
+
+@pytest.fixture(scope="session")
+def sdxl_plain_controlnet_dir(tmp_path_factory, sdxl_dir):
+    return tiny.save_tiny_controlnet(tmp_path_factory.mktemp("models") / "cn-sdxl-plain", sdxl_dir, seed=6)

@@ -222,3 +222,14 @@ def test_serve_starts_a_server_that_generates(tmp_path, lcm_dir, controlnet_dir,
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_generate_reads_the_sdxl_family_from_the_model_folder(tmp_path, sdxl_dir, sdxl_lcm_dir, sdxl_controlnet_dir, photo, capsys):
+    out = tmp_path / "xl.png"
+    args = ["generate", "--model", str(sdxl_dir), "--unet", str(sdxl_lcm_dir / "unet"), "--controlnet", str(sdxl_controlnet_dir),
+            "--control", str(photo), "--prompt", "a cat", "--steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert Image.open(out).size == (64, 64)
+    assert "2 network evaluations" in capsys.readouterr().out  # the LCM UNet: no classifier-free guidance
+    assert main([*args[:3], *args[5:], "--sampler", "ddim", "--out", str(tmp_path / "dm.png")]) == 0
+    assert "4 network evaluations" in capsys.readouterr().out  # the plain SDXL UNet: DDIM with guidance

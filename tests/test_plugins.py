@@ -145,7 +145,7 @@ def test_entry_point_that_fails_to_import_is_skipped(monkeypatch):
             added = _fresh_load(monkeypatch, eps)
         assert added == {"good-ep"}
         assert "test-invert" in conditions.names()
-        assert any(f.plugin == "broken-ep" and f.stage == "import" for f in plugins.plugin_failures())
+        assert any(f.plugin == "broken-ep" and f.kind == "import-error" for f in plugins.plugin_failures())
     finally:
         plugins.pm.unregister(name="good-ep")
         plugins._failures.pop("broken-ep", None)

@@ -183,3 +183,14 @@ def test_bad_prompt_and_realtime_batching(pipe):
         StreamEngine(pipe, "")
     with pytest.raises(InputError, match="realtime=True .* batch_size=1, got 2"):
         pipe.stream([_frame(1)], "x", realtime=True, batch_size=2)
+
+
+def test_sdxl_batches_repeat_the_pooled_embeddings_too(sdxl_lcm_dir, sdxl_controlnet_dir):
+    sdxl = CCMPipeline.from_pretrained(sdxl_lcm_dir, controlnet=sdxl_controlnet_dir)
+    sdxl.set_progress_bar_config(disable=True)
+    frames = [_frame(i) for i in range(3)]
+    kwargs = dict(num_inference_steps=1, output_type="pt", seed_policy="increment", similarity_threshold=None)
+    single = list(StreamEngine(sdxl, "a green star", **kwargs).run(frames))
+    batched = list(StreamEngine(sdxl, "a green star", batch_size=3, **kwargs).run(frames))
+    for a, b in zip(single, batched):
+        torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=0)

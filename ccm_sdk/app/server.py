@@ -20,12 +20,14 @@ import binascii
 import dataclasses
 import io
 import json
+import select
 import socket
 import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -35,7 +37,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import CCMError, ImageTooLargeError, InputError, ServerBusyError
+from ..errors import CCMError, ConditionOutputError, ImageTooLargeError, InputError, ServerBusyError
 from ..utils.image_files import MAX_SIDE_LIMIT, open_image
 from .access import AccessPolicy
 from .work_queue import WorkQueue
@@ -223,13 +225,15 @@ class GenerationService:
             "seconds": round(float(output.timings["total"]), 4),
         }
 
-    def submit(self, request: GenerateRequest) -> Future:
+    def submit(self, request: GenerateRequest, *, wanted: Callable[[], bool] | None = None) -> Future:
         """Check and decode ``request`` now (raising :class:`CCMError` subclasses), queue the model work.
 
         Raises :class:`ServerBusyError` when the queue is full; the future's result is :meth:`generate`'s answer.
+        ``wanted`` is asked when the request's turn comes: False (its client has gone) skips the work and
+        cancels the future.
         """
         inputs = self._inputs(request)
-        return self._queue.submit(self._run, request, inputs)
+        return self._queue.submit(self._run, request, inputs, wanted=wanted)
 
     def run(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the generation queue's turn (``/api/stream`` frames share the model with requests)."""
@@ -242,6 +246,30 @@ class GenerationService:
     def close(self) -> None:
         """Finish the queued requests and stop the worker; later requests get :class:`ServerBusyError`."""
         self._queue.close()
+
+
+def client_gone(sock: socket.socket) -> bool:
+    """Whether the client of ``sock`` has closed or reset the connection, without blocking or consuming data.
+
+    A readable socket whose peek reads nothing has reached end of file: the client closed its side
+    (a client that half-closes after sending its request counts as gone too). Bytes waiting (a next
+    request) mean it is still there.
+    """
+    if sock.fileno() < 0:  # closed on this side
+        return True
+    try:
+        if hasattr(select, "poll"):  # select.select cannot take descriptors past FD_SETSIZE
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        # readable: a peek returns at once (the socket's own timeout would otherwise make recv wait)
+        return readable and sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError, TimeoutError, ValueError):  # cannot tell: keep the request
+        return False
+    except OSError:  # reset by the client
+        return True
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -455,11 +483,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _generate(self, request: GenerateRequest) -> None:
         try:
-            answer = self.service.submit(request).result()
+            answer = self.service.submit(request, wanted=lambda: not client_gone(self.connection)).result()
+        except CancelledError:  # the client left before its turn: nobody to answer
+            self.close_connection = True
+            return
         except ServerBusyError as exc:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), type(exc).__name__, {"Retry-After": "1"})
         except ImageTooLargeError as exc:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc), type(exc).__name__)
+        except ConditionOutputError as exc:  # the server's condition plugin is at fault, not the request
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc), type(exc).__name__)
         except CCMError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc), type(exc).__name__)
         except Exception as exc:  # a bug must not take the server down: report it, keep serving

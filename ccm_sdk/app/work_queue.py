@@ -3,7 +3,8 @@
 A lock would serialise the model too, but Python's locks are not fair: under load one request
 can wait while later ones keep winning. A FIFO queue served by one worker thread gives each
 request its turn, and its bound turns overload into a quick "busy" answer instead of a wait
-that grows without limit.
+that grows without limit. A request whose client has gone by its turn (``submit``'s ``wanted``)
+is skipped, so requests nobody waits for any more do not hold up those still waited for.
 """
 
 from __future__ import annotations
@@ -25,18 +26,24 @@ class WorkQueue:
             raise InputError(f"the work queue needs room for at least 1 waiting request, got {max_waiting!r}")
         self.max_waiting = max_waiting
         self._name = name
-        self._jobs: queue.Queue[tuple[Future, Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue(maxsize=max_waiting)
+        self._jobs: queue.Queue[tuple[Future, Callable[..., Any], tuple[Any, ...], Callable[[], bool] | None] | None] = queue.Queue(maxsize=max_waiting)
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._closed = False
+        self.skipped = 0  # jobs not run because ``wanted`` said their client had gone
 
     @property
     def waiting(self) -> int:
         """How many submitted calls wait for their turn (the running one not counted)."""
         return self._jobs.qsize()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue ``fn(*args)``; raises :class:`ServerBusyError` at once when the queue is full or closed."""
+    def submit(self, fn: Callable[..., Any], *args: Any, wanted: Callable[[], bool] | None = None) -> Future:
+        """Queue ``fn(*args)``; raises :class:`ServerBusyError` at once when the queue is full or closed.
+
+        ``wanted``: asked just before ``fn`` would run; when it answers False (the client that asked
+        has gone) ``fn`` is skipped and the future is cancelled, so the turn goes to the next request.
+        A ``wanted`` that raises counts as True: the work runs.
+        """
         future: Future = Future()
         with self._lock:
             if self._closed:
@@ -45,7 +52,7 @@ class WorkQueue:
                 self._worker = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._worker.start()
             try:
-                self._jobs.put_nowait((future, fn, args))
+                self._jobs.put_nowait((future, fn, args, wanted))
             except queue.Full:
                 raise ServerBusyError(f"the server is busy: {self.max_waiting} request(s) already wait for the one being "
                                       "generated; send it again in a moment") from None
@@ -53,7 +60,10 @@ class WorkQueue:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            future, fn, args = job
+            future, fn, args, wanted = job
+            if not _still_wanted(wanted):
+                future.cancel()
+                self.skipped += 1
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -71,3 +81,12 @@ class WorkQueue:
         if worker is not None:
             self._jobs.put(None)
             worker.join(timeout)
+
+
+def _still_wanted(wanted: Callable[[], bool] | None) -> bool:
+    if wanted is None:
+        return True
+    try:
+        return bool(wanted())
+    except Exception:  # a check that fails must not drop a request that may still be waited for
+        return True

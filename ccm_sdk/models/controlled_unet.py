@@ -11,6 +11,10 @@ learns in training is what it does at inference:
 - the UNet gets the sum as ``down_block_additional_residuals`` / ``mid_block_additional_residual``,
   with the text embeddings and ``timestep_cond`` (an LCM's w-embedding, or None).
 
+The text conditioning is a tensor of hidden states (Stable Diffusion 1.x/2.x) or a
+:class:`~ccm_sdk.models.conditioning.Conditioning`, whose ``added_cond_kwargs`` (SDXL's pooled
+text embedding and time ids) go to every ControlNet and to the UNet alike.
+
 Gradients flow through everything unless ``controlnet_grad=False``, which runs the ControlNets
 under ``torch.no_grad()`` (frozen ones, whose graph nobody needs) while the adapter and the UNet
 keep theirs. A caller that wants no graph at all wraps the call in ``torch.no_grad()``.
@@ -24,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from .conditioning import Conditioning, as_conditioning
 
 
 class Control(NamedTuple):
@@ -41,7 +47,7 @@ def controlnet_residuals(
     controlnet: nn.Module,
     x: torch.Tensor,
     t: torch.Tensor | int,
-    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | Conditioning,
     image: torch.Tensor,
     *,
     scale: float = 1.0,
@@ -49,10 +55,11 @@ def controlnet_residuals(
     controlnet_grad: bool = True,
 ) -> Residuals:
     """One ControlNet's (down residuals, mid residual) at ``scale``, adapted before scaling when an adapter is given."""
+    cond = as_conditioning(encoder_hidden_states)
     with contextlib.nullcontext() if controlnet_grad else torch.no_grad():
         down, mid = controlnet(
-            x, t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=image,
-            conditioning_scale=1.0 if adapter is not None else scale, return_dict=False,
+            x, t, encoder_hidden_states=cond.encoder_hidden_states, controlnet_cond=image,
+            conditioning_scale=1.0 if adapter is not None else scale, added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
         )  # fmt: skip
     if adapter is None:
         return list(down), mid
@@ -66,7 +73,7 @@ def summed_residuals(
     controls: Sequence[Control],
     x: torch.Tensor,
     t: torch.Tensor | int,
-    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | Conditioning,
     *,
     adapter: nn.Module | None = None,
     controlnet_grad: bool = True,
@@ -93,7 +100,7 @@ def controlled_unet(
     unet: nn.Module,
     x: torch.Tensor,
     t: torch.Tensor | int,
-    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | Conditioning,
     controls: Sequence[Control] = (),
     *,
     adapter: nn.Module | None = None,
@@ -101,8 +108,9 @@ def controlled_unet(
     controlnet_grad: bool = True,
 ) -> torch.Tensor:
     """The UNet's output (its raw prediction) at (x, t) under the summed, optionally adapted, ControlNet residuals."""
-    down, mid = summed_residuals(controls, x, t, encoder_hidden_states, adapter=adapter, controlnet_grad=controlnet_grad)
+    cond = as_conditioning(encoder_hidden_states)
+    down, mid = summed_residuals(controls, x, t, cond, adapter=adapter, controlnet_grad=controlnet_grad)
     return unet(
-        x, t, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+        x, t, encoder_hidden_states=cond.encoder_hidden_states, timestep_cond=timestep_cond, added_cond_kwargs=cond.added_cond_kwargs,
         down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
     )[0]  # fmt: skip

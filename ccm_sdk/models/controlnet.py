@@ -10,7 +10,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from ..errors import IncompatibleModelsError
 
 # Config keys a ControlNet must share with its UNet for the residuals to line up.
-_SHARED_KEYS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")
+_SHARED_KEYS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim", "addition_embed_type")
 
 
 def controlnet_from_unet(
@@ -36,6 +36,8 @@ def controlnet_from_unet(
     controlnet.conv_in.load_state_dict(unet.conv_in.state_dict())
     time_state = {k: v for k, v in unet.time_embedding.state_dict().items() if not k.startswith("cond_proj.")}
     controlnet.time_embedding.load_state_dict(time_state)
+    if getattr(unet, "add_embedding", None) is not None:  # SDXL: the pooled-text and time-id embedding
+        controlnet.add_embedding.load_state_dict(unet.add_embedding.state_dict())
     controlnet.down_blocks.load_state_dict(unet.down_blocks.state_dict())
     controlnet.mid_block.load_state_dict(unet.mid_block.state_dict())
     if not zero_init_outputs:

@@ -3,7 +3,9 @@
 ``ControlledDenoiser(x, t) -> raw prediction`` follows diffusers' StableDiffusionControlNetPipeline
 operation for operation, so outputs match it, with two exact shortcuts: each ControlNet's
 conditioning-image embedding is computed once per generation instead of at every step, and a
-ControlNet whose scale is zero at a step is not run.
+ControlNet whose scale is zero at a step is not run. For SDXL it follows
+StableDiffusionXLControlNetPipeline: the prompt is a :class:`~ccm_sdk.models.conditioning.Conditioning`
+whose ``added_cond_kwargs`` reach the ControlNets and the UNet.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .conditioning import Conditioning, as_conditioning, cat_conditioning
 from .controlled_unet import Control, controlled_unet
 
 
@@ -57,8 +60,8 @@ class ControlledDenoiser:
         self,
         unet: nn.Module,
         *,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | Conditioning,
+        negative_embeds: torch.Tensor | Conditioning | None = None,
         guidance_scale: float = 1.0,
         timestep_cond: torch.Tensor | None = None,
         controls: Sequence[ControlSpec] = (),
@@ -68,7 +71,9 @@ class ControlledDenoiser:
     ):
         self.unet, self.adapter, self.guidance_scale = unet, adapter, guidance_scale
         self.do_cfg = negative_embeds is not None
-        self.embeds = torch.cat([negative_embeds, prompt_embeds]) if self.do_cfg else prompt_embeds
+        # the UNet's text conditioning, negative half first under CFG
+        self.conditioning = cat_conditioning([negative_embeds, prompt_embeds]) if self.do_cfg else as_conditioning(prompt_embeds)
+        self.embeds = self.conditioning.encoder_hidden_states
         self.timestep_cond = timestep_cond
         self.controls = list(controls)
         self.control_images = [torch.cat([c.image] * 2) if self.do_cfg else c.image for c in self.controls]
@@ -110,7 +115,7 @@ class ControlledDenoiser:
         x_in = torch.cat([x] * 2) if self.do_cfg else x
         controls = self.controls_at(t)
         self.stats.controlnet_calls += len(controls)
-        output = controlled_unet(self.unet, x_in, t, self.embeds, controls, adapter=self.adapter, timestep_cond=self.timestep_cond)
+        output = controlled_unet(self.unet, x_in, t, self.conditioning, controls, adapter=self.adapter, timestep_cond=self.timestep_cond)
         self.stats.unet_calls += 1
         self.stats.nfe += 2 if self.do_cfg else 1
         if self.do_cfg:

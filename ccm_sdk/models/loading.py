@@ -22,6 +22,10 @@ from safetensors import safe_open
 from ..errors import CorruptWeightsError, MissingModelError, MissingWeightsError, ModelLoadError, UnknownConfigKeyError
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "**/*.json", "**/*.safetensors", "**/*.txt", "**/*.model"]
+# Weight variants (``name.fp16.safetensors``, sharded ``name.fp16-00001-of-00002.safetensors``, EMA
+# copies): diffusers loads the plain file of a folder, so a variant beside it is never read.
+HUB_IGNORE_PATTERNS = [f"*.{variant}{tail}" for variant in ("fp16", "bf16", "ema", "non_ema") for tail in (".safetensors", "-*.safetensors")]
+COMPONENT_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
 
 
 def hub_offline() -> bool:
@@ -60,7 +64,9 @@ def resolve_model_path(
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        folder = snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline)
+        patterns = _hub_allow_patterns(text, revision=revision, offline=offline)
+        folder = snapshot_download(text, revision=revision, allow_patterns=patterns, ignore_patterns=HUB_IGNORE_PATTERNS,
+                                   local_files_only=offline)  # fmt: skip
     except LocalEntryNotFoundError:
         how = "offline mode (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "the hub could not be reached"
         raise MissingModelError(
@@ -72,6 +78,27 @@ def resolve_model_path(
     except (HfHubHTTPError, OSError) as exc:
         raise MissingModelError(f"{what} {text!r} could not be fetched from the hub: {exc}") from None
     return Path(folder)
+
+
+def _hub_allow_patterns(repo_id: str, *, revision: str | None, offline: bool) -> list[str]:
+    """What to download of a hub repository: for a pipeline (``model_index.json`` at its root), the
+    index and the folders of the components it lists, so single-file checkpoints kept at the root
+    (SDXL's base repository holds two of about 7 GB) are left out; otherwise :data:`HUB_PATTERNS`."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    try:
+        index_file = hf_hub_download(repo_id, "model_index.json", revision=revision, local_files_only=offline)
+        index = json.loads(Path(index_file).read_text())
+    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        return HUB_PATTERNS  # not a pipeline repository, or not reachable: the download itself says why
+    if not isinstance(index, dict):
+        return HUB_PATTERNS
+    components = sorted(
+        name for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None
+    )  # fmt: skip
+    return ["model_index.json", *(f"{name}/{pattern}" for name in components for pattern in COMPONENT_FILE_PATTERNS)]
 
 
 def _registered_model(source) -> tuple[str, str] | None:

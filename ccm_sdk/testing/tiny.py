@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
 from diffusers import AutoencoderKL, ControlNetModel, LCMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..models.controlnet import controlnet_from_unet, reinit_zero_convs
 
@@ -137,7 +137,77 @@ def save_tiny_pipeline(path: str | Path, *, lcm: bool = True, seed: int = 0) -> 
 
 
 def save_tiny_controlnet(path: str | Path, model_path: str | Path, *, conditioning_channels: int = 3, seed: int = 1) -> Path:
-    """Save a tiny ControlNet that fits the UNet saved at ``model_path``."""
+    """Save a tiny ControlNet that fits the UNet saved at ``model_path`` (an SDXL ControlNet, with
+    ``addition_embed_type="text_time"``, for an SDXL model)."""
     unet = UNet2DConditionModel.from_pretrained(Path(model_path) / "unet")
     tiny_controlnet(unet, conditioning_channels=conditioning_channels, seed=seed).save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+# --- SDXL -------------------------------------------------------------------------------
+# Two encoders of different widths, so the hidden states' order and the pooled source both show.
+SDXL_TEXT_DIM, SDXL_TEXT_DIM_2, SDXL_POOLED_DIM = 32, 48, 24
+SDXL_TIME_EMBED_DIM = 8
+
+
+def tiny_sdxl_text_encoder_2(tokenizer: CLIPTokenizer, *, seed: int = 0) -> CLIPTextModelWithProjection:
+    """SDXL's second text encoder: a CLIP text model with a projection (its pooled output)."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=SDXL_TEXT_DIM_2,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=SDXL_POOLED_DIM,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sdxl_unet(*, lcm: bool = True, seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
+    """A two-level SDXL-architecture UNet (``addition_embed_type="text_time"``, linear projections,
+    per-block transformer depth); ``lcm=True`` adds the guidance-scale embedding."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=SDXL_TEXT_DIM + SDXL_TEXT_DIM_2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_POOLED_DIM,
+        norm_num_groups=8,
+        time_cond_proj_dim=GUIDANCE_EMBED_DIM if lcm else None,
+    ).eval()
+
+
+def save_tiny_sdxl_pipeline(path: str | Path, *, lcm: bool = True, seed: int = 0) -> Path:
+    """Save a tiny SDXL-architecture model (an LCM-SDXL with ``lcm=True``) in diffusers' SDXL hub layout."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    tokenizer = offline_clip_tokenizer()
+    pipeline = StableDiffusionXLPipeline(
+        vae=tiny_vae(seed=seed),
+        text_encoder=tiny_text_encoder(tokenizer, seed=seed),
+        text_encoder_2=tiny_sdxl_text_encoder_2(tokenizer, seed=seed + 1),
+        tokenizer=tokenizer,
+        tokenizer_2=offline_clip_tokenizer(),
+        unet=tiny_sdxl_unet(lcm=lcm, seed=seed),
+        scheduler=lcm_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return path

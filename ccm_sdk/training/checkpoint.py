@@ -1,21 +1,28 @@
 """Training checkpoints: written atomically, the last k kept, everything needed to resume exactly.
 
-A checkpoint is a folder ``checkpoints/step-00000010/``:
+A checkpoint is a folder ``checkpoints/step-00000010/`` (format 2):
 
-    weights/<name>.safetensors   trainable weights (and e.g. the EMA target), float32
-    optimizer.pt  scheduler.pt  scaler.pt (fp16 only)
-    rng-rank<r>.pt               python / numpy / torch (/ CUDA) RNG states, one file per process
-    state.json                   step, trainer, world size, loss history
+    weights/<name>.safetensors               trainable weights (and e.g. the EMA target), float32
+    optimizer.{json,safetensors}             optimizer state (``state_files``: tensors + JSON, no pickle)
+    scheduler.{json,safetensors}             LR schedule; scaler.{json,safetensors} with fp16 only
+    rng-rank<r>.{json,safetensors}           python / numpy / torch (/ CUDA) RNG states, one pair per process
+    state.json                               format, step, trainer, world size, the files' names, loss history
 
 It is assembled under a hidden temporary name and renamed into place in one ``os.replace``
 (``ccm_sdk.utils.atomic``), so a process killed at any moment leaves either the complete checkpoint
 or none. The data order needs no state: it is a function of the step (``batches.py``).
+
+Loading checks every file a checkpoint should hold (present, safetensors not truncated, JSON that
+parses, the keys expected) and raises :class:`~ccm_sdk.errors.CorruptCheckpointError` naming the
+checkpoint and the bad file. Format-1 checkpoints (``optimizer.pt``, ``rng-rank<r>.pt``) still load,
+with ``torch.load(weights_only=True)``: a ``.pt`` file that needs pickle to run code is refused as corrupt.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -26,25 +33,31 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import TrainingError
+from ..errors import CorruptCheckpointError, TrainingError
 from ..utils.atomic import TMP_PREFIX, replace_folder, temporary_folder
+from .state_files import load_state, read_json, read_tensors, save_state, state_file_names
 
 PREFIX = "step-"
+CORRUPT_PREFIX = "corrupt-"
 STATE_NAME = "state.json"
+FORMAT = 2
+# keys a state must hold for its owner's load_state_dict to take it
+REQUIRED_KEYS = {"optimizer": ("state", "param_groups"), "scheduler": ("last_epoch",)}
 
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root``, oldest first (temporary folders are ignored)."""
+def list_checkpoints(root: str | os.PathLike, *, complete: bool = True) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, oldest first (temporary folders are ignored); ``complete=False``
+    adds ``step-N`` folders that lack their state.json (damaged after they were written)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
-        if path.is_dir() and path.name.startswith(PREFIX) and (path / STATE_NAME).is_file():
+        if path.is_dir() and path.name.startswith(PREFIX) and (not complete or (path / STATE_NAME).is_file()):
             try:
                 found.append((int(path.name[len(PREFIX) :]), path))
             except ValueError:
@@ -61,7 +74,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def capture_rng() -> dict[str, Any]:
-    """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    """This process's RNG states as tensors, numbers and lists (what ``state_files`` stores without pickle)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -106,7 +119,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, checkpoint: Checkpoint
     tmp = temporary_folder(final) if accelerator.is_main_process else final.with_name(f"{TMP_PREFIX}{final.name}")
     accelerator.wait_for_everyone()
     # 2. every process adds its RNG state
-    torch.save(capture_rng(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    save_state(capture_rng(), tmp, f"rng-rank{accelerator.process_index}")
     accelerator.wait_for_everyone()
     # 3. the main process writes the rest and renames the folder into place (a run that resumed from
     # an earlier step writes this step again: it replaces the old one)
@@ -116,8 +129,11 @@ def save_checkpoint(accelerator, root: str | os.PathLike, checkpoint: Checkpoint
             tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
             save_file(tensors, str(tmp / "weights" / f"{name}.safetensors"))
         for name, obj in checkpoint.objects.items():
-            torch.save(obj, tmp / f"{name}.pt")
-        meta = {"step": checkpoint.step, "world_size": accelerator.num_processes, **checkpoint.meta}
+            save_state(obj, tmp, name)
+        meta = {
+            "format": FORMAT, "step": checkpoint.step, "world_size": accelerator.num_processes,
+            "weights": sorted(checkpoint.weights), "objects": sorted(checkpoint.objects), **checkpoint.meta,
+        }  # fmt: skip
         (tmp / STATE_NAME).write_text(json.dumps(meta))
         replace_folder(tmp, final)
         for _, old in list_checkpoints(root)[:-keep_last]:
@@ -126,14 +142,19 @@ def save_checkpoint(accelerator, root: str | os.PathLike, checkpoint: Checkpoint
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, *, rank: int, world_size: int | None, trainer: str) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, *, rank: int, world_size: int | None, trainer: str, objects: tuple[str, ...] = ()
+) -> Checkpoint:
     """Read a checkpoint for process ``rank`` of ``world_size`` (None: any, to read its weights only);
-    TrainingError if it does not fit."""
+    ``objects``: the states it must hold (``("optimizer", "scheduler")`` to resume).
+
+    TrainingError if it does not fit this run; CorruptCheckpointError, naming the file, if it is damaged.
+    """
     path = Path(path)
     state_file = path / STATE_NAME
-    if not state_file.is_file():
+    if not path.is_dir() or not (state_file.is_file() or path.name.startswith(PREFIX) or (path / "weights").is_dir()):
         raise TrainingError(f"{str(path)!r} is not a training checkpoint ({STATE_NAME} is missing)")
-    meta = json.loads(state_file.read_text())
+    meta = _read_meta(path)
     if meta.get("trainer") != trainer:
         raise TrainingError(f"checkpoint {str(path)!r} was written by trainer {meta.get('trainer')!r}, not {trainer!r}")
     if world_size is not None and meta.get("world_size") != world_size:
@@ -141,9 +162,86 @@ def load_checkpoint(path: str | os.PathLike, *, rank: int, world_size: int | Non
             f"checkpoint {str(path)!r} was written by {meta.get('world_size')} process(es) but this run has {world_size}; "
             "resume with the same number of processes so the data order and random streams continue exactly"
         )
-    weights = {p.stem: load_file(str(p)) for p in sorted((path / "weights").glob("*.safetensors"))}
-    objects = {
-        p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(path.glob("*.pt")) if not p.name.startswith("rng-")
-    }
-    rng = torch.load(path / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
-    return Checkpoint(step=int(meta["step"]), weights=weights, objects=objects, meta=meta, rng=rng)
+    old = meta.get("format", 1) == 1
+    read = _read_format_1 if old else _read_format_2
+    weights, states, rng = read(path, meta, rank if world_size is not None else None)
+
+    def file(name: str) -> Path:
+        return path / (f"{name}.pt" if old else state_file_names(name)[0])
+
+    for name in objects:
+        if name not in states:
+            raise CorruptCheckpointError(path, file(name), f"the file is missing (the checkpoint holds no {name} state)")
+    for name, state in states.items():
+        missing = [key for key in REQUIRED_KEYS.get(name, ()) if not isinstance(state, dict) or key not in state]
+        if missing:
+            raise CorruptCheckpointError(path, file(name), f"the {name} state lacks the keys {missing}")
+    return Checkpoint(step=int(meta["step"]), weights=weights, objects=states, meta=meta, rng=rng)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    file = path / STATE_NAME
+    meta = read_json(file, path)
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(path, file, f"expected a JSON object, got {type(meta).__name__}")
+    expected = {"step": int, "trainer": str, "world_size": int}
+    if meta.get("format", 1) != 1:
+        expected.update(format=int, weights=list, objects=list)
+    wrong = [f"{k} ({t.__name__})" for k, t in expected.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
+    for key in ("weights", "objects"):  # file names: plain, non-empty strings
+        if key in expected and isinstance(meta.get(key), list) and not all(isinstance(n, str) and n and "/" not in n for n in meta[key]):
+            wrong.append(f"{key} (a list of names)")
+    if wrong:
+        raise CorruptCheckpointError(path, file, f"missing or mistyped keys: {', '.join(wrong)}")
+    if meta.get("format", 1) not in (1, FORMAT):
+        raise CorruptCheckpointError(path, file, f"unknown checkpoint format {meta['format']} (this version reads 1 and {FORMAT})")
+    return meta
+
+
+def _read_weights(path: Path, names) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: read_tensors(path / "weights" / f"{name}.safetensors", path) for name in names}
+
+
+def _read_format_2(path: Path, meta: dict[str, Any], rank: int | None):
+    weights = _read_weights(path, meta["weights"])
+    states = {name: load_state(path, name) for name in meta["objects"]}
+    # every process checks every RNG file, so all of them judge the checkpoint alike
+    rngs = {r: load_state(path, f"rng-rank{r}") for r in range(meta["world_size"])}
+    return weights, states, (rngs.get(rank) if rank is not None else None)
+
+
+def _read_format_1(path: Path, meta: dict[str, Any], rank: int | None):
+    weights = _read_weights(path, sorted(p.stem for p in (path / "weights").glob("*.safetensors")))
+    states = {p.stem: _torch_load(p, path) for p in sorted(path.glob("*.pt")) if not p.name.startswith("rng-")}
+    rng = _torch_load(path / f"rng-rank{rank}.pt", path) if rank is not None else None
+    return weights, states, rng
+
+
+def _torch_load(file: Path, checkpoint: Path) -> Any:
+    """A format-1 ``.pt`` file, weights only: its pickle opcodes may build tensors and containers, never run code."""
+    if not file.is_file():
+        raise CorruptCheckpointError(checkpoint, file, "the file is missing")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message advises weights_only=False; keep only the line saying what the file asked for
+        lines = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        detail = f" ({lines[0].strip()})" if lines else ""
+        raise CorruptCheckpointError(
+            checkpoint, file, f"not a weights-only torch file: loading it would run pickled code, which is refused{detail}"
+        ) from None
+    except Exception as error:  # a truncated zip archive, a file that is not a torch file at all
+        raise CorruptCheckpointError(checkpoint, file, f"not a readable torch file ({error})") from error
+
+
+def mark_corrupt(path: str | os.PathLike) -> Path:
+    """Rename a corrupt checkpoint ``step-N`` to ``corrupt-step-N`` (``-2``, ... if taken) so that neither
+    resume nor rotation picks it up again; the files stay for a look."""
+    path = Path(path)
+    target = path.with_name(f"{CORRUPT_PREFIX}{path.name}")
+    count = 1
+    while target.exists():
+        count += 1
+        target = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{count}")
+    os.replace(path, target)
+    return target

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +26,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..datasets import TorchDataset, collate, open_dataset
-from ..errors import InputError, InputTypeError, TrainingError, TrainingInterrupted
+from ..errors import CorruptCheckpointError, InputError, InputTypeError, TrainingError, TrainingInterrupted
 from ..utils.atomic import remove_temporary_folders
 from ..utils.stopping import StopSignals
 from .batches import StepBatches
 from .checkpoint import (
     Checkpoint,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    mark_corrupt,
     restore_rng,
     save_checkpoint,
 )
@@ -268,16 +270,50 @@ class Trainer(ABC):
         inputs = self.prepare_inputs(batch)
         return self.compute_loss(inputs, self.sample_draws(inputs))
 
-    def _resume_path(self, checkpoints: Path) -> Path | None:
-        resume = self.config.checkpoint.resume
+    def _resume(self, checkpoints: Path) -> tuple[Path, Checkpoint] | None:
+        """The checkpoint ``checkpoint.resume`` asks for, loaded for this process; None to start from scratch.
+
+        "latest" takes the newest intact checkpoint: a corrupt newer one is renamed ``corrupt-step-N``
+        with a warning naming it and why. A checkpoint named explicitly is loaded or refused.
+        """
+        resume, acc = self.config.checkpoint.resume, self.accelerator
+
+        def load(path: Path) -> Checkpoint:
+            return load_checkpoint(path, rank=acc.process_index, world_size=acc.num_processes, trainer=self.name,
+                                   objects=("optimizer", "scheduler"))  # fmt: skip
+
         if resume is False or resume == "":
             return None
-        if resume is True or resume == "latest":
-            return latest_checkpoint(checkpoints)  # nothing yet: start from scratch
-        path = Path(resume)
-        if not path.is_dir():
-            raise TrainingError(f"checkpoint.resume: {resume!r} is not a checkpoint folder")
-        return path
+        if resume is not True and resume != "latest":
+            path = Path(resume)
+            if not path.is_dir():
+                raise TrainingError(f"checkpoint.resume: {resume!r} is not a checkpoint folder")
+            return path, load(path)
+        # every process tries the same checkpoints (all of each one's files), so all pick the same one
+        found, corrupt = None, []
+        for _, path in reversed(list_checkpoints(checkpoints, complete=False)):
+            try:
+                found = path, load(path)
+                break
+            except CorruptCheckpointError as error:
+                corrupt.append(error)
+        acc.wait_for_everyone()
+        if corrupt and found is None:
+            listed = "; ".join(str(e) for e in corrupt)
+            raise TrainingError(
+                f"{self.name}: no intact checkpoint to resume from in {str(checkpoints)!r} ({listed}). "
+                "Move the damaged folders away (or delete them) to start from scratch, or resume from another checkpoint folder."
+            )
+        if acc.is_main_process:
+            for error in corrupt:
+                moved = mark_corrupt(error.checkpoint)
+                warnings.warn(
+                    f"{self.name}: {error}; resuming from the older {str(found[0])!r} instead, and the damaged one "
+                    f"is renamed {moved.name!r} so it is not tried again",
+                    RuntimeWarning, stacklevel=3,
+                )  # fmt: skip
+        acc.wait_for_everyone()
+        return found
 
     def _load_weights(self, checkpoint: Checkpoint) -> None:
         trainable = checkpoint.weights.get("trainable", {})
@@ -358,9 +394,10 @@ class Trainer(ABC):
         # 3. per-process random streams, then the checkpoint's if resuming
         seed_everything(t.seed + acc.process_index)
         history, start = LossHistory(), 0
-        last_saved = self._resume_path(checkpoints)
-        if last_saved is not None:
-            checkpoint = load_checkpoint(last_saved, rank=acc.process_index, world_size=acc.num_processes, trainer=self.name)
+        last_saved = None
+        resumed = self._resume(checkpoints)
+        if resumed is not None:
+            last_saved, checkpoint = resumed
             self._restore(checkpoint, optimizer, scheduler)
             restore_rng(checkpoint.rng)
             history, start = LossHistory(checkpoint.meta.get("history")), checkpoint.step

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ..errors import ImageSizeError, ShapeError
+from ..errors import ImageSizeError, IncompatibleModelsError, ShapeError
 from ..pipeline import CCMPipeline
 from ..schedule import guidance_embedding
 
@@ -36,6 +36,11 @@ class FrozenBase:
     """
 
     def __init__(self, pipe: CCMPipeline, *, device: torch.device, weight_dtype: torch.dtype):
+        if pipe.is_sdxl:
+            raise IncompatibleModelsError(
+                "training on an SDXL-family base is not supported yet (the trainers compute Stable Diffusion's text conditioning "
+                "only); expected a Stable Diffusion 1.x/2.x layout model"
+            )
         self.pipe, self.device, self.weight_dtype = pipe, device, weight_dtype
         freeze(pipe.vae, pipe.text_encoder)
         place(pipe.vae, device, torch.float32)

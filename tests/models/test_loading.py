@@ -125,3 +125,29 @@ def test_metadata_keys_and_real_configs_pass():
     assert unknown_config_keys(AutoencoderKL, sd15_vae) == []
     assert unknown_config_keys(UNet2DConditionModel, {"_name_or_path": "x", "cross_attention_dim": 768}) == []
     assert unknown_config_keys(CLIPTextModel, {"dropout": 0.0}) == []  # transformers configs are not checked
+
+
+def test_pipeline_repos_download_only_their_components(monkeypatch, tmp_path, sdxl_lcm_dir):
+    """Root-level single-file checkpoints and weight variants of a pipeline repository stay on the hub."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot(repo_id, **kwargs):
+        calls.append(kwargs)
+        return str(sdxl_lcm_dir)
+
+    def fake_file(repo_id, filename, **kwargs):
+        if repo_id == "someone/unet-only":
+            raise huggingface_hub.errors.LocalEntryNotFoundError("no model_index.json")
+        return str(sdxl_lcm_dir / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
+    assert resolve_model_path("someone/tiny-sdxl", local_files_only=False) == sdxl_lcm_dir
+    allow, ignore = calls[0]["allow_patterns"], calls[0]["ignore_patterns"]
+    assert "model_index.json" in allow and "text_encoder_2/*.safetensors" in allow and "tokenizer_2/*.json" in allow
+    assert not any(p.startswith("*") or p.startswith("**") for p in allow)  # nothing at the root but the index
+    assert {"*.fp16.safetensors", "*.fp16-*.safetensors"} <= set(ignore)
+    resolve_model_path("someone/unet-only", local_files_only=False)
+    assert "*.safetensors" in calls[1]["allow_patterns"]  # a lone UNet or ControlNet keeps its root-level weights

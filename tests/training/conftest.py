@@ -12,6 +12,7 @@ from ccm_sdk.training.config import config_class, resolve_key, validate_config
 from ccm_sdk.utils.config_files import set_path
 
 TINY_CONTROL_EMBEDDING = [8, 16, 16, 32]  # three stride-2 convs: the tiny VAE's factor 8
+TINY_VAE = {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +65,25 @@ def make_config(tmp_path, squares, tiny_models):
         for key, value in overrides.items():
             set_path(raw, resolve_key(cls, key.replace("__", ".")), value)
         return validate_config(cls, raw)
+
+    return make
+
+
+@pytest.fixture()
+def vae_config(tmp_path, squares):
+    """``vae_config(**overrides)``: the quickest trainer (a tiny VAE, six steps, checkpoints every four),
+    for tests of the training loop itself (stopping, resuming)."""
+    from ccm_sdk.training.vae import VAETrainConfig
+
+    def make(**overrides):
+        raw = {
+            "trainer": "vae", "output_dir": str(tmp_path / "out"), "architecture": dict(TINY_VAE), "data": {"path": str(squares)},
+            "train": {"max_steps": 6, "batch_size": 2, "lr": 2e-3, "num_threads": 1, "device": "cpu"},
+            "checkpoint": {"every": 4, "keep_last": 3}, "log": {"progress": False, "plot": False}, "scaling_factor": 0.5,
+        }  # fmt: skip
+        for key, value in overrides.items():
+            set_path(raw, resolve_key(VAETrainConfig, key.replace("__", ".")), value)
+        return validate_config(VAETrainConfig, raw)
 
     return make
 

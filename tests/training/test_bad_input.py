@@ -79,3 +79,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_config):
     weights = load_file(str(checkpoints[-1][1] / "weights" / "trainable.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert all(torch.isfinite(p).all() for p in trainer.unwrapped().parameters())  # the NaN step was not applied
+
+
+def test_an_sdxl_base_is_refused_with_a_typed_error(make_config, sdxl_lcm_dir):
+    from ccm_sdk.errors import IncompatibleModelsError
+
+    config = make_config("ct_controlnet", model=str(sdxl_lcm_dir))
+    with pytest.raises(IncompatibleModelsError, match="SDXL-family base is not supported yet"):
+        CTControlNetTrainer(config).setup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccm_sdk.errors import TrainingError
+from ccm_sdk.errors import CorruptCheckpointError, TrainingError
 from ccm_sdk.training import checkpoint as ckpt
 from ccm_sdk.utils.atomic import remove_temporary_folders
 
@@ -27,8 +28,11 @@ def _state(step: int) -> ckpt.Checkpoint:
 def test_save_and_load_round_trip(tmp_path):
     path = ckpt.save_checkpoint(_single_process(), tmp_path, _state(3), keep_last=2)
     assert path.name == "step-00000003"
-    assert {p.name for p in path.iterdir()} == {"weights", "optimizer.pt", "rng-rank0.pt", "state.json"}
-    loaded = ckpt.load_checkpoint(path, rank=0, world_size=1, trainer="t")
+    files = {"weights", "optimizer.json", "optimizer.safetensors", "rng-rank0.json", "rng-rank0.safetensors", "state.json"}
+    assert {p.name for p in path.iterdir()} == files  # no pickle anywhere
+    meta = json.loads((path / "state.json").read_text())
+    assert meta["format"] == 2 and meta["weights"] == ["ema", "trainable"] and meta["objects"] == ["optimizer"]
+    loaded = ckpt.load_checkpoint(path, rank=0, world_size=1, trainer="t", objects=("optimizer",))
     assert loaded.step == 3 and loaded.meta["history"] == [[3, 0.5, 1e-4]]
     assert torch.equal(loaded.weights["trainable"]["w"], torch.full((2, 3), 3.0)) and set(loaded.weights) == {"trainable", "ema"}
     assert loaded.objects["optimizer"]["state"][0]["step"].item() == 3.0
@@ -81,3 +85,101 @@ def test_checkpoints_that_do_not_fit_are_refused(tmp_path):
         ckpt.load_checkpoint(path, rank=0, world_size=1, trainer="lcd")
     with pytest.raises(TrainingError, match="not a training checkpoint"):
         ckpt.load_checkpoint(tmp_path, rank=0, world_size=1, trainer="t")
+
+
+# --- damaged checkpoints -----------------------------------------------------------------
+
+
+def _truncate(file, keep=0.5):
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGES = {
+    "truncated weights": (lambda p: _truncate(p / "weights" / "trainable.safetensors"), "weights/trainable.safetensors", "not a readable safetensors"),
+    "truncated optimizer": (lambda p: _truncate(p / "optimizer.safetensors", 0.9), "optimizer.safetensors", "not a readable safetensors"),
+    "truncated RNG state": (lambda p: _truncate(p / "rng-rank0.json"), "rng-rank0.json", "not valid JSON"),
+    "broken state.json": (lambda p: _truncate(p / "state.json"), "state.json", "not valid JSON"),
+    "state.json lacking keys": (lambda p: (p / "state.json").write_text('{"step": 3, "trainer": "t"}'), "state.json", "world_size"),
+    "state.json naming odd files": (
+        lambda p: (p / "state.json").write_text(json.dumps({**json.loads((p / "state.json").read_text()), "weights": ["../x"]})),
+        "state.json", r"weights \(a list of names\)",
+    ),
+    "missing optimizer": (lambda p: (p / "optimizer.json").unlink(), "optimizer.json", "missing"),
+    "missing EMA weights": (lambda p: (p / "weights" / "ema.safetensors").unlink(), "weights/ema.safetensors", "missing"),
+    "optimizer without its keys": (
+        lambda p: (p / "optimizer.json").write_text('{"format": "ccm-state-1", "state": {"state": {}}}'), "optimizer.json", r"lacks the keys \['param_groups'\]"
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_checkpoint_names_the_bad_file(tmp_path, damage):
+    path = ckpt.save_checkpoint(_single_process(), tmp_path, _state(3), keep_last=2)
+    spoil, file, reason = DAMAGES[damage]
+    spoil(path)
+    with pytest.raises(CorruptCheckpointError, match=reason) as caught:
+        ckpt.load_checkpoint(path, rank=0, world_size=1, trainer="t", objects=("optimizer",))
+    assert caught.value.checkpoint == str(path) and caught.value.file == str(path / file)
+    assert str(path) in str(caught.value) and file.split("/")[-1] in str(caught.value)
+
+
+def test_a_checkpoint_without_a_state_it_needs_is_corrupt(tmp_path):
+    path = ckpt.save_checkpoint(_single_process(), tmp_path, _state(3), keep_last=2)
+    with pytest.raises(CorruptCheckpointError, match="scheduler.json.*holds no scheduler state"):
+        ckpt.load_checkpoint(path, rank=0, world_size=1, trainer="t", objects=("optimizer", "scheduler"))
+
+
+def _format_1(tmp_path, step=3):
+    """A checkpoint as versions before format 2 wrote it: .pt files read with torch.load."""
+    path = tmp_path / ckpt.checkpoint_name(step)
+    (path / "weights").mkdir(parents=True)
+    state = _state(step)
+    for name, weights in state.weights.items():
+        ckpt.save_file(weights, str(path / "weights" / f"{name}.safetensors"))
+    torch.save(state.objects["optimizer"], path / "optimizer.pt")
+    torch.save(ckpt.capture_rng(), path / "rng-rank0.pt")
+    (path / "state.json").write_text(json.dumps({"step": step, "world_size": 1, **state.meta}))
+    return path
+
+
+def test_format_1_checkpoints_still_load_weights_only(tmp_path):
+    path = _format_1(tmp_path)
+    loaded = ckpt.load_checkpoint(path, rank=0, world_size=1, trainer="t", objects=("optimizer",))
+    assert loaded.step == 3 and loaded.objects["optimizer"]["state"][0]["step"].item() == 3.0
+    assert torch.equal(loaded.weights["trainable"]["w"], torch.full((2, 3), 3.0)) and torch.equal(loaded.rng["torch"], torch.get_rng_state())
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+
+
+class Payload:
+    """Unpickling this would call os.system: a format-1 file built to run code."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch pickle-ran",)
+
+
+def test_a_format_1_file_that_needs_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _format_1(tmp_path)
+    torch.save({"state": {}, "param_groups": [], "extra": Payload()}, path / "optimizer.pt")
+    with pytest.raises(CorruptCheckpointError, match="optimizer.pt.*not a weights-only torch file.*GLOBAL posix.system") as caught:
+        ckpt.load_checkpoint(path, rank=0, world_size=1, trainer="t")
+    assert caught.value.file == str(path / "optimizer.pt") and "weights_only" not in str(caught.value)  # no advice to unpickle
+    assert not (tmp_path / "pickle-ran").exists()
+    _truncate(path / "rng-rank0.pt")
+    (path / "optimizer.pt").unlink()
+    with pytest.raises(CorruptCheckpointError, match="rng-rank0.pt.*not a readable torch file"):
+        ckpt.load_checkpoint(path, rank=0, world_size=1, trainer="t")
+
+
+def test_mark_corrupt_renames_out_of_the_way(tmp_path):
+    for step in (2, 4):
+        ckpt.save_checkpoint(_single_process(), tmp_path, _state(step), keep_last=3)
+    moved = ckpt.mark_corrupt(tmp_path / "step-00000004")
+    assert moved.name == "corrupt-step-00000004" and [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]
+    ckpt.save_checkpoint(_single_process(), tmp_path, _state(4), keep_last=1)
+    assert ckpt.mark_corrupt(tmp_path / "step-00000004").name == "corrupt-step-00000004-2"
+    ckpt.save_checkpoint(_single_process(), tmp_path, _state(6), keep_last=1)  # rotation leaves them alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt-step-00000004", "corrupt-step-00000004-2", "step-00000006"]

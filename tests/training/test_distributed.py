@@ -32,6 +32,6 @@ def test_two_processes_train_the_same_weights(make_config, tmp_path):
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     # each process wrote its own RNG state; the checkpoint records the world size it needs
     last = tmp_path / "ddp" / "checkpoints" / "step-00000004"
-    assert {p.name for p in last.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+    assert {p.name for p in last.glob("rng-rank*")} == {f"rng-rank{r}.{ext}" for r in (0, 1) for ext in ("json", "safetensors")}
     assert json.loads((last / "state.json").read_text())["world_size"] == 2
     assert load_file(str(tmp_path / "ddp" / "controlnet" / "diffusion_pytorch_model.safetensors"))

@@ -14,29 +14,9 @@ from safetensors.torch import load_file
 from ccm_sdk.errors import InputError, TrainingError, TrainingInterrupted
 from ccm_sdk.training import train
 from ccm_sdk.training.checkpoint import list_checkpoints
-from ccm_sdk.training.config import resolve_key, validate_config
 from ccm_sdk.training.core import Trainer
-from ccm_sdk.training.vae import VAETrainConfig
 from ccm_sdk.utils import stopping
 from ccm_sdk.utils.stopping import time_limit, time_limit_reached
-from ccm_sdk.utils.config_files import set_path
-
-TINY = {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}
-
-
-@pytest.fixture()
-def vae_config(tmp_path, squares):
-    def make(**overrides):
-        raw = {
-            "trainer": "vae", "output_dir": str(tmp_path / "out"), "architecture": dict(TINY), "data": {"path": str(squares)},
-            "train": {"max_steps": 6, "batch_size": 2, "lr": 2e-3, "num_threads": 1, "device": "cpu"},
-            "checkpoint": {"every": 4, "keep_last": 3}, "log": {"progress": False, "plot": False}, "scaling_factor": 0.5,
-        }  # fmt: skip
-        for key, value in overrides.items():
-            set_path(raw, resolve_key(VAETrainConfig, key.replace("__", ".")), value)
-        return validate_config(VAETrainConfig, raw)
-
-    return make
 
 
 def _at_step(monkeypatch, at: int, action) -> None:

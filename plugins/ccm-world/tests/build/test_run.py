@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,14 @@ def test_shipped_presets_validate_and_fit_an_hour_per_stage():
     assert len(trained) == 19
     for unit in [*trained, full.by_name["data-cache"]]:
         seconds_per_step, steps = stage_seconds(full.preset, unit)
-        assert seconds_per_step * steps < 3600, unit.name
+        section = getattr(full.preset, unit.section)
+        if unit.condition is not None and unit.condition in getattr(section, "per_condition", {}):
+            # a unit trained on past its stage's budget (sketch, 4200 steps) resumes from its checkpoints:
+            # an interruption loses less than an hour, and the extension stays within two
+            every = section.config["checkpoint"]["every"]
+            assert seconds_per_step * every < 3600 and seconds_per_step * steps < 2 * 3600, unit.name
+        else:
+            assert seconds_per_step * steps < 3600, unit.name
 
 
 def test_bad_preset_keys_error_clearly():
@@ -388,7 +396,8 @@ def test_the_full_preset_still_describes_the_installed_models(tmp_path):
     """The full preset's pack fingerprint (every unit's spec and inputs) is the one the installed models
     were packed under: a change of code or preset that would make the shipped models stale fails here,
     not hours into the next build (a new trainer option needs its neutral value in NEUTRAL_OPTIONS)."""
-    manifest = json.loads((ccm_world.MODELS_DIR / MANIFEST).read_text())
+    installed = Path(ccm_world.__file__).parent / "models"  # not MODELS_DIR: the module's `built` fixture patches it
+    manifest = json.loads((installed / MANIFEST).read_text())
     build = WorldBuild(load_preset("full"), tmp_path / "work", models_dir=tmp_path / "models", log=lambda m: None)
     assert build.fingerprint(build.by_name["pack"]) == manifest["fingerprint"]
 
