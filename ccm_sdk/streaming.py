@@ -363,9 +363,3 @@ class StreamEngine:
         finally:
             frames.close()
 
-
-def describe_stats(stats: StreamStats) -> str:
-    """One line for logs and the page."""
-    return (f"{stats.frames} frames: {stats.generated} generated in {stats.batches} calls, {stats.skipped} skipped by the filter, "
-            f"{stats.dropped} stale dropped, {stats.nfe} network evaluations")
-

@@ -151,9 +151,9 @@ class WebSocket:
             except WebSocketError as exc:
                 self.close(exc.code, str(exc)[:100])
                 return None
-            except (ConnectionError, OSError) as exc:
-                if isinstance(exc, TimeoutError) or isinstance(exc, socket.timeout):
-                    raise TimeoutError(f"no message within {timeout} s") from None
+            except TimeoutError:
+                raise TimeoutError(f"no message within {timeout} s") from None
+            except OSError:  # reset, or closed in the middle of a frame
                 self.closed = True
                 return None
             if opcode == OP_PING:

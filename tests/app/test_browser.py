@@ -1,5 +1,5 @@
 """The page in a real headless Chromium (the system's, driven by Playwright): draw a stroke, stream the
-fake camera, load a picture for img2img, and check that images come back, with figures and history.
+fake camera and the screen, load a picture for img2img, and check that images come back, with figures and history.
 
 Skipped when Chromium or Playwright is missing, unless ``CCM_REQUIRE_BROWSER=1`` (CI sets it), where
 that is a failure. ``CCM_SCREENSHOT=path`` also saves the page's screenshot there.
@@ -54,9 +54,7 @@ def test_draw_stream_the_camera_and_img2img_in_chromium(serve, pipe, tmp_path):
         page.mouse.down()
         page.mouse.move(box["x"] + 300, box["y"] + 250, steps=8)
         page.mouse.up()
-        page.wait_for_function("document.querySelectorAll('#history a').length >= 1", timeout=30_000)
-        names = page.eval_on_selector_all("#history a", "links => links.map(a => a.download)")
-        assert "a-red-square-seed3.png" in names
+        page.wait_for_selector("#history a[download='a-red-square-seed3.png']", state="attached", timeout=30_000)
         assert page.get_attribute("#save", "download") == "a-red-square-seed3.png"
         assert page.evaluate("document.getElementById('result').naturalWidth") == 64
 
@@ -75,7 +73,13 @@ def test_draw_stream_the_camera_and_img2img_in_chromium(serve, pipe, tmp_path):
         if os.environ.get("CCM_SCREENSHOT"):
             page.screenshot(path=os.environ["CCM_SCREENSHOT"])
 
-        # 3. img2img: a picture and a strength, the control map made on the server
+        # 3. the screen (getDisplayMedia), the control map made on the server with canny
+        page.select_option("#condition", "canny")
+        page.check("#mode-screen")
+        page.wait_for_function("globalThis.ccmStream.generated >= 3 && globalThis.ccmStream.displayed >= 3", timeout=60_000)
+        assert "canny on the server" in page.text_content("#status")
+
+        # 4. img2img: a picture and a strength, the control map made on the server
         page.check("#mode-img2img")
         page.wait_for_function("globalThis.ccmStream.answers === 0")
         page.set_input_files("#upload", files=[{"name": "picture.png", "mimeType": "image/png", "buffer": _png_bytes()}])
