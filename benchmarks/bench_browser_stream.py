@@ -2,7 +2,8 @@
 
 1. End to end in headless Chromium (the system's, driven by Playwright, with its fake camera):
    ``ccm serve``'s page in camera mode, edges made in the browser, frames over ``/api/stream``.
-   For 1 and 4 steps: new images shown per second, median latency from capture to the image on
+   For 1 and 4 steps, with two frames in flight (the page's default) and with one ("lowest
+   latency"): new images shown per second, median latency from capture to the image on
    screen, the server's part (frame in to answer out) and the generation's (the pipeline call).
    Goals: 24 fps at 1 step, 10 at 4.
 2. Server overhead: one frame at a time from a Python WebSocket client, round trip against the
@@ -47,15 +48,17 @@ def _png(frame: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def in_browser(url: str, steps_list: list[int], seconds: float, screenshot: str | None) -> dict[int, dict[str, float]]:
-    """Per step count: fps shown, latency capture-to-screen, server and generation milliseconds (medians)."""
+def in_browser(url: str, steps_list: list[int], seconds: float, screenshot: str | None) -> dict[tuple[int, bool], dict[str, float]]:
+    """Per step count, with two frames in flight and with one: fps shown, latency capture-to-screen, server and
+    generation milliseconds (medians)."""
     results = {}
     with browser.chromium_page() as page:
         page.goto(url)
         page.wait_for_function("document.getElementById('model').textContent.length > 0")
-        for steps in steps_list:
+        for steps, one_at_a_time in [(steps, one) for steps in steps_list for one in (False, True)]:
             page.check("#mode-draw")
             page.select_option("#steps", str(steps))
+            page.evaluate(f"document.getElementById('one-at-a-time').checked = {'true' if one_at_a_time else 'false'}")  # hidden in draw mode
             page.check("#mode-camera")
             page.wait_for_function("globalThis.ccmStream.displayed >= 3", timeout=60_000)
             time.sleep(1.0)  # warm
@@ -67,10 +70,10 @@ def in_browser(url: str, steps_list: list[int], seconds: float, screenshot: str 
                                 "gen: ccmStream.generation.slice(%d), dropped: ccmStream.dropped, skipped: ccmStream.skipped})"
                                 % (start["lat"], start["server"], start["gen"]))
             elapsed = time.perf_counter() - t0
-            results[steps] = {"fps": (end["shown"] - start["shown"]) / elapsed, "latency_ms": statistics.median(end["lat"]),
+            results[(steps, one_at_a_time)] = {"fps": (end["shown"] - start["shown"]) / elapsed, "latency_ms": statistics.median(end["lat"]),
                               "server_ms": statistics.median(end["server"]), "generation_ms": statistics.median(end["gen"]),
                               "dropped": end["dropped"] - start["dropped"], "skipped": end["skipped"] - start["skipped"]}
-            if screenshot and steps == steps_list[0]:
+            if screenshot and steps == steps_list[0] and not one_at_a_time:
                 page.wait_for_function("document.getElementById('figures').textContent.includes('fps')")
                 page.screenshot(path=screenshot)
         page.check("#mode-draw")
@@ -130,11 +133,11 @@ def main() -> None:
               f"Chromium {browser.find_chromium()} with its fake camera, edges made in the browser")
         shown = in_browser(url, args.steps, args.seconds, args.screenshot)
         print(f"\nend to end in the browser ({args.seconds:g} s per step count; medians):")
-        print("  steps     fps   latency capture->screen   server (in->out)   generation   goal")
-        for steps, r in shown.items():
+        print("  steps  in flight     fps   latency capture->screen   server (in->out)   generation   goal")
+        for (steps, one), r in shown.items():
             goal = {1: 24, 4: 10}.get(steps)
-            print(f"  {steps:5d}  {r['fps']:6.1f}   {r['latency_ms']:10.1f} ms   {r['server_ms']:14.1f} ms   {r['generation_ms']:7.1f} ms"
-                  f"   {f'{goal} fps' if goal else ''}  ({r['dropped']} dropped, {r['skipped']} skipped)")
+            print(f"  {steps:5d}  {1 if one else 2:9d}  {r['fps']:6.1f}   {r['latency_ms']:10.1f} ms   {r['server_ms']:14.1f} ms"
+                  f"   {r['generation_ms']:7.1f} ms   {f'{goal} fps' if goal else ''}  ({r['dropped']} dropped, {r['skipped']} skipped)")
         moving = [np.roll(sketch, i % 16, axis=1) for i in range(args.frames)]
         print(f"\nserver overhead, one frame at a time ({args.frames} frames, medians; in-process = StreamEngine.process):")
         print("  steps   in-process   /api/stream   ratio    POST /api/generate   ratio")
