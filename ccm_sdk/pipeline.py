@@ -791,29 +791,27 @@ class CCMPipeline:
         finally:
             self.vae.to(dtype=dtype)
 
-    def stream(self, frames: Iterable[Any], prompt: str, *, seed: int = 0, **kwargs: Any) -> Iterator[CCMOutput]:
-        """Generate one output per control frame, for real-time use.
+    def stream(self, frames: Iterable[Any], prompt: str, *, seed: int = 0, similarity_threshold: float | None = 0.004,
+               batch_size: int = 1, seed_policy: str = "fixed", realtime: bool = False, **kwargs: Any) -> Iterator[Any]:
+        """Generate one output per control frame, for real-time use (a :class:`ccm_sdk.streaming.StreamEngine`).
 
-        The prompt is encoded once; every frame restarts the same seeded random stream (initial
-        latents and step noise), so consecutive frames stay coherent; each result is yielded
-        as soon as it is made.
+        The prompt is encoded once; with the default ``seed_policy="fixed"`` every frame restarts the
+        same seeded random stream, so consecutive frames stay coherent. Frames whose control map
+        differs from the last generated one by at most ``similarity_threshold`` (mean absolute
+        difference in [0, 1]; None turns the filter off) get the last image without running the
+        networks (``output.skipped``). ``batch_size`` frames share one network call. With
+        ``realtime=True`` the frames are read on a thread and stale ones are dropped while a frame
+        generates (a live camera). Other keyword arguments are :class:`~ccm_sdk.streaming.StreamEngine`'s
+        and the pipeline call's (``num_inference_steps``, ``condition``, ``img2img``, ``output_type``...).
+        Yields :class:`~ccm_sdk.streaming.StreamOutput` objects.
         """
-        guidance_scale = kwargs.pop("guidance_scale", 8.0)
-        negative_prompt = kwargs.pop("negative_prompt", None)
-        num_images = kwargs.pop("num_images_per_prompt", 1)
-        do_cfg = guidance_scale > 1.0 and not self.is_lcm
-        prompt_state = self.prepare_prompt(
-            prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, num_images_per_prompt=num_images, do_cfg=do_cfg
-        )
-        generator = torch.Generator(device=self.device)
-        progress, self.progress = self.progress, False
-        try:
-            for frame in frames:
-                generator.manual_seed(seed)
-                control = frame if self.controlnets else None
-                yield self(prompt, control, guidance_scale=guidance_scale, generator=generator, _prompt=prompt_state, **kwargs)
-        finally:
-            self.progress = progress
+        from .streaming import StreamEngine
+
+        if realtime and batch_size != 1:
+            raise InputError(f"realtime=True generates the newest frame each time; it takes batch_size=1, got {batch_size!r}")
+        engine = StreamEngine(self, prompt, seed=seed, similarity_threshold=similarity_threshold, batch_size=batch_size,
+                              seed_policy=seed_policy, **kwargs)
+        return engine.follow(frames) if realtime else engine.run(frames)
 
 
 def load_controlnet(

@@ -1,7 +1,8 @@
 """``ccm serve``: a drawing page and a JSON endpoint that turns each sketch into an image.
 
-Endpoints: ``GET /`` (the page), ``GET /api/info`` (model, size, defaults) and
-``POST /api/generate`` (a :class:`GenerateRequest` as JSON -> the image as a PNG data URL).
+Endpoints: ``GET /`` (the page), ``GET /api/info`` (model, size, defaults),
+``POST /api/generate`` (a :class:`GenerateRequest` as JSON -> the image as a PNG data URL) and
+``GET /api/stream`` (a WebSocket: frames in, images out; :mod:`.stream_session`).
 Bad requests get a 4xx answer with a message that says what was expected; the server keeps
 running. It binds to 127.0.0.1 unless told otherwise, and never reads a path a client names.
 
@@ -51,6 +52,8 @@ DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 32
 DRAIN_SECONDS = 1.0
 DRAIN_BYTES = 1024 * 1024
+FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" fill="#123"/>'
+               b'<path d="M3 12 L8 3 L13 12" stroke="#fff" stroke-width="1.6" fill="none"/><circle cx="8" cy="10" r="2" fill="#4c8"/></svg>')
 
 
 class GenerateRequest(BaseModel):
@@ -232,6 +235,10 @@ class GenerationService:
         inputs = self._inputs(request)
         return self._queue.submit(self._run, request, inputs, wanted=wanted)
 
+    def run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the generation queue's turn (``/api/stream`` frames share the model with requests)."""
+        return self._queue.submit(fn, *args).result()
+
     def generate(self, request: GenerateRequest) -> dict[str, Any]:
         """Run one request in its turn; raises :class:`CCMError` subclasses for input the pipeline refuses."""
         return self.submit(request).result()
@@ -399,8 +406,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
         elif path == "/api/info":
             self._json(HTTPStatus.OK, self.service.info())
+        elif path == "/api/stream":
+            from .stream_session import serve_websocket
+
+            serve_websocket(self, self.service)
+        elif path == "/favicon.ico":
+            self._send(HTTPStatus.OK, FAVICON_SVG, "image/svg+xml")
         else:
-            self._error(HTTPStatus.NOT_FOUND, f"no such page {path!r}; the app is at / and the API at /api/info and /api/generate", "NotFound")
+            self._error(HTTPStatus.NOT_FOUND, f"no such page {path!r}; the app is at / and the API at /api/info, /api/generate "
+                        "and /api/stream (WebSocket)", "NotFound")
 
     def do_OPTIONS(self) -> None:  # noqa: N802
         """A CORS preflight: answered for the origins ``--allow-origin`` lets in, with no CORS headers for others."""

@@ -243,6 +243,7 @@ function context2d(name) {
 }
 function element(id) {
   return { id, value: "1", checked: id === "live", style: {}, textContent: "", listeners: {}, add() {}, setPointerCapture() {},
+           children: [], appendChild() {}, prepend(child) { this.children.unshift(child); }, removeChild() {},
            addEventListener(event, handler) { this.listeners[event] = handler; }, getContext() { return context2d(id); },
            toDataURL() { return "data:image/png;base64," + id; }, getBoundingClientRect() { return { left: 0, top: 0, width: 64, height: 64 }; } };
 }
@@ -288,7 +289,7 @@ def test_page_sends_a_control_map_or_a_picture_and_its_mask(tmp_path, channels):
     result = subprocess.run([node, str(script)], capture_output=True, text=True, timeout=60, env={"INFO": json.dumps(info)})
     assert result.returncode == 0, result.stderr
     run = json.loads(result.stdout)
-    sent = {"control_scale", "prompt", "seed", "steps"} | ({"image", "mask"} if channels == 4 else {"control"})
+    sent = {"control_scale", "guidance", "prompt", "seed", "steps"} | ({"image", "mask"} if channels == 4 else {"control"})
     assert run["posted"] and all(set(keys) == sent for keys in run["posted"])
     assert (run["upload"] == "load a picture") == (channels == 4)
     # "keep painting on this": inpainting only; the result becomes the picture and the mask is cleared
