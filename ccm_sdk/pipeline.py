@@ -578,6 +578,10 @@ class CCMPipeline:
         with torch.inference_mode():
             watch = _Stopwatch()
             sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
+            if not isinstance(sampler, Sampler):
+                raise InputTypeError(f"sampler: expected a sampler name (str) or a Sampler, got {_describe(sampler)}")
+            if callback is not None and not callable(callback):
+                raise InputTypeError(f"callback: expected None or a callable taking the step's dict, got {_describe(callback)}")
             # 1. checks of the arguments themselves, before any condition or network runs
             controls = self._control_list(control_image)
             batch = self.check_inputs(prompt=prompt, sampler=sampler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -587,6 +591,8 @@ class CCMPipeline:
                                       control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
                                       generator=generator, output_type=output_type, negative_prompt=negative_prompt,
                                       batch=None if _prompt is None else _prompt.embeds.shape[0])  # fmt: skip
+            if isinstance(generator, tuple):
+                generator = list(generator)  # the samplers and randn_tensor take a list
             scales, starts, ends = (self._per_controlnet(v) for v in (controlnet_conditioning_scale, control_guidance_start, control_guidance_end))
             micro = self._micro_conditioning(micro_conditioning)
             # 2. controls: one control map per ControlNet, made from raw images when a condition is named; the output size
@@ -639,6 +645,9 @@ class CCMPipeline:
         conds = list(condition) if isinstance(condition, (list, tuple)) else [condition]
         if len(conds) != len(controls):
             raise InputError(f"expected one condition per control image ({len(controls)}), got {len(conds)}")
+        bad = next((c for c in conds if not (isinstance(c, str) or callable(c))), None)
+        if bad is not None:
+            raise InputTypeError(f"condition: expected a condition name (str), a Condition or a callable, got {_describe(bad)}")
         maps = []
         for c, img in zip(conds, controls):
             cond = get_condition(c) if isinstance(c, str) else c
