@@ -100,6 +100,8 @@ BAD_ARGUMENTS = [
     (["--out", "{tmp}/file.txt/o.png"], r"ccm: error: --out: '.*/file.txt/o.png' lies under '.*/file.txt', which is a file"),
     (["--out", "{tmp}/out/o.xyz"], r"ccm: error: --out: expected an image file name ending in .png, .jpg, .webp .*, got '.*o.xyz'"),
     (["--out", "{tmp}/out/o"], r"ccm: error: --out: expected an image file name ending in .png, .jpg, .webp .*, got '.*/out/o'"),
+    (["--seed", str(2**64)], r"ccm: error: --seed: expected an integer from -2\*\*63 to 2\*\*64-1, got 18446744073709551616"),
+    (["--seed", str(-(2**63) - 1)], r"ccm: error: --seed: expected an integer from -2\*\*63 to 2\*\*64-1, got -9223372036854775809"),
 ]
 
 
