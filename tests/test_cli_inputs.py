@@ -145,3 +145,26 @@ def test_bad_config_files(tmp_path, capsys, command, name, content, message):
     path.mkdir() if content is None else path.write_bytes(content)
     code = main([*command, "--config", str(path)])
     _expect_one_line_error(capsys, code, r"ccm: error: config file '.*" + name + "' " + message)
+
+
+BAD_CONDITION_OPTIONS = [
+    # (options, input image size (width, height), message on stderr): sizes a condition would allocate are bounded
+    (["detect_resolution=100000"], (64, 64), r"ccm: error: invalid options for condition 'canny': detect_resolution: "
+                                             r"Input should be less than or equal to 4096 \(got 100000\)"),
+    (["output_size=[0, 64]"], (64, 64), r"ccm: error: invalid options for condition 'canny': output_size.0: "
+                                        r"Input should be greater than or equal to 1 \(got 0\)"),
+    (["output_size=[64, 100000]"], (64, 64), r"ccm: error: invalid options for condition 'canny': output_size.1: "
+                                             r"Input should be less than or equal to 4096 \(got 100000\)"),
+    (["detect_resolution=4096"], (2000, 10), r"ccm: error: condition 'canny': detect_resolution=4096 scales the 10x2000 input "
+                                             r"to 4096x819200 pixels; at most 4096x4096 pixels are detected on"),
+]
+
+
+@pytest.mark.parametrize(("options", "size", "message"), BAD_CONDITION_OPTIONS, ids=[" ".join(c[0]) for c in BAD_CONDITION_OPTIONS])
+def test_preprocess_bounds_the_sizes_a_condition_allocates(tmp_path, capsys, options, size, message):
+    source = tmp_path / "in.png"
+    Image.new("RGB", size).save(source)
+    option_args = [arg for option in options for arg in ("--option", option)]
+    code = main(["preprocess", "--condition", "canny", "--image", str(source), "--out", str(tmp_path / "c.png"), *option_args])
+    _expect_one_line_error(capsys, code, message)
+    assert not (tmp_path / "c.png").exists()
