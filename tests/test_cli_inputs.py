@@ -168,3 +168,35 @@ def test_preprocess_bounds_the_sizes_a_condition_allocates(tmp_path, capsys, opt
     code = main(["preprocess", "--condition", "canny", "--image", str(source), "--out", str(tmp_path / "c.png"), *option_args])
     _expect_one_line_error(capsys, code, message)
     assert not (tmp_path / "c.png").exists()
+
+
+TRAIN_EVAL_ARGUMENTS = [
+    # (command, message on stderr): settings that would fail late (or not at all) are refused before any model loads;
+    # "{tmp}" is the test's folder, which holds the file "file.txt"
+    (["train", "vae", "output_dir={tmp}/file.txt"], r"ccm: error: output_dir: expected a folder to write into, got the file '.*file.txt'"),
+    (["train", "vae", "output_dir={tmp}/file.txt/run"], r"ccm: error: output_dir: '.*file.txt/run' lies under '.*file.txt', which is a file"),
+    (["train", "vae", "output_dir={tmp}/run", "train.seed=-1"], r"ccm: error: invalid VAETrainConfig config: train.seed: Input should be greater than or equal to 0"),
+    (["train", "vae", "output_dir={tmp}/run", f"train.seed={2**64}"], r"ccm: error: invalid VAETrainConfig config: train.seed: Input should be less than 4294967296"),
+    (["train", "vae", "output_dir={tmp}/run", "data.resolution=100000"],
+     r"ccm: error: invalid VAETrainConfig config: data.resolution: Input should be less than or equal to 4096"),
+    (["eval", "--config", "{config}", "--validate", "--methods", ","], r"ccm: error: --methods: expected comma-separated preset or method names, got ','"),
+    (["eval", "--config", "{config}", "--validate", "--stop-after", "soon"], r"ccm: error: expected a duration like 90 \(seconds\), 45s"),
+    (["eval", "--config", "{config}", "--validate", "--output-dir", "{tmp}/file.txt"],
+     r"ccm: error: output_dir: expected a folder to write into, got the file '.*file.txt'"),
+    (["eval", "--config", "{config}", "--validate", "--seed", str(2**64)], r"ccm: error: invalid eval config: seed: Input should be less than 4294967296"),
+]
+
+
+@pytest.mark.parametrize(("command", "message"), TRAIN_EVAL_ARGUMENTS, ids=[" ".join(c[0][:1] + c[0][2:]) for c in TRAIN_EVAL_ARGUMENTS])
+def test_train_and_eval_refuse_bad_settings_before_any_work(tmp_path, capsys, monkeypatch, command, message):
+    from ccm_sdk.training.core import Trainer
+
+    def forbidden(self):
+        raise AssertionError("the trainer set up before its settings were checked")
+
+    monkeypatch.setattr(Trainer, "setup", forbidden)
+    (tmp_path / "file.txt").write_text("a file")
+    config = tmp_path / "eval.yaml"
+    config.write_text("dataset: {path: data}\nconditions: [{name: canny}]\nmethods: [dm]\npaper: {dm: dm}\n")
+    command = [a.replace("{tmp}", str(tmp_path)).replace("{config}", str(config)) for a in command]
+    _expect_one_line_error(capsys, main(command), message)
