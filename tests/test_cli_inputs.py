@@ -172,9 +172,10 @@ def test_preprocess_bounds_the_sizes_a_condition_allocates(tmp_path, capsys, opt
 
 TRAIN_EVAL_ARGUMENTS = [
     # (command, message on stderr): settings that would fail late (or not at all) are refused before any model loads;
-    # "{tmp}" is the test's folder, which holds the file "file.txt"
+    # "{tmp}" is the test's folder, which holds the file "file.txt" and "damaged/checkpoints"
     (["train", "vae", "output_dir={tmp}/file.txt"], r"ccm: error: output_dir: expected a folder to write into, got the file '.*file.txt'"),
     (["train", "vae", "output_dir={tmp}/file.txt/run"], r"ccm: error: output_dir: '.*file.txt/run' lies under '.*file.txt', which is a file"),
+    (["train", "vae", "output_dir={tmp}/damaged"], r"ccm: error: output_dir: expected a folder to write into, got the file '.*damaged/checkpoints'"),
     (["train", "vae", "output_dir={tmp}/run", "train.seed=-1"], r"ccm: error: invalid VAETrainConfig config: train.seed: Input should be greater than or equal to 0"),
     (["train", "vae", "output_dir={tmp}/run", f"train.seed={2**64}"], r"ccm: error: invalid VAETrainConfig config: train.seed: Input should be less than 4294967296"),
     (["train", "vae", "output_dir={tmp}/run", "data.resolution=100000"],
@@ -196,6 +197,8 @@ def test_train_and_eval_refuse_bad_settings_before_any_work(tmp_path, capsys, mo
 
     monkeypatch.setattr(Trainer, "setup", forbidden)
     (tmp_path / "file.txt").write_text("a file")
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "checkpoints").write_text("a file where the checkpoints go")
     config = tmp_path / "eval.yaml"
     config.write_text("dataset: {path: data}\nconditions: [{name: canny}]\nmethods: [dm]\npaper: {dm: dm}\n")
     command = [a.replace("{tmp}", str(tmp_path)).replace("{config}", str(config)) for a in command]
