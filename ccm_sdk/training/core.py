@@ -380,6 +380,7 @@ class Trainer(ABC):
         """Run (or resume) training to ``train.max_steps`` and write the outputs."""
         cfg, t = self.config, self.config.train
         # 1. accelerator, models, data; the output folder (checked first, so a typo costs no setup)
+        check_output_folder(cfg.output_dir, "output_dir")
         check_output_folder(Path(cfg.output_dir) / "checkpoints", "output_dir")
         self.setup()
         acc = self.accelerator
