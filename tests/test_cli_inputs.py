@@ -203,3 +203,9 @@ def test_train_and_eval_refuse_bad_settings_before_any_work(tmp_path, capsys, mo
     config.write_text("dataset: {path: data}\nconditions: [{name: canny}]\nmethods: [dm]\npaper: {dm: dm}\n")
     command = [a.replace("{tmp}", str(tmp_path)).replace("{config}", str(config)) for a in command]
     _expect_one_line_error(capsys, main(command), message)
+
+
+@pytest.mark.parametrize("port", ["-1", "65536"])
+def test_serve_checks_the_port_before_loading_the_model(capsys, monkeypatch, port):
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: pytest.fail("the model loaded before --port was checked"))
+    _expect_one_line_error(capsys, main(["serve", "--port", port]), rf"ccm: error: --port: expected 0 \(any free one\) to 65535, got {port}")

@@ -567,9 +567,14 @@ def make_server(service: GenerationService, *, host: str = "127.0.0.1", port: in
         raise InputError(f"read_timeout: expected seconds in (0, 3600], got {read_timeout!r}")
     if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
         raise InputError(f"max_connections: expected at least 1, got {max_connections!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InputError(f"port: expected 0 (any free one) to 65535, got {port!r}")
     policy = AccessPolicy.for_address(host, port, allow_hosts=allow_hosts, allow_origins=allow_origins)  # checks them before binding
     handler = type("Handler", (_Handler,), {"service": service, "policy": policy, "verbose": verbose, "read_timeout": float(read_timeout)})
-    server = CCMServer((host, port), handler, service=service, max_connections=max_connections)
+    try:
+        server = CCMServer((host, port), handler, service=service, max_connections=max_connections)
+    except OSError as exc:  # an unknown host name, an address not on this machine, a port in use or not allowed
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     handler.policy = dataclasses.replace(policy, port=server.server_address[1])  # the port bound when asked for 0
     return server
 

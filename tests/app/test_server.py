@@ -589,3 +589,18 @@ def test_listens_on_loopback_by_default(pipe):
         assert server_url(server) == f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.server_close()
+
+
+def test_a_port_or_host_it_cannot_listen_on_is_an_input_error(pipe):
+    service = GenerationService(pipe, model="tiny")
+    for port in (-1, 65536, True):
+        with pytest.raises(InputError, match=r"port: expected 0 \(any free one\) to 65535, got"):
+            make_server(service, port=port)
+    with pytest.raises(InputError, match=r"cannot listen on 999.1.1.1:0: "):
+        make_server(service, host="999.1.1.1", port=0)
+    taken = make_server(service, port=0)
+    try:
+        with pytest.raises(InputError, match=rf"cannot listen on 127.0.0.1:{taken.server_address[1]}: Address already in use"):
+            make_server(service, port=taken.server_address[1])
+    finally:
+        taken.server_close()
