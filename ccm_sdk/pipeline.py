@@ -492,6 +492,9 @@ class CCMPipeline:
         if not (negative_prompt is None or isinstance(negative_prompt, str)
                 or (isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt))):
             raise InputTypeError(f"negative_prompt: expected None, a str or a list of str, got {_describe(negative_prompt)}")
+        prompts = 1 if isinstance(prompt, str) else len(prompt)
+        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != prompts:  # also where guidance leaves it unused
+            raise InputError(f"expected {prompts} negative prompts (one per prompt), got {len(negative_prompt)}")
         count = _integer("num_images_per_prompt", num_images_per_prompt, low=1)
         batch = batch if batch is not None else (1 if isinstance(prompt, str) else len(prompt)) * count
         # 2. how: the sampler's steps, guidance, strength, output type

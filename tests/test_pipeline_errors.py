@@ -62,6 +62,8 @@ BAD_ARGUMENTS = [
     ({"prompt": ["a", 3]}, InputTypeError, r"prompt: expected a str or a non-empty list of str, got list \['a', 3\]"),
     ({"prompt": []}, InputTypeError, r"prompt: expected a str or a non-empty list of str, got list \[\]"),
     ({"negative_prompt": 5}, InputTypeError, "negative_prompt: expected None, a str or a list of str, got int 5"),
+    ({"prompt": ["a", "b"], "negative_prompt": ["n"]}, InputError, r"expected 2 negative prompts \(one per prompt\), got 1"),
+    ({"negative_prompt": []}, InputError, r"expected 1 negative prompts \(one per prompt\), got 0"),
     ({"num_images_per_prompt": 0}, ValueRangeError, "num_images_per_prompt: expected an int >= 1, got 0"),
     ({"num_images_per_prompt": -2}, ValueRangeError, "num_images_per_prompt: expected an int >= 1, got -2"),
     ({"num_images_per_prompt": True}, InputTypeError, "num_images_per_prompt: expected an int >= 1, got bool True"),
