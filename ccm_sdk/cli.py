@@ -159,6 +159,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
     size = getattr(args, "size", None)
     if size is not None and not 1 <= size <= _max_side(args):
         raise InputError(f"--size: expected pixels a side from 1 to {_max_side(args)} (--max-size), got {size}")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise InputError(f"--port: expected 0 (any free one) to 65535, got {port}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not -(2**63) <= seed < 2**64:  # the range torch.Generator.manual_seed takes
+        raise InputError(f"--seed: expected an integer from -2**63 to 2**64-1, got {seed}")
     if getattr(args, "out", None) is not None:
         check_output_path(args.out)
 

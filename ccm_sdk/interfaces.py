@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import images as image_utils
-from .errors import ConditionOutputError, InputError, ShapeError
+from .errors import ConditionOutputError, ImageSizeError, InputError, ShapeError
+from .utils.image_files import MAX_SIDE_LIMIT
 
 if TYPE_CHECKING:
     from .schedule import NoiseSchedule
@@ -41,9 +42,10 @@ class ConditionOptions(Options):
     """Options every condition accepts."""
 
     detect_resolution: int | None = Field(
-        default=None, ge=8, description="resize the input so its shorter side has this many pixels before detection"
+        default=None, ge=8, le=MAX_SIDE_LIMIT,
+        description="resize the input so its shorter side has this many pixels before detection",
     )
-    output_size: tuple[int, int] | None = Field(
+    output_size: tuple[Annotated[int, Field(ge=1, le=MAX_SIDE_LIMIT)], Annotated[int, Field(ge=1, le=MAX_SIDE_LIMIT)]] | None = Field(
         default=None, description="(height, width) of the control map; default: the input's size"
     )
 
@@ -83,7 +85,11 @@ class Condition(ABC):
         if side is not None:
             h, w = tensor.shape[-2:]
             scale = side / min(h, w)
-            tensor = image_utils.resize(tensor, (max(1, round(h * scale)), max(1, round(w * scale))))
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            if size[0] * size[1] > MAX_SIDE_LIMIT**2:  # a long, thin image scaled up by its short side
+                raise ImageSizeError(f"condition {self.name!r}: detect_resolution={side} scales the {h}x{w} input to "
+                                     f"{size[0]}x{size[1]} pixels; at most {MAX_SIDE_LIMIT}x{MAX_SIDE_LIMIT} pixels are detected on")
+            tensor = image_utils.resize(tensor, size)
         return tensor
 
     def _finish(self, control: Any, batch: int, input_size: tuple[int, int], output_type: str):

@@ -492,6 +492,9 @@ class CCMPipeline:
         if not (negative_prompt is None or isinstance(negative_prompt, str)
                 or (isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt))):
             raise InputTypeError(f"negative_prompt: expected None, a str or a list of str, got {_describe(negative_prompt)}")
+        prompts = 1 if isinstance(prompt, str) else len(prompt)
+        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != prompts:  # also where guidance leaves it unused
+            raise InputError(f"expected {prompts} negative prompts (one per prompt), got {len(negative_prompt)}")
         count = _integer("num_images_per_prompt", num_images_per_prompt, low=1)
         batch = batch if batch is not None else (1 if isinstance(prompt, str) else len(prompt)) * count
         # 2. how: the sampler's steps, guidance, strength, output type
@@ -578,6 +581,10 @@ class CCMPipeline:
         with torch.inference_mode():
             watch = _Stopwatch()
             sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
+            if not isinstance(sampler, Sampler):
+                raise InputTypeError(f"sampler: expected a sampler name (str) or a Sampler, got {_describe(sampler)}")
+            if callback is not None and not callable(callback):
+                raise InputTypeError(f"callback: expected None or a callable taking the step's dict, got {_describe(callback)}")
             # 1. checks of the arguments themselves, before any condition or network runs
             controls = self._control_list(control_image)
             batch = self.check_inputs(prompt=prompt, sampler=sampler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -587,6 +594,8 @@ class CCMPipeline:
                                       control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
                                       generator=generator, output_type=output_type, negative_prompt=negative_prompt,
                                       batch=None if _prompt is None else _prompt.embeds.shape[0])  # fmt: skip
+            if isinstance(generator, tuple):
+                generator = list(generator)  # the samplers and randn_tensor take a list
             scales, starts, ends = (self._per_controlnet(v) for v in (controlnet_conditioning_scale, control_guidance_start, control_guidance_end))
             micro = self._micro_conditioning(micro_conditioning)
             # 2. controls: one control map per ControlNet, made from raw images when a condition is named; the output size
@@ -639,6 +648,9 @@ class CCMPipeline:
         conds = list(condition) if isinstance(condition, (list, tuple)) else [condition]
         if len(conds) != len(controls):
             raise InputError(f"expected one condition per control image ({len(controls)}), got {len(conds)}")
+        bad = next((c for c in conds if not (isinstance(c, str) or callable(c))), None)
+        if bad is not None:
+            raise InputTypeError(f"condition: expected a condition name (str), a Condition or a callable, got {_describe(bad)}")
         maps = []
         for c, img in zip(conds, controls):
             cond = get_condition(c) if isinstance(c, str) else c

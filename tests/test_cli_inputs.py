@@ -100,6 +100,8 @@ BAD_ARGUMENTS = [
     (["--out", "{tmp}/file.txt/o.png"], r"ccm: error: --out: '.*/file.txt/o.png' lies under '.*/file.txt', which is a file"),
     (["--out", "{tmp}/out/o.xyz"], r"ccm: error: --out: expected an image file name ending in .png, .jpg, .webp .*, got '.*o.xyz'"),
     (["--out", "{tmp}/out/o"], r"ccm: error: --out: expected an image file name ending in .png, .jpg, .webp .*, got '.*/out/o'"),
+    (["--seed", str(2**64)], r"ccm: error: --seed: expected an integer from -2\*\*63 to 2\*\*64-1, got 18446744073709551616"),
+    (["--seed", str(-(2**63) - 1)], r"ccm: error: --seed: expected an integer from -2\*\*63 to 2\*\*64-1, got -9223372036854775809"),
 ]
 
 
@@ -143,3 +145,67 @@ def test_bad_config_files(tmp_path, capsys, command, name, content, message):
     path.mkdir() if content is None else path.write_bytes(content)
     code = main([*command, "--config", str(path)])
     _expect_one_line_error(capsys, code, r"ccm: error: config file '.*" + name + "' " + message)
+
+
+BAD_CONDITION_OPTIONS = [
+    # (options, input image size (width, height), message on stderr): sizes a condition would allocate are bounded
+    (["detect_resolution=100000"], (64, 64), r"ccm: error: invalid options for condition 'canny': detect_resolution: "
+                                             r"Input should be less than or equal to 4096 \(got 100000\)"),
+    (["output_size=[0, 64]"], (64, 64), r"ccm: error: invalid options for condition 'canny': output_size.0: "
+                                        r"Input should be greater than or equal to 1 \(got 0\)"),
+    (["output_size=[64, 100000]"], (64, 64), r"ccm: error: invalid options for condition 'canny': output_size.1: "
+                                             r"Input should be less than or equal to 4096 \(got 100000\)"),
+    (["detect_resolution=4096"], (2000, 10), r"ccm: error: condition 'canny': detect_resolution=4096 scales the 10x2000 input "
+                                             r"to 4096x819200 pixels; at most 4096x4096 pixels are detected on"),
+]
+
+
+@pytest.mark.parametrize(("options", "size", "message"), BAD_CONDITION_OPTIONS, ids=[" ".join(c[0]) for c in BAD_CONDITION_OPTIONS])
+def test_preprocess_bounds_the_sizes_a_condition_allocates(tmp_path, capsys, options, size, message):
+    source = tmp_path / "in.png"
+    Image.new("RGB", size).save(source)
+    option_args = [arg for option in options for arg in ("--option", option)]
+    code = main(["preprocess", "--condition", "canny", "--image", str(source), "--out", str(tmp_path / "c.png"), *option_args])
+    _expect_one_line_error(capsys, code, message)
+    assert not (tmp_path / "c.png").exists()
+
+
+TRAIN_EVAL_ARGUMENTS = [
+    # (command, message on stderr): settings that would fail late (or not at all) are refused before any model loads;
+    # "{tmp}" is the test's folder, which holds the file "file.txt" and "damaged/checkpoints"
+    (["train", "vae", "output_dir={tmp}/file.txt"], r"ccm: error: output_dir: expected a folder to write into, got the file '.*file.txt'"),
+    (["train", "vae", "output_dir={tmp}/file.txt/run"], r"ccm: error: output_dir: '.*file.txt/run' lies under '.*file.txt', which is a file"),
+    (["train", "vae", "output_dir={tmp}/damaged"], r"ccm: error: output_dir: expected a folder to write into, got the file '.*damaged/checkpoints'"),
+    (["train", "vae", "output_dir={tmp}/run", "train.seed=-1"], r"ccm: error: invalid VAETrainConfig config: train.seed: Input should be greater than or equal to 0"),
+    (["train", "vae", "output_dir={tmp}/run", f"train.seed={2**64}"], r"ccm: error: invalid VAETrainConfig config: train.seed: Input should be less than 4294967296"),
+    (["train", "vae", "output_dir={tmp}/run", "data.resolution=100000"],
+     r"ccm: error: invalid VAETrainConfig config: data.resolution: Input should be less than or equal to 4096"),
+    (["eval", "--config", "{config}", "--validate", "--methods", ","], r"ccm: error: --methods: expected comma-separated preset or method names, got ','"),
+    (["eval", "--config", "{config}", "--validate", "--stop-after", "soon"], r"ccm: error: expected a duration like 90 \(seconds\), 45s"),
+    (["eval", "--config", "{config}", "--validate", "--output-dir", "{tmp}/file.txt"],
+     r"ccm: error: output_dir: expected a folder to write into, got the file '.*file.txt'"),
+    (["eval", "--config", "{config}", "--validate", "--seed", str(2**64)], r"ccm: error: invalid eval config: seed: Input should be less than 4294967296"),
+]
+
+
+@pytest.mark.parametrize(("command", "message"), TRAIN_EVAL_ARGUMENTS, ids=[" ".join(c[0][:1] + c[0][2:]) for c in TRAIN_EVAL_ARGUMENTS])
+def test_train_and_eval_refuse_bad_settings_before_any_work(tmp_path, capsys, monkeypatch, command, message):
+    from ccm_sdk.training.core import Trainer
+
+    def forbidden(self):
+        raise AssertionError("the trainer set up before its settings were checked")
+
+    monkeypatch.setattr(Trainer, "setup", forbidden)
+    (tmp_path / "file.txt").write_text("a file")
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "checkpoints").write_text("a file where the checkpoints go")
+    config = tmp_path / "eval.yaml"
+    config.write_text("dataset: {path: data}\nconditions: [{name: canny}]\nmethods: [dm]\npaper: {dm: dm}\n")
+    command = [a.replace("{tmp}", str(tmp_path)).replace("{config}", str(config)) for a in command]
+    _expect_one_line_error(capsys, main(command), message)
+
+
+@pytest.mark.parametrize("port", ["-1", "65536"])
+def test_serve_checks_the_port_before_loading_the_model(capsys, monkeypatch, port):
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: pytest.fail("the model loaded before --port was checked"))
+    _expect_one_line_error(capsys, main(["serve", "--port", port]), rf"ccm: error: --port: expected 0 \(any free one\) to 65535, got {port}")

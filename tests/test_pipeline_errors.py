@@ -62,6 +62,8 @@ BAD_ARGUMENTS = [
     ({"prompt": ["a", 3]}, InputTypeError, r"prompt: expected a str or a non-empty list of str, got list \['a', 3\]"),
     ({"prompt": []}, InputTypeError, r"prompt: expected a str or a non-empty list of str, got list \[\]"),
     ({"negative_prompt": 5}, InputTypeError, "negative_prompt: expected None, a str or a list of str, got int 5"),
+    ({"prompt": ["a", "b"], "negative_prompt": ["n"]}, InputError, r"expected 2 negative prompts \(one per prompt\), got 1"),
+    ({"negative_prompt": []}, InputError, r"expected 1 negative prompts \(one per prompt\), got 0"),
     ({"num_images_per_prompt": 0}, ValueRangeError, "num_images_per_prompt: expected an int >= 1, got 0"),
     ({"num_images_per_prompt": -2}, ValueRangeError, "num_images_per_prompt: expected an int >= 1, got -2"),
     ({"num_images_per_prompt": True}, InputTypeError, "num_images_per_prompt: expected an int >= 1, got bool True"),
@@ -95,6 +97,11 @@ BAD_ARGUMENTS = [
     ({"generator": [7]}, InputTypeError, "generator: expected a list of torch.Generator, got one int 7"),
     ({"output_type": "jpeg"}, InputError, "output_type: expected one of 'pil', 'np', 'pt', 'latent', got 'jpeg'"),
     ({"latents": [[0.0]]}, InputTypeError, "latents: expected a torch.Tensor or None, got list"),
+    ({"sampler": 5}, InputTypeError, "sampler: expected a sampler name .str. or a Sampler, got int 5"),
+    ({"sampler": None}, InputTypeError, "sampler: expected a sampler name .str. or a Sampler, got NoneType None"),
+    ({"callback": 5}, InputTypeError, "callback: expected None or a callable taking the step's dict, got int 5"),
+    ({"condition": 5}, InputTypeError, r"condition: expected a condition name \(str\), a Condition or a callable, got int 5"),
+    ({"condition": ["canny", 3.0]}, InputError, r"expected one condition per control image \(1\), got 2"),
 ]
 
 
@@ -240,3 +247,10 @@ def test_not_a_lora_checkpoint(lcm_dir, controlnet_dir):
     pipe = CCMPipeline.from_pretrained(lcm_dir)
     with pytest.raises(IncompatibleModelsError, match="not a LoRA checkpoint"):
         pipe.load_lora(controlnet_dir)
+
+
+def test_a_tuple_of_generators_works_as_a_list(pipe, control_image):
+    """A tuple passes the checks (a list or tuple, one per image), so it must also sample, the same as a list."""
+    as_tuple = pipe("x", control_image, generator=(torch.Generator().manual_seed(3),), output_type="pt").images
+    as_list = pipe("x", control_image, generator=[torch.Generator().manual_seed(3)], output_type="pt").images
+    assert torch.equal(as_tuple, as_list)

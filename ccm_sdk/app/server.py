@@ -66,10 +66,11 @@ class GenerateRequest(BaseModel):
     image: str | None = Field(None, description="an image to turn into the control map with the server's condition")
     mask: str | None = Field(None, description="with 'image' and an inpainting (4-channel) ControlNet: the region to "
                                                "generate, white on black")
-    steps: int = Field(4, ge=1, le=50)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    guidance: float = Field(8.0, ge=0.0, le=30.0)
-    control_scale: float = Field(1.0, ge=0.0, le=2.0)
+    # strict: JSON numbers only (true is not 1 step, "4" is not 4)
+    steps: int = Field(4, ge=1, le=50, strict=True)
+    seed: int = Field(0, ge=0, le=2**63 - 1, strict=True)
+    guidance: float = Field(8.0, ge=0.0, le=30.0, strict=True)
+    control_scale: float = Field(1.0, ge=0.0, le=2.0, strict=True)
 
     @model_validator(mode="after")
     def _one_source(self) -> GenerateRequest:
@@ -91,6 +92,8 @@ def decode_image(data: str, *, field: str, max_side: int | None = None) -> Image
     With ``max_side``, the size in the image's header is checked before any pixel is decoded:
     a larger image raises :class:`ImageTooLargeError`, as does one PIL takes for a decompression bomb.
     """
+    if data.startswith("data:") and "," not in data:
+        raise InputError(f"{field}: expected a data URL of the form 'data:image/png;base64,<data>', got one with no ',' before the data")
     payload = data.split(",", 1)[1] if data.startswith("data:") else data
     try:
         raw = base64.b64decode(payload, validate=True)
@@ -386,7 +389,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.FORBIDDEN, f"expected one Host header naming this server ({self.policy.hosts_text()}), "
                         f"got {got}; start ccm serve with --allow-host NAME to answer to another name", "ForbiddenHost")
             return False
-        origin = self.headers.get("Origin")
+        origins = self.headers.get_all("Origin") or []
+        if len(origins) > 1:  # no browser sends two; which one a check read would be a guess
+            self._error(HTTPStatus.FORBIDDEN, f"expected at most one Origin header, got {len(origins)}", "ForbiddenOrigin")
+            return False
+        origin = origins[0] if origins else None
         if origin is not None:
             if not self.policy.origin_allowed(origin):
                 self._error(HTTPStatus.FORBIDDEN, f"requests from pages at {origin!r} are refused: expected no Origin or this "
@@ -444,7 +451,12 @@ class _Handler(BaseHTTPRequestHandler):
             got = f"{content_type!r}" if content_type is not None else "none"
             self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"expected Content-Type: application/json, got {got}", "UnsupportedMediaType")
             return
-        length = self.headers.get("Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            self.close_connection = True
+            self._error(HTTPStatus.BAD_REQUEST, f"expected one Content-Length header, got {len(lengths)}", "BadContentLength")
+            return
+        length = lengths[0] if lengths else None
         if "Transfer-Encoding" in self.headers or length is None or not (length.isascii() and length.isdigit()):
             self._error(HTTPStatus.LENGTH_REQUIRED, "expected a Content-Length header with the body's size (chunked bodies are not read)",
                         "LengthRequired")
@@ -569,9 +581,14 @@ def make_server(service: GenerationService, *, host: str = "127.0.0.1", port: in
         raise InputError(f"read_timeout: expected seconds in (0, 3600], got {read_timeout!r}")
     if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
         raise InputError(f"max_connections: expected at least 1, got {max_connections!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InputError(f"port: expected 0 (any free one) to 65535, got {port!r}")
     policy = AccessPolicy.for_address(host, port, allow_hosts=allow_hosts, allow_origins=allow_origins)  # checks them before binding
     handler = type("Handler", (_Handler,), {"service": service, "policy": policy, "verbose": verbose, "read_timeout": float(read_timeout)})
-    server = CCMServer((host, port), handler, service=service, max_connections=max_connections)
+    try:
+        server = CCMServer((host, port), handler, service=service, max_connections=max_connections)
+    except OSError as exc:  # an unknown host name, an address not on this machine, a port in use or not allowed
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     handler.policy = dataclasses.replace(policy, port=server.server_address[1])  # the port bound when asked for 0
     return server
 

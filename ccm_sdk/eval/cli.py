@@ -38,13 +38,21 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..errors import InputError
     from .config import check_names, expand_methods, load_eval_config
     from .runner import run_evaluation
 
     overrides = {key: value for key, value in (("output_dir", args.output_dir), ("num_samples", args.num_samples),
                                                ("seed", args.seed), ("device", args.device)) if value is not None}  # fmt: skip
     config = load_eval_config(args.config, overrides)
-    only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    if only == []:
+        raise InputError(f"--methods: expected comma-separated preset or method names, got {args.methods!r}")
+    from ..utils.atomic import check_output_folder
+    from ..utils.stopping import parse_duration, time_limit
+
+    check_output_folder(config.output_dir, "output_dir")  # checked with --validate too, before any model loads
+    stop_after = parse_duration(args.stop_after) if args.stop_after else None
     if args.validate:
         methods = expand_methods(config, only)
         check_names(config, methods)
@@ -52,9 +60,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     from pathlib import Path
 
-    from ..utils.stopping import parse_duration, time_limit
-
-    with time_limit(parse_duration(args.stop_after) if args.stop_after else None):
+    with time_limit(stop_after):
         result = run_evaluation(config, methods=only, progress=Path(config.output_dir) / "progress", resume=args.resume)
     paths = result.write(config.output_dir)
     from .report import markdown_table

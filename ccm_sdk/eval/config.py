@@ -152,7 +152,7 @@ class EvalConfig(Section):
     dataset: DatasetConfig
     num_samples: int = Field(default=32, ge=2, description="real and generated images per condition and method (FID needs 2+)")
     batch_size: int = Field(default=8, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="seed of the initial noise of every cell (0 to 2**32-1)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     conditions: list[ConditionConfig] = Field(min_length=1)

@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from ..errors import CorruptWeightsError, MissingModelError, MissingWeightsError, ModelLoadError, UnknownConfigKeyError
+from ..errors import CorruptWeightsError, InputTypeError, MissingModelError, MissingWeightsError, ModelLoadError, UnknownConfigKeyError
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "**/*.json", "**/*.safetensors", "**/*.txt", "**/*.model"]
 # Weight variants (``name.fp16.safetensors``, sharded ``name.fp16-00001-of-00002.safetensors``, EMA
@@ -44,6 +44,8 @@ def resolve_model_path(
 
     ``local_files_only`` defaults to ``HF_HUB_OFFLINE``; then only the local cache is consulted.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputTypeError(f"{what}: expected a folder path, hub id or source:name, got {type(source).__name__} {source!r:.60}")
     path = Path(source).expanduser()
     model_source = _registered_model(source)
     if model_source is not None:

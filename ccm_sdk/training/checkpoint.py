@@ -191,8 +191,18 @@ def _read_meta(path: Path) -> dict[str, Any]:
     for key in ("weights", "objects"):  # file names: plain, non-empty strings
         if key in expected and isinstance(meta.get(key), list) and not all(isinstance(n, str) and n and "/" not in n for n in meta[key]):
             wrong.append(f"{key} (a list of names)")
+    history = meta.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(row, list) and len(row) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+        for row in history
+    ):
+        wrong.append("history (a list of [step, loss, lr])")
     if wrong:
         raise CorruptCheckpointError(path, file, f"missing or mistyped keys: {', '.join(wrong)}")
+    named = path.name[len(PREFIX):] if path.name.startswith(PREFIX) else None
+    if meta["step"] < 1 or (named is not None and named.isdigit() and int(named) != meta["step"]):
+        raise CorruptCheckpointError(path, file, f"step {meta['step']} does not fit the checkpoint {path.name!r}"
+                                     + (f" (expected {int(named)})" if named is not None and named.isdigit() else " (expected 1 or more)"))
     if meta.get("format", 1) not in (1, FORMAT):
         raise CorruptCheckpointError(path, file, f"unknown checkpoint format {meta['format']} (this version reads 1 and {FORMAT})")
     return meta

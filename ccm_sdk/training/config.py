@@ -68,7 +68,8 @@ class DataConfig(Section):
         default=None, description="a registered dataset instead of data.path: {name, options} (a dataset passed in Python wins)"
     )
     resolution: int | None = Field(
-        default=None, ge=8, description="resize the shorter side to this and center-crop a square; None: all images must share one size"
+        default=None, ge=8, le=4096,
+        description="resize the shorter side to this and center-crop a square (8 to 4096); None: all images must share one size",
     )
     control_key: str = Field(default="control", description="precomputed control maps: <path>/<key>/<name>.png or <name>.<key>.png in tars")
     default_caption: str | None = Field(default=None, description="caption for images without one; None: a missing caption is an error")
@@ -94,7 +95,7 @@ class OptimConfig(Section):
     adam_epsilon: float = Field(default=1e-8, gt=0.0)
     weight_decay: float = Field(default=1e-2, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="clip the gradient norm; None: no clipping")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="seed of the initial weights, data order and noise (0 to 2**32-1)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="accelerate's mixed precision (autocast)")
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
@@ -120,7 +121,7 @@ class ValidationConfig(Section):
     prompts: list[str] | None = Field(default=None, max_length=64, description="captions to sample instead of the items' own")
     sample_steps: int | None = Field(default=None, ge=1, le=1000, description="sampling steps; None: 4 for consistency models, 25 for DDIM")
     guidance_scale: float | None = Field(default=None, ge=1.0, description="None: the trainer's own (its w + 1), 7.5 for DDIM")
-    sample_seed: int = Field(default=0, description="seed of the sampled images (names differ from checkpoint.every and train.seed so bare keys stay unique)")
+    sample_seed: int = Field(default=0, ge=0, lt=2**32, description="seed of the sampled images (names differ from checkpoint.every and train.seed so bare keys stay unique)")
 
 
 class HubConfig(Section):

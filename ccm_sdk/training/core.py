@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..datasets import TorchDataset, collate, open_dataset
 from ..errors import CorruptCheckpointError, InputError, InputTypeError, TrainingError, TrainingInterrupted
-from ..utils.atomic import remove_temporary_folders
+from ..utils.atomic import check_output_folder, remove_temporary_folders
 from ..utils.stopping import StopSignals
 from .batches import StepBatches
 from .checkpoint import (
@@ -379,7 +379,9 @@ class Trainer(ABC):
     def train(self) -> TrainResult:
         """Run (or resume) training to ``train.max_steps`` and write the outputs."""
         cfg, t = self.config, self.config.train
-        # 1. accelerator, models, data; the output folder
+        # 1. accelerator, models, data; the output folder (checked first, so a typo costs no setup)
+        check_output_folder(cfg.output_dir, "output_dir")
+        check_output_folder(Path(cfg.output_dir) / "checkpoints", "output_dir")
         self.setup()
         acc = self.accelerator
         output_dir = Path(cfg.output_dir)
@@ -442,6 +444,7 @@ class Trainer(ABC):
     def export_checkpoint(self, checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Path]:
         """Write into ``output_dir`` the outputs a finished run writes (its model folders), from the
         weights of ``checkpoint``: to try or ship a model while its training goes on. Trains nothing."""
+        check_output_folder(output_dir, "output_dir")
         self.setup()
         state = load_checkpoint(checkpoint, rank=0, world_size=None, trainer=self.name)
         self._load_weights(state)

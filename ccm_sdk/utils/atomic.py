@@ -90,3 +90,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> Path:
     """``data`` as JSON, written with :func:`write_text_atomic`."""
     return write_text_atomic(path, json.dumps(data, indent=indent))
+
+
+def check_output_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a folder to write into (it may not exist yet): not a file, not under a file.
+
+    Checked before any work starts, so a typo costs nothing; ``what`` names the setting in the error.
+    """
+    from ..errors import InputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what}: expected a folder to write into, got the file {str(path)!r}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{what}: {str(path)!r} lies under {str(parent)!r}, which is a file, not a folder")
+            break
+    return path

@@ -114,6 +114,12 @@ def test_image_is_preprocessed_with_the_condition(served):
         ({"prompt": "x", "control": "a", "image": "b"}, 400, "not both"),
         ({"prompt": "x", "control": encode_png(_sketch(50))}, 400, "multiple of the VAE factor"),
         ({"prompt": "x", "steps": 51}, 400, "steps: Input should be less than or equal to 50"),
+        ({"prompt": "x", "control": "data:image/png;base64"}, 400, "control: expected a data URL of the form 'data:image/png;base64,<data>'"),
+        ({"prompt": "x", "steps": True}, 400, "steps: Input should be a valid integer"),
+        ({"prompt": "x", "steps": "4"}, 400, "steps: Input should be a valid integer"),
+        ({"prompt": "x", "seed": "7"}, 400, "seed: Input should be a valid integer"),
+        ({"prompt": "x", "guidance": "8"}, 400, "guidance: Input should be a valid number"),
+        ({"prompt": "x", "control_scale": False}, 400, "control_scale: Input should be a valid number"),
     ],
 )
 def test_bad_requests_get_clear_errors_and_the_server_goes_on(served, payload, status, message):
@@ -210,6 +216,10 @@ def test_decode_image_accepts_data_urls_and_bare_base64():
     png = encode_png(_sketch(mode="RGB"))
     assert decode_image(png, field="c").size == (64, 64)
     assert decode_image(png.split(",", 1)[1], field="c").tobytes() == _sketch(mode="RGB").tobytes()
+    from ccm_sdk.app.server import GenerateRequest
+
+    # JSON integers are numbers for the float fields (the page's JSON.stringify writes 1, not 1.0)
+    assert GenerateRequest.model_validate_json('{"prompt": "x", "guidance": 8, "control_scale": 1}').guidance == 8.0
 
 
 def test_page_script_parses(tmp_path):
@@ -453,6 +463,9 @@ def test_incomplete_and_chunked_bodies(server):
     assert status == 411 and "expected a Content-Length header" in answer["error"]
     superscript = _http(server, body=b"", headers={"Content-Length": "\u00b2"})  # str.isdigit() says yes, int() says no
     assert _raw(server, superscript)[0] == 411
+    two_lengths = _http(server, body=b"{}").replace(b"\r\n\r\n", b"\r\nContent-Length: 500\r\n\r\n")
+    status, _, answer = _raw(server, two_lengths)
+    assert status == 400 and answer == {"error": "expected one Content-Length header, got 2", "type": "BadContentLength"}
 
 
 def test_host_origin_and_content_type_are_checked(server):
@@ -474,6 +487,10 @@ def test_host_origin_and_content_type_are_checked(server):
     assert "access-control-allow-origin" not in headers
     assert _raw(server, _http(server, body=_valid(), headers={"Origin": "null"}))[0] == 403
     assert _raw(server, _http(server, body=_valid(), headers={"Origin": f"http://127.0.0.1:{port}"}))[0] == 200  # the page's own
+    two_origins = _http(server, body=_valid(), headers={"Origin": f"http://127.0.0.1:{port}"}).replace(
+        b"\r\n\r\n", b"\r\nOrigin: http://evil.example\r\n\r\n", 1)
+    status, _, answer = _raw(server, two_origins)
+    assert status == 403 and answer == {"error": "expected at most one Origin header, got 2", "type": "ForbiddenOrigin"}
 
     # a cross-site form or fetch without preflight can only send text/plain, form or multipart bodies
     status, _, answer = _raw(server, _http(server, body=_valid(), headers={"Content-Type": "text/plain"}))
@@ -573,3 +590,18 @@ def test_listens_on_loopback_by_default(pipe):
         assert server_url(server) == f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.server_close()
+
+
+def test_a_port_or_host_it_cannot_listen_on_is_an_input_error(pipe):
+    service = GenerationService(pipe, model="tiny")
+    for port in (-1, 65536, True):
+        with pytest.raises(InputError, match=r"port: expected 0 \(any free one\) to 65535, got"):
+            make_server(service, port=port)
+    with pytest.raises(InputError, match=r"cannot listen on 999.1.1.1:0: "):
+        make_server(service, host="999.1.1.1", port=0)
+    taken = make_server(service, port=0)
+    try:
+        with pytest.raises(InputError, match=rf"cannot listen on 127.0.0.1:{taken.server_address[1]}: Address already in use"):
+            make_server(service, port=taken.server_address[1])
+    finally:
+        taken.server_close()

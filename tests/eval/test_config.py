@@ -118,6 +118,8 @@ def test_preset_needs_its_models():
         ({"conditions": []}, "conditions"),
         ({"conditions": [{"name": "mask", "line_f1": {}}]}, "line_f1 compares line maps"),
         ({"conditions": [{"name": "canny", "line_f1": {"tolerance": -1}}]}, "tolerance"),
+        ({"seed": -1}, r"seed: Input should be greater than or equal to 0"),
+        ({"seed": 2**64}, r"seed: Input should be less than 4294967296"),
     ],
 )
 def test_invalid_configs_raise_input_errors(changes, message):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from ccm_sdk.errors import CorruptWeightsError, MissingModelError, MissingWeightsError, UnknownConfigKeyError
+from ccm_sdk.errors import CorruptWeightsError, InputTypeError, MissingModelError, MissingWeightsError, UnknownConfigKeyError
 from ccm_sdk.models.loading import check_component_folder, read_json, resolve_model_path, unknown_config_keys
 from ccm_sdk.pipeline import CCMPipeline
 
@@ -151,3 +151,9 @@ def test_pipeline_repos_download_only_their_components(monkeypatch, tmp_path, sd
     assert {"*.fp16.safetensors", "*.fp16-*.safetensors"} <= set(ignore)
     resolve_model_path("someone/unet-only", local_files_only=False)
     assert "*.safetensors" in calls[1]["allow_patterns"]  # a lone UNet or ControlNet keeps its root-level weights
+
+
+@pytest.mark.parametrize("source", [5, None, 2.5, ["a/b"]])
+def test_a_source_that_is_not_a_path_is_a_type_error(source):
+    with pytest.raises(InputTypeError, match=r"model: expected a folder path, hub id or source:name, got "):
+        CCMPipeline.from_pretrained(source)

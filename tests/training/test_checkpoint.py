@@ -95,6 +95,11 @@ def _truncate(file, keep=0.5):
     file.write_bytes(data[: int(len(data) * keep)])
 
 
+def _edit_state(path, **changes):
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**state, **changes}))
+
+
 DAMAGES = {
     "truncated weights": (lambda p: _truncate(p / "weights" / "trainable.safetensors"), "weights/trainable.safetensors", "not a readable safetensors"),
     "truncated optimizer": (lambda p: _truncate(p / "optimizer.safetensors", 0.9), "optimizer.safetensors", "not a readable safetensors"),
@@ -105,6 +110,10 @@ DAMAGES = {
         lambda p: (p / "state.json").write_text(json.dumps({**json.loads((p / "state.json").read_text()), "weights": ["../x"]})),
         "state.json", r"weights \(a list of names\)",
     ),
+    "state.json with a negative step": (lambda p: _edit_state(p, step=-1), "state.json", r"step -1 does not fit the checkpoint 'step-00000003' \(expected 3\)"),
+    "state.json with another step": (lambda p: _edit_state(p, step=10**9), "state.json", r"step 1000000000 does not fit .* \(expected 3\)"),
+    "state.json with a broken history": (lambda p: _edit_state(p, history="x"), "state.json", r"history \(a list of \[step, loss, lr\]\)"),
+    "state.json with short history rows": (lambda p: _edit_state(p, history=[[1, 0.5]]), "state.json", r"history \(a list of"),
     "missing optimizer": (lambda p: (p / "optimizer.json").unlink(), "optimizer.json", "missing"),
     "missing EMA weights": (lambda p: (p / "weights" / "ema.safetensors").unlink(), "weights/ema.safetensors", "missing"),
     "optimizer without its keys": (
