@@ -6,7 +6,8 @@ A checkpoint is a folder ``checkpoints/step-00000010/`` (format 2):
     optimizer.{json,safetensors}             optimizer state (``state_files``: tensors + JSON, no pickle)
     scheduler.{json,safetensors}             LR schedule; scaler.{json,safetensors} with fp16 only
     rng-rank<r>.{json,safetensors}           python / numpy / torch (/ CUDA) RNG states, one pair per process
-    state.json                               format, step, trainer, world size, the files' names, loss history
+    state.json                               format, step, trainer, world size, the files' names and SHA-256
+                                             digests, loss history
 
 It is assembled under a hidden temporary name and renamed into place in one ``os.replace``
 (``ccm_sdk.utils.atomic``), so a process killed at any moment leaves either the complete checkpoint
@@ -14,12 +15,14 @@ or none. The data order needs no state: it is a function of the step (``batches.
 
 Loading checks every file a checkpoint should hold (present, safetensors not truncated, JSON that
 parses, the keys expected) and raises :class:`~ccm_sdk.errors.CorruptCheckpointError` naming the
-checkpoint and the bad file. Format-1 checkpoints (``optimizer.pt``, ``rng-rank<r>.pt``) still load,
+checkpoint and the bad file; a file whose bytes changed after it was written (a flipped bit that leaves
+it readable) fails its SHA-256 digest in state.json. Format-1 checkpoints (``optimizer.pt``, ``rng-rank<r>.pt``) still load,
 with ``torch.load(weights_only=True)``: a ``.pt`` file that needs pickle to run code is refused as corrupt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -133,6 +136,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, checkpoint: Checkpoint
         meta = {
             "format": FORMAT, "step": checkpoint.step, "world_size": accelerator.num_processes,
             "weights": sorted(checkpoint.weights), "objects": sorted(checkpoint.objects), **checkpoint.meta,
+            "digests": {f.relative_to(tmp).as_posix(): _digest(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
         }  # fmt: skip
         (tmp / STATE_NAME).write_text(json.dumps(meta))
         replace_folder(tmp, final)
@@ -176,7 +180,23 @@ def load_checkpoint(
         missing = [key for key in REQUIRED_KEYS.get(name, ()) if not isinstance(state, dict) or key not in state]
         if missing:
             raise CorruptCheckpointError(path, file(name), f"the {name} state lacks the keys {missing}")
+    # last, so a file that does not parse is reported as such: bytes changed after the write
+    for name, digest in ({} if old else meta.get("digests") or {}).items():
+        if not (path / name).is_file():
+            raise CorruptCheckpointError(path, path / name, "the file is missing")
+        if _digest(path / name) != digest:
+            raise CorruptCheckpointError(
+                path, path / name, "its bytes changed after the checkpoint was written (SHA-256 differs from the digest in state.json)"
+            )
     return Checkpoint(step=int(meta["step"]), weights=weights, objects=states, meta=meta, rng=rng)
+
+
+def _digest(file: Path) -> str:
+    sha = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -191,6 +211,13 @@ def _read_meta(path: Path) -> dict[str, Any]:
     for key in ("weights", "objects"):  # file names: plain, non-empty strings
         if key in expected and isinstance(meta.get(key), list) and not all(isinstance(n, str) and n and "/" not in n for n in meta[key]):
             wrong.append(f"{key} (a list of names)")
+    digests = meta.get("digests", {})
+    if not isinstance(digests, dict) or not all(
+        isinstance(n, str) and n and not n.startswith("/") and ".." not in n.split("/") and n != STATE_NAME
+        and isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
+        for n, d in digests.items()
+    ):  # fmt: skip
+        wrong.append("digests (file name -> SHA-256 hex digest)")
     history = meta.get("history", [])
     if not isinstance(history, list) or not all(
         isinstance(row, list) and len(row) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)

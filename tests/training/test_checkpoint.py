@@ -95,6 +95,12 @@ def _truncate(file, keep=0.5):
     file.write_bytes(data[: int(len(data) * keep)])
 
 
+def _flip_last_byte(file):
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01  # inside the last tensor's data: the file still parses
+    file.write_bytes(bytes(data))
+
+
 def _edit_state(path, **changes):
     state = json.loads((path / "state.json").read_text())
     (path / "state.json").write_text(json.dumps({**state, **changes}))
@@ -116,6 +122,9 @@ DAMAGES = {
     "state.json with short history rows": (lambda p: _edit_state(p, history=[[1, 0.5]]), "state.json", r"history \(a list of"),
     "missing optimizer": (lambda p: (p / "optimizer.json").unlink(), "optimizer.json", "missing"),
     "missing EMA weights": (lambda p: (p / "weights" / "ema.safetensors").unlink(), "weights/ema.safetensors", "missing"),
+    "a flipped bit in the weights": (lambda p: _flip_last_byte(p / "weights" / "trainable.safetensors"), "weights/trainable.safetensors", "SHA-256 differs"),
+    "a flipped bit in the optimizer": (lambda p: _flip_last_byte(p / "optimizer.safetensors"), "optimizer.safetensors", "SHA-256 differs"),
+    "state.json with bad digests": (lambda p: _edit_state(p, digests={"../x": "0" * 64}), "state.json", r"digests \(file name -> SHA-256"),
     "optimizer without its keys": (
         lambda p: (p / "optimizer.json").write_text('{"format": "ccm-state-1", "state": {"state": {}}}'), "optimizer.json", r"lacks the keys \['param_groups'\]"
     ),

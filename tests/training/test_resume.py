@@ -132,7 +132,7 @@ def _to_format_1(path):
         torch.save(load_state(path, name), path / f"{name}.pt")
         for file in state_file_names(name):
             (path / file).unlink()
-    for key in ("format", "weights", "objects"):
+    for key in ("format", "weights", "objects", "digests"):
         del meta[key]
     (path / "state.json").write_text(json.dumps(meta))
 
