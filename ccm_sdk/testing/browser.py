@@ -2,7 +2,8 @@
 by Playwright for Python through ``executable_path``; no browser is downloaded.
 
 ``scripts/setup-browser.sh`` installs Chromium where it is missing; Playwright comes with the ``dev`` extra.
-Chromium's fake camera (``--use-fake-device-for-media-stream``) is a moving test pattern, and
+Chromium's fake camera (``--use-fake-device-for-media-stream``) is a moving test pattern, here at 30 frames
+a second like a webcam (20 by default, which would cap the measured frame rate), and
 ``--use-fake-ui-for-media-stream`` grants the camera and screen without asking.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_ARGS = (
-    "--use-fake-device-for-media-stream",
+    "--use-fake-device-for-media-stream=fps=30",  # a webcam's 30 frames a second (Chromium's default for it is 20)
     "--use-fake-ui-for-media-stream",
     "--auto-select-desktop-capture-source=Entire screen",
     "--no-sandbox",  # CI containers run as root, where Chromium's sandbox cannot start
