@@ -30,21 +30,24 @@ def offline_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
-def tiny_text_encoder(tokenizer: CLIPTokenizer, *, seed: int = 0) -> CLIPTextModel:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def _clip_text_config(tokenizer: CLIPTokenizer, *, hidden_size: int, layers: int, projection_dim: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_DIM,
+        hidden_size=hidden_size,
         intermediate_size=37,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        projection_dim=TEXT_DIM,
+        projection_dim=projection_dim,
     )
-    return CLIPTextModel(config).eval()
+
+
+def tiny_text_encoder(tokenizer: CLIPTokenizer, *, seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(_clip_text_config(tokenizer, hidden_size=TEXT_DIM, layers=2, projection_dim=TEXT_DIM)).eval()
 
 
 def tiny_unet(*, lcm: bool = True, seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
@@ -153,18 +156,7 @@ SDXL_TIME_EMBED_DIM = 8
 def tiny_sdxl_text_encoder_2(tokenizer: CLIPTokenizer, *, seed: int = 0) -> CLIPTextModelWithProjection:
     """SDXL's second text encoder: a CLIP text model with a projection (its pooled output)."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=SDXL_TEXT_DIM_2,
-        intermediate_size=37,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=SDXL_POOLED_DIM,
-    )
+    config = _clip_text_config(tokenizer, hidden_size=SDXL_TEXT_DIM_2, layers=3, projection_dim=SDXL_POOLED_DIM)
     return CLIPTextModelWithProjection(config).eval()
 
 

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ccm_sdk.errors import CorruptCheckpointError, TrainingError
+from ccm_sdk.testing.kill import kill_after_checkpoint
 from ccm_sdk.training import train
 from ccm_sdk.training.checkpoint import list_checkpoints
 from ccm_sdk.training.config import dump_config
@@ -41,15 +40,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(make_config, tmp_path)
     config_file = dump_config(config, tmp_path / "killed.yaml")
     checkpoints = tmp_path / "killed" / "checkpoints"
     process = _launch(config_file)
-    deadline = time.monotonic() + 120
-    while not any(step >= 4 for step, _ in list_checkpoints(checkpoints)):
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    killed_at = list_checkpoints(checkpoints)[-1][0]
+    killed_at = kill_after_checkpoint(process, checkpoints, step=4)
     assert killed_at < STEPS and not (tmp_path / "killed" / "controlnet").exists()
     # 3. resume to the end
     process = _launch(config_file, "--resume")

@@ -5,10 +5,8 @@ the pipeline loads, and resumes after a kill to bit-identical weights."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from ccm_sdk.datasets import collate
 from ccm_sdk.errors import IncompatibleModelsError
 from ccm_sdk.models.conditioning import Conditioning
 from ccm_sdk.pipeline import CCMPipeline
+from ccm_sdk.testing.kill import kill_after_checkpoint
 from ccm_sdk.training import get_trainer as trainer_class
 from ccm_sdk.training.checkpoint import list_checkpoints
 from ccm_sdk.training.core import Trainer, weights_digest
@@ -248,14 +247,8 @@ def test_sigkill_of_the_command_line_run_then_resume_is_exact(sdxl_config, tmp_p
     command = [sys.executable, "-m", "ccm_sdk.training", "ct_controlnet", "--config", str(config_file)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    checkpoints, deadline = Path(config.output_dir) / "checkpoints", time.monotonic() + 120
-    while not any(step >= 4 for step, _ in list_checkpoints(checkpoints)):
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert list_checkpoints(checkpoints)[-1][0] < steps and not (Path(config.output_dir) / "controlnet").exists()
+    assert kill_after_checkpoint(process, Path(config.output_dir) / "checkpoints", step=4) < steps
+    assert not (Path(config.output_dir) / "controlnet").exists()
     process = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr
     ours = _weights(Path(config.output_dir) / "controlnet")
