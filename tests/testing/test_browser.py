@@ -26,5 +26,5 @@ def test_a_missing_chromium_is_named_with_the_setup_script(monkeypatch, tmp_path
 
 
 def test_the_fake_camera_and_its_permission_are_on():
-    assert "--use-fake-device-for-media-stream" in browser.CHROMIUM_ARGS
+    assert "--use-fake-device-for-media-stream=fps=30" in browser.CHROMIUM_ARGS  # a webcam's rate, not the fake's 20
     assert "--use-fake-ui-for-media-stream" in browser.CHROMIUM_ARGS
