@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     gen.set_defaults(func=cmd_generate)
 
-    srv = sub.add_parser("serve", help="a local web page to draw on: each stroke becomes an image")
+    srv = sub.add_parser("serve", help="a local web page: draw, inpaint, img2img, or stream a camera or the screen through the model")
     _add_model_arguments(srv, start=" to start from (its size is the drawing size); requests sent as 'image' use --condition too")
     srv.add_argument("--prompt", default="", help="the prompt to start with")
     srv.add_argument("--steps", type=int, default=4, help="the steps to start with")

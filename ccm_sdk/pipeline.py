@@ -602,6 +602,7 @@ class CCMPipeline:
             controls = self._control_maps(controls, condition)
             height, width = self._output_size(controls, height, width)
             self._check_size(height, width)
+            self._check_memory(batch, height, width)
             with watch("prepare"):  # the images' checks, still before any network runs
                 specs = self._control_specs(controls, scales, starts, ends, height=height, width=width, batch=batch)
                 self._check_latents(latents, batch=batch, height=height, width=width)
@@ -690,6 +691,18 @@ class CCMPipeline:
         if image is not None:
             latents = self.schedule.add_noise(self.encode_image(image, height=height, width=width, batch=batch), latents, int(timesteps[0]))
         return latents
+
+    def _check_memory(self, batch: int, height: int, width: int) -> None:
+        """Step 2: refuse a batch whose float32 latents and decoded images alone exceed the device's memory
+        (it could only fail later, in an allocation deep inside torch)."""
+        total = _device_memory(self.device)
+        per_image = 4 * (math.prod(self._latent_shape(1, height, width)) + 3 * height * width)
+        if total is not None and batch * per_image > total:
+            raise ValueRangeError(
+                f"a batch of {batch} images of {height}x{width} needs at least {batch * per_image / 2**30:.1f} GiB for its latents "
+                f"and images alone, more than this {self.device.type} device's {total / 2**30:.1f} GiB; lower num_images_per_prompt "
+                "or the size, or generate in several calls"
+            )
 
     def _latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
@@ -898,6 +911,18 @@ def _describe(value: Any) -> str:
     """A received value for an error message: its type, and its repr when short."""
     text = repr(value)
     return f"{type(value).__name__} {text}" if len(text) <= 60 else type(value).__name__
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (physical RAM for the CPU), or None where it cannot be read."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass
+    return None
 
 
 def _integer(name: str, value: Any, *, low: int) -> int:

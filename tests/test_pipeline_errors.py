@@ -68,6 +68,7 @@ BAD_ARGUMENTS = [
     ({"num_images_per_prompt": -2}, ValueRangeError, "num_images_per_prompt: expected an int >= 1, got -2"),
     ({"num_images_per_prompt": True}, InputTypeError, "num_images_per_prompt: expected an int >= 1, got bool True"),
     ({"num_images_per_prompt": 2.0}, InputTypeError, "num_images_per_prompt: expected an int >= 1, got float 2.0"),
+    ({"num_images_per_prompt": 10**9}, ValueRangeError, r"a batch of 1000000000 images of 64x64 needs at least \d+\.\d GiB .* more than this cpu device's"),
     ({"num_inference_steps": True}, StepCountError, "expected 1..50 steps for the 'consistency' sampler, got True"),
     ({"num_inference_steps": 2.5}, StepCountError, "expected 1..50 steps for the 'consistency' sampler, got 2.5"),
     ({"guidance_scale": "8"}, InputTypeError, "guidance_scale: expected a real number, got str '8'"),
