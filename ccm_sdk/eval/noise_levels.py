@@ -116,7 +116,8 @@ def consistency_error_by_level(
             ControlSpec(pipe.controlnets[0], pipe.prepare_control_image(control_image[start:stop], pipe.controlnets[0],
                                                                          height=height, width=width, batch=count))
         ]  # fmt: skip
-        denoiser = ControlledDenoiser(pipe.unet, prompt_embeds=prompt.embeds, negative_embeds=prompt.negative,
+        positive, negative = pipe._conditioning(prompt, size=(height, width), micro=None)  # SDXL: + pooled embeds, time ids
+        denoiser = ControlledDenoiser(pipe.unet, prompt_embeds=positive, negative_embeds=negative,
                                       guidance_scale=guidance_scale, timestep_cond=prompt.timestep_cond, controls=specs,
                                       adapter=pipe.adapter if specs else None)  # fmt: skip
 

@@ -118,3 +118,14 @@ def test_the_consistency_error_runs_the_controlnet(lcm_dir, controlnet_dir, imag
     full = consistency_error_by_level(pipe, PROMPTS, images, [10], control_image=maps, batch_size=2)
     zero = consistency_error_by_level(pipe, PROMPTS, images, [10], control_image=torch.zeros_like(maps), batch_size=2)
     assert full.errors != zero.errors and all(e > 0 for e in full.errors)
+
+
+def test_both_measures_run_on_an_sdxl_model(sdxl_lcm_dir, images):
+    """The SDXL UNet needs pooled embeddings and size/crop time ids (added_cond_kwargs) at every call."""
+    pipe = CCMPipeline.from_pretrained(sdxl_lcm_dir)
+    pipe.set_progress_bar_config(disable=True)
+    consistency = consistency_error_by_level(pipe, PROMPTS, images, [0, 30], seed=4)
+    again = consistency_error_by_level(pipe, PROMPTS, images, [0, 30], seed=4)
+    assert consistency.errors == again.errors and all(0 < e < float("inf") for e in consistency.errors)
+    one_step = error_by_noise_level(pipe, PROMPTS, images, [0.5, 1.0])
+    assert all(0 < e < float("inf") for e in one_step.errors)
