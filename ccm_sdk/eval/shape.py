@@ -9,7 +9,8 @@ by ``margin`` pixels): a pixel is the object's when its colour is nearer the gen
 ``visible`` than the generated mean of the box's background ring (the allowed pixels that no
 candidate covers). The object counts as right when the asked candidate matches that segment best
 (the highest IoU over the allowed pixels of the box, strictly above every other candidate's) and at
-least ``min_iou`` well. An image with no content (one flat colour) has an empty segment and scores
+least ``min_iou`` well. When the two means are closer than one 8-bit step in every channel the
+object does not stand out and counts as wrong, so an image with no content (one flat colour) scores
 0; real images score about 1 (anti-aliased edges only). Objects with fewer than ``min_pixels`` visible
 pixels are left out, as in the colour measure.
 
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ShapeError
+
+_SAME_COLOUR = 1.0 / 255.0  # object and background means closer than one 8-bit step in every channel: one colour
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ def object_match(image: torch.Tensor, candidates: torch.Tensor, visible: torch.T
     if not shown.any() or not ring.any():
         return torch.zeros(candidates.shape[0])
     inside, outside = pixels[shown].mean(0), pixels[ring].mean(0)
+    if float((inside - outside).abs().max()) < _SAME_COLOUR:  # the object does not stand out: no segment
+        return torch.zeros(candidates.shape[0])
     segment = ((pixels - inside).square().sum(1) < (pixels - outside).square().sum(1)) & judged
     masks = candidates[:, rows, cols].flatten(1).to(pixels.device) & judged
     intersection = (masks & segment).sum(1).float()

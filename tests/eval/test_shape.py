@@ -72,6 +72,9 @@ def test_flat_and_noise_images_score_near_nothing():
     assert shape_accuracy(flat, targets) == 0.0
     noise = torch.rand(painted.shape, generator=torch.Generator().manual_seed(0))
     assert shape_accuracy(noise, targets) <= 0.5
+    faint = _paint([_square(3, 3, 8), _plus(13, 13, 8)])
+    faint[:, _square(3, 3, 8)] = torch.tensor([0.1, 0.6, 0.2 + 0.5 / 255])[:, None]  # half an 8-bit step off the background
+    assert shape_hits(faint, targets[0]) == (1, 2)
 
 
 def test_occluded_and_tiny_objects():

@@ -110,7 +110,7 @@ def test_shape_targets_real_images_score_about_1_and_flat_or_other_scenes_near_n
     assert sum(t.asked.numel() for t in targets) >= 60
     assert shape_accuracy(images, targets) >= 0.97
     flat = images.mean(dim=(2, 3), keepdim=True).expand_as(images).contiguous()
-    assert shape_accuracy(flat, targets) <= 0.1  # chance among five shapes is 0.2
+    assert shape_accuracy(flat, targets) == 0.0  # nothing stands out (chance among five shapes is 0.2)
     assert shape_accuracy(images.roll(1, 0), targets) <= 0.15  # another scene's image
 
 
