@@ -23,9 +23,11 @@ _LAZY = {
     "features": ("FeatureExtractor", "ModuleExtractor", "PixelExtractor", "extract_features", "load_extractor"),
     "fid": ("FeatureStatistics", "feature_statistics", "fid_from_features", "frechet_distance", "sqrtm_psd"),
     "fidelity": ("fidelity", "fidelity_per_image"),
+    "limbs": ("LimbTargets", "limb_accuracy", "limb_hits"),
     "inception": ("FIDInceptionV3", "InceptionExtractor", "convert_pytorch_fid_weights"),
     "results": ("EvalResult", "EvalRow"),
     "runner": ("run_evaluation",),
+    "shape": ("ShapeTargets", "object_match", "shape_accuracy", "shape_hits"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -70,17 +70,32 @@ def line_f1_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def colour_table(result: EvalResult) -> str:
-    """| method | steps | <condition> colour accuracy ... |, plus the real images'; "" when the dataset has no colour targets."""
-    if not any(math.isfinite(r.colour_accuracy) for r in result.rows) and not math.isfinite(result.real_colour_accuracy):
+def _measure_table(result: EvalResult, column: str, real: float) -> str:
+    """| method | steps | <condition> ... | of one per-cell measure (an EvalRow field), plus the real images'; "" when none was scored."""
+    if not any(math.isfinite(getattr(r, column)) for r in result.rows) and not math.isfinite(real):
         return ""
     conditions = [c.title for c in result.config.conditions]
     lines = ["| method | steps | " + " | ".join(conditions) + " |", "|" + "---|" * (len(conditions) + 2)]
     for method, steps in _groups(result.rows):
         rows = {r.condition: r for r in result.rows if r.method == method and r.steps == steps}
-        lines.append(f"| {method} | {steps} | " + " | ".join("" if t not in rows else _number(rows[t].colour_accuracy, 3) for t in conditions) + " |")
-    lines.append("| real images | - | " + " | ".join(_number(result.real_colour_accuracy, 3) for _ in conditions) + " |")
+        lines.append(f"| {method} | {steps} | " + " | ".join("" if t not in rows else _number(getattr(rows[t], column), 3) for t in conditions) + " |")
+    lines.append("| real images | - | " + " | ".join(_number(real, 3) for _ in conditions) + " |")
     return "\n".join(lines)
+
+
+def colour_table(result: EvalResult) -> str:
+    """| method | steps | <condition> colour accuracy ... |, plus the real images'; "" when the dataset has no colour targets."""
+    return _measure_table(result, "colour_accuracy", result.real_colour_accuracy)
+
+
+def shape_table(result: EvalResult) -> str:
+    """| method | steps | <condition> shape accuracy ... |, plus the real images'; "" when the dataset has no shape targets."""
+    return _measure_table(result, "shape_accuracy", result.real_shape_accuracy)
+
+
+def limb_table(result: EvalResult) -> str:
+    """| method | steps | <condition> limb accuracy ... |, plus the real images'; "" when the dataset has no limb targets."""
+    return _measure_table(result, "limb_accuracy", result.real_limb_accuracy)
 
 
 def fidelity_noise(rows: list[EvalRow]) -> str:
@@ -118,6 +133,13 @@ def _markdown(result: EvalResult) -> str:
     if colours := colour_table(result):
         parts += ["", "Colour accuracy (higher is better): the share of regions (the background and each object, from the "
                   "dataset's labels) whose mean generated colour is nearest to the colour the caption asks for.", "", colours]  # fmt: skip
+    if shapes := shape_table(result):
+        parts += ["", "Shape accuracy (higher is better): the share of objects whose generated segment (the pixels nearer the "
+                  "object's mean colour than the background's, around its place) matches the shape the caption names better "
+                  "than every other shape of the vocabulary drawn at the same place, with IoU at least 0.5.", "", shapes]  # fmt: skip
+    if limbs := limb_table(result):
+        parts += ["", "Limb accuracy (higher is better): the share of the figures' arms and legs that the dataset's pose "
+                  "estimator finds in the generated image (line pixels along at least 60% of the limb, within 1 px).", "", limbs]  # fmt: skip
     for i, analysis in enumerate(result.correlations):
         parts += ["", f"## Correlation: {analysis.label_a} vs {analysis.label_b}", "",
                   "| depth | " + " | ".join(analysis.names) + " |", "|---|" + "---|" * len(analysis.names),

@@ -33,6 +33,8 @@ class EvalRow:
     fidelity_sem: float = float("nan")
     line_f1: float = float("nan")  # mean line F1 of h(y) against c, where the condition asks for it (higher is better)
     colour_accuracy: float = float("nan")  # share of regions in the asked colour, where the dataset knows them (colour.py)
+    shape_accuracy: float = float("nan")  # share of objects in the asked shape, where the dataset knows them (shape.py)
+    limb_accuracy: float = float("nan")  # share of figures' limbs the dataset's pose estimator finds (limbs.py)
 
 
 @dataclass
@@ -50,6 +52,8 @@ class EvalResult:
     correlations: list[Any] = field(default_factory=list)  # CorrelationResult per config.correlation entry
     feature_extractor: str = ""
     real_colour_accuracy: float = float("nan")  # the real images' colour accuracy (NaN: the dataset has no colour targets)
+    real_shape_accuracy: float = float("nan")  # the real images' shape accuracy (NaN: the dataset has no shape targets)
+    real_limb_accuracy: float = float("nan")  # the real images' limb accuracy (NaN: the dataset has no limb targets)
     # FID of a second, disjoint set of real images of the same size against the first: what two samples
     # of the very same distribution score at this sample count (NaN: the dataset is too small)
     fid_floor: float = float("nan")
@@ -62,6 +66,8 @@ class EvalResult:
             "flat_fidelity": self.flat_fidelity,
             "real_line_f1": self.real_line_f1,
             "real_colour_accuracy": self.real_colour_accuracy,
+            "real_shape_accuracy": self.real_shape_accuracy,
+            "real_limb_accuracy": self.real_limb_accuracy,
             "fid_floor": self.fid_floor,
             "features": self.feature_extractor,
             "correlation": [c.to_dict() for c in self.correlations],

@@ -26,8 +26,10 @@ from .config import ConditionConfig, EvalConfig, MethodConfig, check_factory_all
 from .features import extract_features, load_extractor
 from .fid import fid_from_features
 from .fidelity import fidelity, fidelity_per_image, line_f1_per_image
+from .limbs import LimbTargets, limb_accuracy
 from .progress import EvalProgress
 from .results import EvalResult, EvalRow
+from .shape import ShapeTargets, shape_accuracy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,7 +148,8 @@ def _line_f1(condition: Condition, spec: ConditionConfig, images: torch.Tensor, 
 
 def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, captions: list[str], controls: torch.Tensor,
           condition: Condition, extractor, real_features: torch.Tensor, config: EvalConfig,
-          colours: list[ColourTargets] | None, show_progress: bool = False) -> tuple[EvalRow, torch.Tensor]:  # fmt: skip
+          colours: list[ColourTargets] | None, show_progress: bool = False, shapes: list[ShapeTargets] | None = None,
+          limbs: _Limbs | None = None) -> tuple[EvalRow, torch.Tensor]:  # fmt: skip
     """Generate and score one cell: its row and the generated images.
 
     ``show_progress``: a progress bar on stderr, images done of the cell's and the time left, then "scoring".
@@ -158,7 +161,9 @@ def _cell(pipe, method: MethodConfig, spec: ConditionConfig, steps: int, caption
         generated, nfe, seconds = _generate(pipe, method, sampler, steps, captions, controls, config, bar)
         if bar is not None:
             bar.set_postfix_str("scoring")
-        return _score(method, spec, steps, generated, nfe, seconds, controls, condition, extractor, real_features, config, colours), generated
+        row = _score(method, spec, steps, generated, nfe, seconds, controls, condition, extractor, real_features, config, colours,
+                     shapes, limbs)  # fmt: skip
+        return row, generated
 
 
 @contextlib.contextmanager
@@ -178,8 +183,8 @@ def _cell_bar(description: str, total: int, enabled: bool):
 
 def _score(method: MethodConfig, spec: ConditionConfig, steps: int, generated: torch.Tensor, nfe: int, seconds: float,
            controls: torch.Tensor, condition: Condition, extractor, real_features: torch.Tensor, config: EvalConfig,
-           colours: list[ColourTargets] | None) -> EvalRow:  # fmt: skip
-    """One cell's row: FID, Fidelity, line F1 and colour accuracy of ``generated``."""
+           colours: list[ColourTargets] | None, shapes: list[ShapeTargets] | None = None, limbs: _Limbs | None = None) -> EvalRow:  # fmt: skip
+    """One cell's row: FID, Fidelity, line F1 and colour, shape and limb accuracy of ``generated``."""
     fid = fid_from_features(extract_features(extractor, generated, batch_size=config.features.batch_size), real_features)
     values = fidelity_per_image(condition, generated, controls)
     scored = values[~torch.isnan(values)]
@@ -187,13 +192,44 @@ def _score(method: MethodConfig, spec: ConditionConfig, steps: int, generated: t
     sem = float(scored.std() / scored.numel() ** 0.5) if scored.numel() > 1 else float("nan")
     lines = _line_f1(condition, spec, generated, controls)
     colour = float("nan") if colours is None else colour_accuracy(generated, colours)
-    return EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples, sem, lines, colour)
+    shape = float("nan") if shapes is None else shape_accuracy(generated, shapes)
+    limb = float("nan") if limbs is None else limbs.accuracy(generated, config.batch_size)
+    return EvalRow(method.name, method.sampler, steps, spec.title, nfe, seconds, fid, score, config.num_samples, sem, lines, colour,
+                   shape, limb)  # fmt: skip
 
 
 def _colour_targets(dataset, count: int) -> list[ColourTargets] | None:
     """The dataset's colour targets for its first ``count`` items, when it has them (``colour_targets``)."""
     method = getattr(dataset, "colour_targets", None)
     return None if method is None else [method(i) for i in range(count)]
+
+
+def _shape_targets(dataset, count: int) -> list[ShapeTargets] | None:
+    """The dataset's shape targets for its first ``count`` items, when it has them (``shape_targets``)."""
+    method = getattr(dataset, "shape_targets", None)
+    return None if method is None else [method(i) for i in range(count)]
+
+
+class _Limbs:
+    """The dataset's limb targets for its first items and the pose estimator they name (``limb_targets``)."""
+
+    def __init__(self, targets: list[LimbTargets]):
+        detectors = sorted({t.detector for t in targets})
+        if len(detectors) != 1:
+            raise InputError(f"expected the dataset's limb targets to name one detector condition, got {detectors}")
+        self.targets, self.detector = targets, get_condition(detectors[0])
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, batch_size: int) -> float:
+        """Share of the limbs the detector finds in ``images`` [N, 3, H, W] (one per target)."""
+        maps = torch.cat([self.detector(images[i : i + batch_size]).float().cpu() for i in range(0, images.shape[0], batch_size)])
+        return limb_accuracy(maps, self.targets)
+
+
+def _limb_targets(dataset, count: int) -> _Limbs | None:
+    """The dataset's limb targets for its first ``count`` items with their detector, when it has them (``limb_targets``)."""
+    method = getattr(dataset, "limb_targets", None)
+    return None if method is None else _Limbs([method(i) for i in range(count)])
 
 
 def _fid_floor(dataset, config: EvalConfig, extractor, real_features: torch.Tensor) -> float:
@@ -251,13 +287,17 @@ def run_evaluation(
     # 3. features of the real images
     colours = _colour_targets(dataset, config.num_samples)
     real_colour = float("nan") if colours is None else colour_accuracy(images, colours)
+    shapes, limbs = _shape_targets(dataset, config.num_samples), _limb_targets(dataset, config.num_samples)
+    real_shape = float("nan") if shapes is None else shape_accuracy(images, shapes)
+    real_limb = float("nan") if limbs is None else limbs.accuracy(images, config.batch_size)
     extractor = load_extractor(config.features, device=device)
     real_features = extract_features(extractor, images, batch_size=config.features.batch_size)
     floor = _fid_floor(dataset, config, extractor, real_features) if config.fid_floor else float("nan")
     show = min(config.show, config.num_samples)
     result = EvalResult(config, [], real_fidelity, images[:show], {t: c[:show] for t, c in controls.items()},
                         feature_extractor=getattr(extractor, "name", type(extractor).__name__), flat_fidelity=flat_fidelity,
-                        real_line_f1=real_line_f1, real_colour_accuracy=real_colour, fid_floor=floor)  # fmt: skip
+                        real_line_f1=real_line_f1, real_colour_accuracy=real_colour, fid_floor=floor,
+                        real_shape_accuracy=real_shape, real_limb_accuracy=real_limb)  # fmt: skip
     # 4. every method x condition x step count (a cell), kept as it is done when there is a progress folder
     pipelines = _Pipelines(device)
     cells = [(method, spec, steps) for method in method_configs for spec in config.conditions for steps in method.steps]
@@ -271,7 +311,7 @@ def run_evaluation(
             else:
                 row, generated = _cell(pipelines.get(method, None if method.uncontrolled else method.controlnets[spec.title]), method, spec, steps, captions,
                                        controls[spec.title], conditions[spec.title], extractor, real_features, config, colours,
-                                       show_progress)  # fmt: skip
+                                       show_progress, shapes, limbs)  # fmt: skip
                 shown, note = generated[:show], ""
                 if kept is not None:
                     kept.save(row, shown, method, spec)

@@ -157,6 +157,7 @@ def test_dataset_control_maps_and_a_factory_dataset(models, tmp_path, monkeypatc
     assert result.controls["canny"].shape == (3, 3, 32, 32)  # 1-channel maps widened to the condition's 3
     assert result.real_fidelity["canny"] > 0  # random maps are not canny's output: the floor shows it
     assert math.isnan(result.real_colour_accuracy) and math.isnan(result.rows[0].colour_accuracy)  # no colour targets
+    assert math.isnan(result.real_shape_accuracy) and math.isnan(result.rows[0].limb_accuracy)  # nor shape or limb targets
     assert math.isnan(result.fid_floor)  # 3 items: no second set of 3
     with pytest.raises(InputError, match="fewer than num_samples=5"):
         run_evaluation(config.model_copy(update={"num_samples": 5}), log=None)
@@ -202,6 +203,50 @@ def test_colour_column_and_fid_floor_for_a_dataset_with_colour_targets(models, t
     small = run_evaluation(load_eval_config({**raw, "dataset": {"factory": "tiny_colour_data:make", "options": {"n": 5}}}), log=None)
     assert math.isnan(small.fid_floor)
     assert math.isnan(run_evaluation(load_eval_config({**raw, "fid_floor": False}), log=None).fid_floor)
+
+
+def test_shape_and_limb_columns_for_a_dataset_with_their_targets(models, tmp_path, monkeypatch):
+    module = tmp_path / "tiny_prompt_data.py"
+    module.write_text(
+        "import torch\n"
+        "from ccm_sdk.eval.limbs import LimbTargets\n"
+        "from ccm_sdk.eval.shape import ShapeTargets\n"
+        "SQUARE = torch.zeros(32, 32, dtype=torch.bool)\n"
+        "SQUARE[8:24, 8:24] = True\n"
+        "PLUS = torch.zeros(32, 32, dtype=torch.bool)\n"
+        "PLUS[8:24, 13:19] = True\n"
+        "PLUS[13:19, 8:24] = True\n"
+        "class Data(list):\n"
+        "    def shape_targets(self, index):\n"
+        "        return ShapeTargets(torch.stack([SQUARE, PLUS])[None], torch.tensor([0]), SQUARE[None], torch.ones(1, 32, 32, dtype=torch.bool))\n"
+        "    def limb_targets(self, index):\n"
+        "        return LimbTargets(torch.tensor([[[4.5, 28.5], [27.5, 28.5]]]), 'canny')\n"
+        "def make(n=3):\n"
+        "    items = []\n"
+        "    for i in range(n):\n"
+        "        image = torch.zeros(3, 32, 32)\n"
+        "        image[:, SQUARE] = 1.0\n"
+        "        image[:, 28, 4:28] = 1.0  # the limb, a white line\n"
+        "        items.append({'image': image, 'caption': 'x', 'controls': {'edges': torch.zeros(1, 32, 32)}})\n"
+        "    return Data(items)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CCM_ALLOW_DATASET_FACTORY", "1")  # the config names code to run: opted in
+    raw = {
+        "output_dir": str(tmp_path / "out"), "dataset": {"factory": "tiny_prompt_data:make", "options": {"n": 3}},
+        "num_samples": 3, "device": "cpu", "warmup": False,
+        "conditions": [{"name": "canny", "control": "dataset", "key": "edges"}],
+        "methods": [{"name": "ct", "model": models["cm"], "controlnets": {"canny": models["cm_controlnets"]["canny"]}, "steps": [1]}],
+    }  # fmt: skip
+    result = run_evaluation(load_eval_config(raw), log=None)
+    assert result.real_shape_accuracy == 1.0 and result.real_limb_accuracy == 1.0  # drawn exactly as the targets say
+    assert 0.0 <= result.rows[0].shape_accuracy <= 1.0 and 0.0 <= result.rows[0].limb_accuracy <= 1.0
+    assert math.isnan(result.rows[0].colour_accuracy)  # no colour targets
+    result.write(tmp_path / "report")
+    report = (tmp_path / "report" / "results.md").read_text()
+    assert "Shape accuracy" in report and "Limb accuracy" in report and "Colour accuracy" not in report
+    assert report.count("| real images | - | 1.000 |") == 2
+    assert {"shape_accuracy", "limb_accuracy"} <= set((tmp_path / "report" / "results.csv").read_text().splitlines()[0].split(","))
 
 
 def test_ccm_eval_command(models, image_folder, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,12 @@ from ccm_sdk.conditions.mask import MaskCondition, random_masks
 from ccm_sdk.conditions.sr import SRCondition
 from ccm_sdk.errors import InputError, UnknownNameError
 from ccm_sdk.eval.colour import ColourTargets
+from ccm_sdk.eval.limbs import LimbTargets
+from ccm_sdk.eval.shape import ShapeTargets
 
 from . import render
 from .generate import SceneConfig, sample_scene
-from .scene import Scene
+from .scene import FIGURE_STICKS, Person, Scene, Shape, object_mask
 from .vocabulary import COLORS, PALETTE, SHAPES, SIZES
 
 # Control-map keys, named after the SDK condition whose ControlNet each one feeds.
@@ -35,6 +37,10 @@ ATTRIBUTE_NAMES: tuple[str, ...] = (
     *(f"size:{s}" for s in SIZES),
     "background:gradient",
 )
+
+
+# The sticks of FIGURE_STICKS that are arms and legs (not the torso): what the limb column scores.
+LIMB_STICKS: tuple[tuple[int, int], ...] = ((2, 3), (3, 4), (5, 6), (6, 7), (8, 9), (9, 10), (11, 12), (12, 13))
 
 
 @dataclass
@@ -185,6 +191,48 @@ class WorldDataset(Dataset):
         asked = [COLORS.index(scene.background.color), *(COLORS.index(obj.color) for obj in scene.objects)]
         palette = torch.tensor([PALETTE[name] for name in COLORS], dtype=torch.float32) / 255.0
         return ColourTargets(torch.from_numpy(labels.astype(np.int64)), torch.tensor(asked), palette)
+
+    def shape_targets(self, index: int) -> ShapeTargets:
+        """For each shape in the scene (figures have none), every vocabulary shape drawn at its place, size and
+        rotation (the candidates, in ``SHAPES`` order), the one the caption names, its visible pixels and the
+        pixels that may be judged: the background and the shape itself (``ccm eval``'s shape column)."""
+        self._check_index(int(index))
+        scene = self.scene(int(index))
+        _, labels = render.render_labels(scene, self.supersample)
+        candidates, asked, visible, allowed = [], [], [], []
+        for k, obj in enumerate(scene.objects):
+            if not isinstance(obj, Shape):
+                continue
+            drawn = []
+            for kind in SHAPES:
+                alone = Scene(scene.height, scene.width, scene.background, (replace(obj, kind=kind),), "")
+                coverage = render.box_downsample(object_mask(alone, 0, self.supersample).astype(np.float32), self.supersample)
+                drawn.append(coverage > 0.5)
+            candidates.append(np.stack(drawn))
+            asked.append(SHAPES.index(obj.kind))
+            visible.append(labels == k + 1)
+            allowed.append((labels == 0) | (labels == k + 1))
+        h, w = self.height, self.width
+        return ShapeTargets(
+            torch.from_numpy(np.stack(candidates)) if candidates else torch.zeros(0, len(SHAPES), h, w, dtype=torch.bool),
+            torch.tensor(asked, dtype=torch.long),
+            torch.from_numpy(np.stack(visible)) if visible else torch.zeros(0, h, w, dtype=torch.bool),
+            torch.from_numpy(np.stack(allowed)) if allowed else torch.zeros(0, h, w, dtype=torch.bool),
+        )
+
+    def limb_targets(self, index: int) -> LimbTargets:
+        """The arms and legs (upper arm, forearm, thigh, shin per side) of every stick figure whose two ends are
+        visible (the figure itself is front-most there), read back by the world's pose net (``ccm eval``'s limb column)."""
+        self._check_index(int(index))
+        scene = self.scene(int(index))
+        _, labels = render.render_labels(scene, self.supersample)
+        visible = iter(render.keypoint_visibility(scene, labels))
+        segments = []
+        for obj in scene.objects:
+            if isinstance(obj, Person):
+                shown = next(visible)
+                segments += [(obj.keypoints[a], obj.keypoints[b]) for a, b in LIMB_STICKS if shown[a] and shown[b]]
+        return LimbTargets(torch.tensor(segments, dtype=torch.float32).reshape(-1, 2, 2), "world-pose")
 
     def save_folder(self, path: str | os.PathLike, n: int, *, start: int = 0) -> Path:
         """Write samples ``start .. start+n-1`` in the folder-dataset layout.

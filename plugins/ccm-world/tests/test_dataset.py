@@ -82,3 +82,76 @@ def test_plugin_registers_its_conditions_dataset_and_model_source():
     assert models.entry("world").plugin == "world"
     with pytest.raises(MissingModelError, match="no pretrained model 'nope'"):
         models.get("world")("nope")
+
+
+@pytest.fixture(scope="module")
+def prompt_scenes():
+    """48 scenes with their images, shape targets and limb targets."""
+    data = WorldDataset(size=64, length=48, seed=4321, conditions=("pose",))
+    items = [data[i] for i in range(len(data))]
+    return data, items, [data.shape_targets(i) for i in range(len(data))], [data.limb_targets(i) for i in range(len(data))]
+
+
+def test_shape_targets_real_images_score_about_1_and_flat_or_other_scenes_near_nothing(prompt_scenes):
+    from ccm_sdk.eval.shape import shape_accuracy
+    from ccm_world.vocabulary import SHAPES
+
+    data, items, targets, _ = prompt_scenes
+    images = torch.stack([item["image"] for item in items])
+    for item, target in zip(items, targets):
+        shapes = [o for o in item["scene"]["objects"] if o["kind"] != "person"]
+        assert [SHAPES[k] for k in target.asked.tolist()] == [o["kind"] for o in shapes]
+        assert target.candidates.shape[1:] == (len(SHAPES), 64, 64)
+        # the asked candidate is where the object shows (up to anti-aliased edge pixels); the object is judged
+        assert not (target.visible & ~target.allowed).any()
+        for k, asked in enumerate(target.asked.tolist()):
+            near = torch.nn.functional.max_pool2d(target.candidates[k, asked][None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+            assert not (target.visible[k] & ~near).any()
+    assert sum(t.asked.numel() for t in targets) >= 60
+    assert shape_accuracy(images, targets) >= 0.97
+    flat = images.mean(dim=(2, 3), keepdim=True).expand_as(images).contiguous()
+    assert shape_accuracy(flat, targets) == 0.0  # nothing stands out (chance among five shapes is 0.2)
+    assert shape_accuracy(images.roll(1, 0), targets) <= 0.15  # another scene's image
+
+
+def test_limb_targets_are_the_visible_arms_and_legs_and_the_true_pose_map_finds_them_all(prompt_scenes):
+    from ccm_sdk.eval.limbs import limb_accuracy, limb_hits
+    from ccm_world.dataset import LIMB_STICKS
+    from ccm_world.scene import FIGURE_STICKS
+
+    assert set(LIMB_STICKS) <= set(FIGURE_STICKS) and len(LIMB_STICKS) == 8
+    data, items, _, targets = prompt_scenes
+    for item, target in zip(items, targets):
+        figures = [o for o in item["scene"]["objects"] if o["kind"] == "person"]
+        assert target.detector == "world-pose" and target.segments.shape[0] <= 8 * len(figures)
+    assert sum(t.segments.shape[0] for t in targets) >= 40
+    poses = torch.stack([item["controls"]["pose"] for item in items])
+    assert limb_accuracy(poses, targets) == 1.0  # the exact skeletons
+    assert limb_accuracy(torch.zeros_like(poses), targets) == 0.0
+    one = next(t for t in targets if t.segments.shape[0] == 8)
+    index = targets.index(one)
+    assert limb_hits(poses[index], one.segments) == (8, 8)
+    left_arm = one.segments[[4, 5]]  # (5, 6) and (6, 7): erase that arm and the two are lost
+    erased = poses[index].clone()
+    for (x0, y0), (x1, y1) in left_arm.tolist():
+        t = torch.linspace(0, 1, 50)
+        xs, ys = (x0 + (x1 - x0) * t).long().clamp(0, 63), (y0 + (y1 - y0) * t).long().clamp(0, 63)
+        for dx in range(-3, 4):
+            for dy in range(-3, 4):
+                erased[:, (ys + dy).clamp(0, 63), (xs + dx).clamp(0, 63)] = 0.0
+    found, total = limb_hits(erased, one.segments)
+    assert total == 8 and found <= 6
+
+
+@pytest.mark.skipif(not (__import__("ccm_world").MODELS_DIR / "pose-net").is_dir(), reason="the world's pose net is not packed here")
+def test_the_world_pose_net_finds_the_limbs_of_real_images_and_none_in_flat_ones(prompt_scenes):
+    from ccm_sdk.eval.limbs import limb_accuracy
+    from ccm_sdk.registry import get_condition
+
+    _, items, _, targets = prompt_scenes
+    images = torch.stack([item["image"] for item in items])
+    pose = get_condition("world-pose")
+    with torch.no_grad():
+        assert limb_accuracy(pose(images), targets) >= 0.9
+        flat = images.mean(dim=(2, 3), keepdim=True).expand_as(images).contiguous()
+        assert limb_accuracy(pose(flat), targets) <= 0.1
