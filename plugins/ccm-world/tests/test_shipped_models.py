@@ -75,16 +75,19 @@ def test_noise_levels_command_on_the_shipped_models(tmp_path, capsys):
 
     out = tmp_path / "levels"
     code = cli(["noise-levels", "--condition", "sketch", "--out", str(out), "--scenes", "6", "--strengths", "0.1,1.0", "--grid", "0,48",
-                "no control=", "DM's ControlNet=world:dm-controlnet-sketch"])  # fmt: skip
+                "no control=", "DM's ControlNet=world:dm-controlnet-sketch", "with the adapter=world:dm-controlnet-sketch+world:adapter"])  # fmt: skip
     assert code == 0
     saved = json.loads((out / "noise-levels.json").read_text())
     curves = [c for c in saved if c["metric"] == "reconstruction"]
-    assert [c["label"] for c in curves] == ["no control", "DM's ControlNet"] and curves[0]["timesteps"] == [99, 999]
-    assert [c["timesteps"] for c in saved if c["metric"] == "consistency"] == [[39, 999], [39, 999]]
+    assert [c["label"] for c in curves] == ["no control", "DM's ControlNet", "with the adapter"] and curves[0]["timesteps"] == [99, 999]
+    assert [c["timesteps"] for c in saved if c["metric"] == "consistency"] == [[39, 999]] * 3
+    assert curves[2]["errors"] != curves[1]["errors"]  # the adapter changes what the ControlNet adds
     # from pure noise the sketch tells the model where the shapes are: a lower error than the caption alone
     assert curves[1]["errors"][1] < curves[0]["errors"][1]
     assert (out / "noise-levels.png").is_file() and (out / "consistency.png").is_file() and capsys.readouterr().out == (out / "noise-levels.md").read_text()
     assert cli(["noise-levels", "--condition", "sketch", "--out", str(out), "no-equals-sign"]) == 2
+    assert cli(["noise-levels", "--condition", "sketch", "--out", str(out), "adapter only=+world:adapter"]) == 2
+    assert "LABEL=CONTROLNET+ADAPTER" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["noise-levels", "--condition", "sketch", "--out", str(out), "--strengths", "0.1,high", "no control="])
     assert "comma-separated numbers" in capsys.readouterr().err

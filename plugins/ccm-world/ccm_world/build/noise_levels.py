@@ -3,7 +3,8 @@
     ccm-world noise-levels --condition sketch --out outputs/noise-levels \\
         "no control=" "DM's ControlNet=world:dm-controlnet-sketch" "CM's ControlNet=world:cm-controlnet-sketch"
 
-Each ``LABEL=CONTROLNET`` (empty: no ControlNet) runs on the LCM (``--model``) over the same scenes
+Each ``LABEL=CONTROLNET`` (empty: no ControlNet), or ``LABEL=CONTROLNET+ADAPTER`` (the ControlNet
+through the unified adapter, e.g. ``world:dm-controlnet-sketch+world:adapter``), runs on the LCM (``--model``) over the same scenes
 and noise; writes ``noise-levels.md`` (the tables: the reconstruction error per strength, then the
 held-out consistency-training loss per grid pair), ``noise-levels.json``, ``noise-levels.png`` and
 ``consistency.png``.
@@ -27,17 +28,19 @@ DEFAULT_STRENGTHS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 DEFAULT_GRID = (0, 2, 5, 10, 20, 30, 40, 48)
 
 
-def parse_models(specs: list[str]) -> list[tuple[str, str | None]]:
+def parse_models(specs: list[str]) -> list[tuple[str, str | None, str | None]]:
+    """(label, ControlNet or None, adapter or None) from each ``LABEL=CONTROLNET[+ADAPTER]``."""
     models = []
     for spec in specs:
-        label, sep, controlnet = spec.partition("=")
-        if not sep or not label:
-            raise InputError(f"expected LABEL=CONTROLNET (CONTROLNET empty for none), got {spec!r}")
-        models.append((label, controlnet or None))
+        label, sep, nets = spec.partition("=")
+        controlnet, plus, adapter = nets.partition("+")
+        if not sep or not label or (plus and not (controlnet and adapter)):
+            raise InputError(f"expected LABEL=CONTROLNET or LABEL=CONTROLNET+ADAPTER (CONTROLNET empty for none), got {spec!r}")
+        models.append((label, controlnet or None, adapter or None))
     return models
 
 
-def run(condition: str, models: list[tuple[str, str | None]], out: Path, *, model: str = "world:lcm", scenes: int = 64,
+def run(condition: str, models: list[tuple[str, str | None, str | None]], out: Path, *, model: str = "world:lcm", scenes: int = 64,
         strengths: tuple[float, ...] = DEFAULT_STRENGTHS, grid: tuple[int, ...] = DEFAULT_GRID, preset: str = "full",
         seed: int = 0) -> Path:  # fmt: skip
     """Measure every model, write the table, JSON and plot into ``out``; returns the table's path."""
@@ -51,8 +54,8 @@ def run(condition: str, models: list[tuple[str, str | None]], out: Path, *, mode
     images = torch.stack([item["image"] for item in items])
     controls = torch.stack([item["controls"][condition] for item in items])
     curves, pairs = [], []
-    for label, controlnet in models:
-        pipe = CCMPipeline.from_pretrained(model, controlnet=controlnet) if controlnet else CCMPipeline.from_pretrained(model)
+    for label, controlnet, adapter in models:
+        pipe = CCMPipeline.from_pretrained(model, controlnet=controlnet, adapter=adapter) if controlnet else CCMPipeline.from_pretrained(model)
         pipe.set_progress_bar_config(disable=True)
         control = controls if controlnet else None
         curves.append(error_by_noise_level(pipe, prompts, images, strengths, control_image=control, label=label, seed=seed))
@@ -86,7 +89,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None, *, prog: str = "ccm-world noise-levels") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="LABEL=CONTROLNET (a folder or world:<name>; empty for no ControlNet)")
+    parser.add_argument("models", nargs="+", help="LABEL=CONTROLNET or LABEL=CONTROLNET+ADAPTER (folders or world:<name>; "
+                        "CONTROLNET empty for no ControlNet; LABEL without '=')")
     parser.add_argument("--condition", required=True, help="the world condition whose maps the ControlNets get")
     parser.add_argument("--out", type=Path, required=True, help="folder for the table, JSON and plot")
     parser.add_argument("--model", default="world:lcm", help="the consistency model (default: world:lcm)")
