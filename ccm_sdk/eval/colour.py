@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ShapeError
+from .pooled import pooled_share
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,5 @@ def region_hits(image: torch.Tensor, targets: ColourTargets, *, min_pixels: int 
 
 def colour_accuracy(images: torch.Tensor, targets: list[ColourTargets], *, min_pixels: int = 4) -> float:
     """Share of regions, over all ``images`` [N, 3, H, W] in [0, 1], whose mean colour is nearest the asked one."""
-    if images.shape[0] != len(targets):
-        raise ShapeError(f"expected one ColourTargets per image, got {images.shape[0]} images and {len(targets)} targets")
-    right = scored = 0
-    for image, target in zip(images, targets):
-        hits, count = region_hits(image, target, min_pixels=min_pixels)
-        right, scored = right + hits, scored + count
-    return right / scored if scored else float("nan")
+    return pooled_share(images, targets, lambda image, target: region_hits(image, target, min_pixels=min_pixels),
+                        target_name="ColourTargets", item_name="image")  # fmt: skip

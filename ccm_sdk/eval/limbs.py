@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeError
+from .pooled import pooled_share
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,8 @@ def limb_hits(skeleton: torch.Tensor, segments: torch.Tensor, *, threshold: floa
 def limb_accuracy(skeletons: torch.Tensor, targets: list[LimbTargets], *, threshold: float = 0.2, tolerance: int = 1,
                   min_cover: float = 0.6) -> float:  # fmt: skip
     """Share of limbs found, over the detector maps ``skeletons`` [N, C, H, W] of N images (NaN: no limbs)."""
-    if skeletons.shape[0] != len(targets):
-        raise ShapeError(f"expected one LimbTargets per map, got {skeletons.shape[0]} maps and {len(targets)} targets")
-    found = total = 0
-    for skeleton, target in zip(skeletons, targets):
-        hits, count = limb_hits(skeleton, target.segments, threshold=threshold, tolerance=tolerance, min_cover=min_cover)
-        found, total = found + hits, total + count
-    return found / total if total else float("nan")
+    return pooled_share(
+        skeletons, targets,
+        lambda skeleton, target: limb_hits(skeleton, target.segments, threshold=threshold, tolerance=tolerance, min_cover=min_cover),
+        target_name="LimbTargets", item_name="map",
+    )  # fmt: skip

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ShapeError
+from .pooled import pooled_share
 
 _SAME_COLOUR = 1.0 / 255.0  # object and background means closer than one 8-bit step in every channel: one colour
 
@@ -101,10 +102,7 @@ def shape_hits(image: torch.Tensor, targets: ShapeTargets, *, min_iou: float = 0
 def shape_accuracy(images: torch.Tensor, targets: list[ShapeTargets], *, min_iou: float = 0.5, min_pixels: int = 4,
                    margin: int = 2) -> float:  # fmt: skip
     """Share of objects, over all ``images`` [N, 3, H, W] in [0, 1], that show the asked shape (NaN: none scored)."""
-    if images.shape[0] != len(targets):
-        raise ShapeError(f"expected one ShapeTargets per image, got {images.shape[0]} images and {len(targets)} targets")
-    right = scored = 0
-    for image, target in zip(images, targets):
-        hits, count = shape_hits(image, target, min_iou=min_iou, min_pixels=min_pixels, margin=margin)
-        right, scored = right + hits, scored + count
-    return right / scored if scored else float("nan")
+    def hits(image, target):
+        return shape_hits(image, target, min_iou=min_iou, min_pixels=min_pixels, margin=margin)
+
+    return pooled_share(images, targets, hits, target_name="ShapeTargets", item_name="image")
