@@ -166,6 +166,18 @@ def test_dataset_control_maps_and_a_factory_dataset(models, tmp_path, monkeypatc
         run_evaluation(bad, log=None)
 
 
+def _factory_config(models, tmp_path, monkeypatch, module: str, n: int) -> dict:
+    """An eval config over ``<module>.make(n)`` written into ``tmp_path``: one ControlNet method at 1 step, 3 samples."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CCM_ALLOW_DATASET_FACTORY", "1")  # the config names code to run: opted in
+    return {
+        "output_dir": str(tmp_path / "out"), "dataset": {"factory": f"{module}:make", "options": {"n": n}},
+        "num_samples": 3, "device": "cpu", "warmup": False,
+        "conditions": [{"name": "canny", "control": "dataset", "key": "edges"}],
+        "methods": [{"name": "ct", "model": models["cm"], "controlnets": {"canny": models["cm_controlnets"]["canny"]}, "steps": [1]}],
+    }  # fmt: skip
+
+
 def test_colour_column_and_fid_floor_for_a_dataset_with_colour_targets(models, tmp_path, monkeypatch):
     module = tmp_path / "tiny_colour_data.py"
     module.write_text(
@@ -184,14 +196,7 @@ def test_colour_column_and_fid_floor_for_a_dataset_with_colour_targets(models, t
         "        items.append({'image': image, 'caption': 'x', 'controls': {'edges': torch.zeros(1, 32, 32)}})\n"
         "    return Data(items)\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("CCM_ALLOW_DATASET_FACTORY", "1")  # the config names code to run: opted in
-    raw = {
-        "output_dir": str(tmp_path / "out"), "dataset": {"factory": "tiny_colour_data:make", "options": {"n": 6}},
-        "num_samples": 3, "device": "cpu", "warmup": False,
-        "conditions": [{"name": "canny", "control": "dataset", "key": "edges"}],
-        "methods": [{"name": "ct", "model": models["cm"], "controlnets": {"canny": models["cm_controlnets"]["canny"]}, "steps": [1]}],
-    }  # fmt: skip
+    raw = _factory_config(models, tmp_path, monkeypatch, "tiny_colour_data", 6)
     result = run_evaluation(load_eval_config(raw), log=None)
     assert result.real_colour_accuracy == 1.0  # the real images are painted exactly as asked
     assert 0.0 <= result.rows[0].colour_accuracy <= 1.0
@@ -230,14 +235,7 @@ def test_shape_and_limb_columns_for_a_dataset_with_their_targets(models, tmp_pat
         "        items.append({'image': image, 'caption': 'x', 'controls': {'edges': torch.zeros(1, 32, 32)}})\n"
         "    return Data(items)\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("CCM_ALLOW_DATASET_FACTORY", "1")  # the config names code to run: opted in
-    raw = {
-        "output_dir": str(tmp_path / "out"), "dataset": {"factory": "tiny_prompt_data:make", "options": {"n": 3}},
-        "num_samples": 3, "device": "cpu", "warmup": False,
-        "conditions": [{"name": "canny", "control": "dataset", "key": "edges"}],
-        "methods": [{"name": "ct", "model": models["cm"], "controlnets": {"canny": models["cm_controlnets"]["canny"]}, "steps": [1]}],
-    }  # fmt: skip
+    raw = _factory_config(models, tmp_path, monkeypatch, "tiny_prompt_data", 3)
     result = run_evaluation(load_eval_config(raw), log=None)
     assert result.real_shape_accuracy == 1.0 and result.real_limb_accuracy == 1.0  # drawn exactly as the targets say
     assert 0.0 <= result.rows[0].shape_accuracy <= 1.0 and 0.0 <= result.rows[0].limb_accuracy <= 1.0
