@@ -246,6 +246,11 @@ class Trainer(ABC):
                 if hasattr(module, "enable_gradient_checkpointing"):
                     module.enable_gradient_checkpointing()
 
+    def optimizer_groups(self, params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+        """AdamW's parameter groups over the trainable ``params``: one group at ``train.lr``. A trainer
+        that trains parts at different rates returns one group per part, with its own ``lr``."""
+        return [{"params": params}]
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.unwrapped().named_parameters() if p.requires_grad}
 
@@ -342,7 +347,7 @@ class Trainer(ABC):
         """AdamW over the trainable parameters and its schedule; wraps model and optimizer for accelerate."""
         t = self.config.train
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(self.optimizer_groups(params), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
         # stepped by hand once per optimizer step: accelerate's wrapper steps it once per process
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
         self.model, optimizer = self.accelerator.prepare(self.model, optimizer)

@@ -1,10 +1,16 @@
-"""Text-to-image diffusion training of a ``UNet2DConditionModel`` on a frozen VAE and text encoder.
+"""Text-to-image diffusion training of a ``UNet2DConditionModel`` on a frozen VAE and text encoder
+(or, with ``train_text_encoder``, the text encoder trained jointly with the UNet).
 
     x0 = scaling_factor * z,  z ~ q(z|image),  c = text(caption, or "" with probability data.caption_dropout)
     t ~ U{0..T-1},  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     loss = E w(t) || target - unet(x_t, t, c) ||^2,   target = eps (or v = sqrt(abar) eps - sqrt(1 - abar) x0)
     w(t) = 1, or with min_snr_gamma:  min(SNR, gamma) / SNR (epsilon), min(SNR, gamma) / (SNR + 1) (v),
            SNR = abar / (1 - abar)   (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting")
+
+With ``train_text_encoder`` the CLIP text encoder's weights learn from the same loss (at
+``text_encoder_lr``): c is computed with gradients, the EMA covers both, and the exported model
+folder holds the trained encoder, so every model built on it (the LCM, the ControlNets) reads
+captions the way the UNet learned to.
 
 Caption dropout trains the unconditional branch that classifier-free guidance needs. The UNet is
 new (``architecture``), or starts from ``unet`` or the ``model`` folder's; with ``ema_decay`` > 0
@@ -37,7 +43,7 @@ from .config import Section, TrainConfig, check_levels
 from .core import Trainer
 from .dm_controlnet import DiffusionDraws, diffusion_target
 from .export import _float32_copy
-from .frozen import FrozenBase, freeze
+from .frozen import FrozenBase, drop_captions, freeze
 from .text_encoder import load_text_encoder
 from .vae import load_vae
 
@@ -104,6 +110,12 @@ class T2ITrainConfig(TrainConfig):
     scheduler: NoiseScheduleSection | None = Field(default=None, description="None: the model's scheduler, or these defaults")
     min_snr_gamma: float | None = Field(default=None, gt=0.0, description="min-SNR loss weighting min(SNR, gamma) / SNR (5.0 is usual)")
     ema_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description="EMA of the UNet weights, exported when > 0; 0: no EMA")
+    train_text_encoder: bool = Field(
+        default=False, description="train the text encoder jointly with the UNet (exported with it); false: it stays frozen"
+    )
+    text_encoder_lr: float | None = Field(
+        default=None, gt=0.0, description="the text encoder's learning rate with train_text_encoder; None: train.lr"
+    )
 
     @model_validator(mode="after")
     def _sources(self):
@@ -113,13 +125,38 @@ class T2ITrainConfig(TrainConfig):
         missing = [name for name, value in given.items() if value is None and self.model is None]
         if missing:
             raise ValueError(f"no {', no '.join(missing)}: set them, or model (a diffusers model folder supplying them)")
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            raise ValueError("text_encoder_lr is set but train_text_encoder is false: set train_text_encoder: true, or drop text_encoder_lr")
         return self
 
 
 @dataclass
 class T2IInputs:
     latents: torch.Tensor
-    embeds: torch.Tensor
+    embeds: torch.Tensor | None  # frozen text encoder: its hidden states
+    input_ids: torch.Tensor | None = None  # trained text encoder: the token ids it encodes inside the step
+
+
+class TextToImageModel(torch.nn.Module):
+    """The UNet and the text encoder as one trainable module (``train_text_encoder``): one forward
+    from token ids, so gradients and distributed sync reach both."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, L, D], as the pipeline encodes prompts (no attention mask unless the
+        encoder's config asks for one)."""
+        return self.text_encoder(input_ids)[0]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=self.encode(input_ids), return_dict=False)[0]
+
+
+def unet_of(module: torch.nn.Module) -> torch.nn.Module:
+    """The UNet of a trainable module (the module itself, or a TextToImageModel's)."""
+    return module.unet if isinstance(module, TextToImageModel) else module
 
 
 def scheduler_config(section: NoiseScheduleSection) -> dict[str, Any]:
@@ -237,14 +274,31 @@ class T2ITrainer(Trainer):
         self.base = FrozenBase(self.pipe, device=self.device, weight_dtype=self.weight_dtype)
         unet.requires_grad_(True)
         self.enable_gradient_checkpointing(unet)
-        # 4. the EMA copy
+        trainable: torch.nn.Module = unet
+        if cfg.train_text_encoder:
+            if getattr(text_encoder.config, "use_attention_mask", False):
+                raise IncompatibleModelsError("train_text_encoder: this text encoder asks for an attention mask, which t2i does not pass")
+            text_encoder.to(self.device, torch.float32).requires_grad_(True).train()
+            trainable = TextToImageModel(unet, text_encoder)
+        # 4. the EMA copy (of the UNet, and the text encoder when it trains)
         self.ema = None
         if cfg.ema_decay > 0:
-            self.ema = copy.deepcopy(unet)
+            self.ema = copy.deepcopy(trainable)
             freeze(self.ema)
             self.ema.to(self.device)
             self.ema_updates = 0
-        return unet
+        return trainable
+
+    def optimizer_groups(self, params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+        """With ``train_text_encoder`` and ``text_encoder_lr``: the text encoder's weights in a group at that rate."""
+        cfg = self.config
+        if not cfg.train_text_encoder or cfg.text_encoder_lr is None:
+            return super().optimizer_groups(params)
+        encoder = {id(p) for p in self.model.text_encoder.parameters()}
+        return [
+            {"params": [p for p in params if id(p) not in encoder]},
+            {"params": [p for p in params if id(p) in encoder], "lr": cfg.text_encoder_lr},
+        ]
 
     # --- data ---------------------------------------------------------------------------
 
@@ -275,10 +329,12 @@ class T2ITrainer(Trainer):
     # --- loss ---------------------------------------------------------------------------
 
     def prepare_inputs(self, batch: dict[str, Any]) -> T2IInputs:
-        return T2IInputs(
-            latents=self.base.encode_batch(batch),
-            embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout),
-        )
+        latents = self.base.encode_batch(batch)
+        if self.config.train_text_encoder:
+            captions = drop_captions(batch["captions"], self.config.data.caption_dropout)
+            input_ids, _ = self.pipe._tokenize(tuple(captions), self.pipe.tokenizer.model_max_length)
+            return T2IInputs(latents=latents, embeds=None, input_ids=input_ids.to(self.device))
+        return T2IInputs(latents=latents, embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout))
 
     def sample_draws(self, inputs: T2IInputs) -> DiffusionDraws:
         t = torch.randint(0, self.base.schedule.num_train_timesteps, (inputs.latents.shape[0],))
@@ -287,7 +343,10 @@ class T2ITrainer(Trainer):
     def compute_loss(self, inputs: T2IInputs, draws: DiffusionDraws) -> torch.Tensor:
         schedule = self.base.schedule
         x_t = schedule.add_noise(inputs.latents, draws.noise, draws.t)
-        prediction = self.model(x_t, draws.t.to(self.device), encoder_hidden_states=inputs.embeds, return_dict=False)[0]
+        if inputs.input_ids is not None:
+            prediction = self.model(x_t, draws.t.to(self.device), inputs.input_ids)
+        else:
+            prediction = self.model(x_t, draws.t.to(self.device), encoder_hidden_states=inputs.embeds, return_dict=False)[0]
         target = diffusion_target(schedule, inputs.latents, draws.noise, draws.t)
         per_sample = (prediction.float() - target.float()).square().flatten(1).mean(1)
         if self.config.min_snr_gamma is None:
@@ -297,10 +356,16 @@ class T2ITrainer(Trainer):
 
     def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
         pipe = self.pipe
-        unet = self.ema if self.ema is not None else self.unwrapped()
-        current = CCMPipeline(unet=unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        current_model = self.ema if self.ema is not None else self.unwrapped()
+        text_encoder = current_model.text_encoder if isinstance(current_model, TextToImageModel) else pipe.text_encoder
+        current = CCMPipeline(unet=unet_of(current_model), vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer,
                               scheduler_config=pipe.schedule.scheduler_config)  # fmt: skip
-        images = self.sample_images(current, batch, consistency=False, guidance_scale=7.5)
+        was_training = text_encoder.training
+        text_encoder.eval()
+        try:
+            images = self.sample_images(current, batch, consistency=False, guidance_scale=7.5)
+        finally:
+            text_encoder.train(was_training)
         return [("generated", images), ("data", batch["images"])]
 
     # --- EMA ----------------------------------------------------------------------------
@@ -335,9 +400,13 @@ class T2ITrainer(Trainer):
     # --- output -------------------------------------------------------------------------
 
     def save_outputs(self, output_dir: Path) -> dict[str, Path]:
-        """The EMA (or trained) UNet with fresh float32 copies of the frozen parts, in diffusers layout."""
+        """The EMA (or trained) UNet (and text encoder, when it trained) with fresh float32 copies of
+        the frozen parts, in diffusers layout."""
         parts = self.load_parts()
-        unet = _float32_copy(self.ema if self.ema is not None else self.unwrapped())
+        trained = self.ema if self.ema is not None else self.unwrapped()
+        unet = _float32_copy(unet_of(trained))
+        if isinstance(trained, TextToImageModel):
+            parts["text_encoder"] = copy.deepcopy(trained.text_encoder).to("cpu", torch.float32).requires_grad_(False).eval()
         pipe = CCMPipeline(unet=unet, vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                            scheduler_config=parts["scheduler_config"])  # fmt: skip
         out = output_dir / "model"

@@ -302,3 +302,62 @@ def test_validation_samples_come_from_the_ema_unet_with_ddim(t2i_config, monkeyp
     result = trainer.train()
     assert calls == [(trainer.ema, "ddim", 3, 7.5)]
     assert (result.output_dir / "samples" / sample_name(2)).is_file()
+
+
+def test_train_text_encoder_jointly(t2i_config, fixed_batches, assert_gradients, text_dir, tmp_path):
+    """train_text_encoder: one loss trains UNet and encoder (the encoder at text_encoder_lr), the EMA
+    covers both, and the exported folder holds the EMA encoder, which the pipeline then encodes with."""
+    from ccm_sdk.training.t2i import TextToImageModel
+
+    config = t2i_config(output_dir=str(tmp_path / "joint"), ema_decay=0.9, train_text_encoder=True, text_encoder_lr=5e-4,
+                        train__max_steps=6)  # fmt: skip
+    trainer = T2ITrainer(config)
+    trainer.setup()
+    model = trainer.unwrapped()
+    assert isinstance(model, TextToImageModel) and isinstance(trainer.ema, TextToImageModel)
+    # 1. the loss runs the encoder on the (dropped) captions' token ids, with gradients into both parts
+    batches, (inputs,) = fixed_batches(trainer)
+    assert inputs.embeds is None and inputs.input_ids.shape == (2, 8)
+    draws = _draws(inputs.latents)
+    with torch.no_grad():
+        x_t = trainer.base.schedule.add_noise(inputs.latents, draws.noise, draws.t)
+        by_hand = model.unet(x_t, draws.t, encoder_hidden_states=model.text_encoder(inputs.input_ids)[0]).sample
+    loss = trainer.compute_loss(inputs, draws)
+    target = diffusion_target(trainer.base.schedule, inputs.latents, draws.noise, draws.t)
+    assert loss.item() == pytest.approx((by_hand - target).square().mean().item(), rel=1e-5)
+    loss.backward()
+    assert_gradients(model, [trainer.base.pipe.vae, trainer.ema])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_encoder.parameters())
+    # 2. the encoder's group learns at its own rate
+    optimizer, _ = trainer.prepare_optimizer()
+    rates = sorted(group["lr"] for group in optimizer.param_groups)
+    assert rates == [5e-4, 1e-3] and sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    optimizer.zero_grad()
+    # 3. a run exports the EMA encoder, and the pipeline encodes prompts with it
+    result = T2ITrainer(config.model_copy(update={"output_dir": str(tmp_path / "joint-run")})).train()
+    folder = result.outputs["model"]
+    saved = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    words = load_file(str(text_dir / "text_encoder" / "model.safetensors"))
+    changed = [k for k in words if k in saved and not torch.equal(saved[k], words[k])]
+    assert changed, "the exported text encoder is the frozen one"
+    pipe = CCMPipeline.from_pretrained(folder)
+    assert all(torch.equal(v, saved[k]) for k, v in pipe.text_encoder.state_dict().items() if k in saved)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red square", sampler="ddim", num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="pt").images
+    assert torch.isfinite(images).all()
+
+
+def test_cli_resume_is_exact_with_a_trained_text_encoder(t2i_config, tmp_path):
+    make = lambda out: t2i_config(output_dir=str(tmp_path / out), ema_decay=0.9, train_text_encoder=True)  # noqa: E731
+    reference = T2ITrainer(make("reference")).train()
+    config_file = dump_config(make("resumed"), tmp_path / "t2i.yaml")
+    assert main(["train", "t2i", "--config", str(config_file), "--max_steps", "2"]) == 0
+    assert main(["train", "t2i", "--config", str(config_file), "--resume"]) == 0
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        ours, theirs = load_file(str(tmp_path / "resumed" / "model" / name)), load_file(str(reference.outputs["model"] / name))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_text_encoder_lr_needs_train_text_encoder(t2i_config):
+    with pytest.raises(Exception, match="text_encoder_lr is set but train_text_encoder is false"):
+        t2i_config(text_encoder_lr=1e-4)
