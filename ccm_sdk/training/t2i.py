@@ -222,7 +222,7 @@ class T2ITrainer(Trainer):
     """Trains a text-to-image diffusion UNet; exports a diffusers model folder."""
 
     name = "t2i"
-    description = "a text-to-image diffusion UNet on a frozen VAE and text encoder"
+    description = "a text-to-image diffusion UNet on a frozen VAE and a frozen (or jointly trained) text encoder"
     config_class = T2ITrainConfig
 
     # --- models -------------------------------------------------------------------------

@@ -174,3 +174,11 @@ def test_dump_round_trips(tmp_path):
 def test_describe():
     text = describe_config(CTControlNetTrainConfig)
     assert "consistency.distance = 'l1'" in text and "model = (required)" in text
+
+
+@pytest.mark.parametrize("path", WORLD, ids=lambda p: p.stem)
+def test_world_configs_validate(path):
+    """Every world-*.yaml names its trainer and validates (the experiments' configs included)."""
+    config = load_config(None, path)
+    assert type(config) is trainers.get(config.trainer).config_class
+    assert config.data.dataset is not None and config.data.dataset.name == "world"
