@@ -146,8 +146,8 @@ class TextToImageModel(torch.nn.Module):
         self.unet, self.text_encoder = unet, text_encoder
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, L, D], as the pipeline encodes prompts (no attention mask unless the
-        encoder's config asks for one)."""
+        """Hidden states [B, L, D], as the pipeline encodes prompts: without an attention mask
+        (``build`` refuses an encoder whose config asks for one)."""
         return self.text_encoder(input_ids)[0]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
