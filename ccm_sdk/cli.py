@@ -438,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="what to draw (required)")
     gen.add_argument("--steps", type=int, default=4, metavar="N", help="sampling steps, one network call each "
                      "(default: %(default)s)")
-    gen.add_argument("--guidance", type=float, default=8.0, metavar="SCALE", help="guidance scale, folded into the "
-                     "consistency model's step as LCM does (default: %(default)s)")
+    gen.add_argument("--guidance", type=float, default=None, metavar="SCALE", help="guidance scale, folded into the "
+                     "consistency model's step as LCM does (default: the model's recommended scale, its "
+                     "ccm_defaults.json, else 8.0)")
     gen.add_argument("--control-scale", type=float, default=1.0, metavar="SCALE", help="strength of the ControlNet "
                      "residuals (default: %(default)s)")
     gen.add_argument("--sampler", default="consistency", choices=RegisteredNames("samplers"), metavar="NAME",

@@ -34,6 +34,7 @@ from .interfaces import Adapter, Condition, Sampler, check_control_map
 from .models.conditioning import Conditioning
 from .models.controlnet import check_controlnet_fits
 from .models.denoiser import ControlledDenoiser, ControlSpec, DenoiserStats
+from .models.generation_defaults import GenerationDefaults, read_generation_defaults, write_generation_defaults
 from .models.loading import check_component_folder, load_component, read_json, resolve_model_path
 from .models.sdxl import MicroConditioning, check_sdxl_models, takes_text_time
 from .registry import controlnets as controlnet_providers
@@ -85,10 +86,16 @@ class CCMPipeline:
         text_encoder_2: CLIPTextModelWithProjection | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
         force_zeros_for_empty_prompt: bool = True,
+        generation_defaults: GenerationDefaults | None = None,
     ):
         """``text_encoder_2``/``tokenizer_2`` make an SDXL pipeline (its UNet must take
         ``addition_embed_type="text_time"``); ``force_zeros_for_empty_prompt`` is SDXL's rule that
-        guidance without a negative prompt uses zero embeddings, as in diffusers."""
+        guidance without a negative prompt uses zero embeddings, as in diffusers.
+        ``generation_defaults``: what a call leaves unset (the model folder's ``ccm_defaults.json``,
+        e.g. the guidance scale an LCM was distilled for; models/generation_defaults.py)."""
+        if generation_defaults is not None and not isinstance(generation_defaults, GenerationDefaults):
+            raise InputTypeError(f"generation_defaults: expected a GenerationDefaults or None, got {_describe(generation_defaults)}")
+        self.generation_defaults = generation_defaults or GenerationDefaults()
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
@@ -275,7 +282,7 @@ class CCMPipeline:
             )
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json", what=f"{what}, scheduler")
         pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                   **sdxl_parts)  # fmt: skip
+                   generation_defaults=read_generation_defaults(root), **sdxl_parts)  # fmt: skip
         if device is not None:
             pipe.to(device)
         # 3. optional LoRA, ControlNets and adapter
@@ -352,6 +359,7 @@ class CCMPipeline:
             net.save_pretrained(path / f"controlnet_{i}", safe_serialization=True)
         if self.adapter is not None:
             self.adapter.save_pretrained(path / "adapter")
+        write_generation_defaults(path, self.generation_defaults)
         (path / self.model_index_name).write_text(json.dumps(index, indent=2))
         return path
 
@@ -559,7 +567,7 @@ class CCMPipeline:
         condition: str | Condition | Sequence[str | Condition] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 4,
-        guidance_scale: float = 8.0,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -577,7 +585,11 @@ class CCMPipeline:
         _prompt: _Prompt | None = None,
     ) -> CCMOutput:
         """Generate images; see the README for the arguments. ``image``+``strength`` is img2img.
-        ``micro_conditioning`` (SDXL only) sets the size/crop conditioning; see docs/sdxl.md."""
+        ``micro_conditioning`` (SDXL only) sets the size/crop conditioning; see docs/sdxl.md.
+        ``guidance_scale`` None: the model's recommended scale (``generation_defaults``, 8.0 unless
+        its folder says otherwise)."""
+        if guidance_scale is None:
+            guidance_scale = self.generation_defaults.guidance_scale
         with torch.inference_mode():
             watch = _Stopwatch()
             sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler

@@ -141,7 +141,7 @@ class StreamEngine:
     """
 
     def __init__(self, pipe: CCMPipeline, prompt: str, *, negative_prompt: str | None = None, num_inference_steps: int = 4,
-                 guidance_scale: float = 8.0, condition: Any = None, similarity_threshold: float | None = DEFAULT_SIMILARITY_THRESHOLD,
+                 guidance_scale: float | None = None, condition: Any = None, similarity_threshold: float | None = DEFAULT_SIMILARITY_THRESHOLD,
                  batch_size: int = 1, seed: int = 0, seed_policy: str = "fixed", img2img: bool = False, strength: float = 1.0,
                  output_type: str = "pil", **pipe_kwargs: Any):
         if not isinstance(prompt, str) or not prompt:
@@ -164,7 +164,7 @@ class StreamEngine:
         self.pipe = pipe
         self.negative_prompt = negative_prompt
         self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
+        self.guidance_scale = pipe.generation_defaults.guidance_scale if guidance_scale is None else guidance_scale
         self.similarity_threshold = None if similarity_threshold is None else float(similarity_threshold)
         self.batch_size = batch_size
         self.seed, self.seed_policy = seed, seed_policy
@@ -195,7 +195,7 @@ class StreamEngine:
         if not isinstance(prompt, str) or not prompt:
             raise InputTypeError(f"prompt: expected a non-empty str, got {prompt!r}")
         if guidance_scale is not None:
-            self.guidance_scale = guidance_scale
+            self.guidance_scale = pipe.generation_defaults.guidance_scale if guidance_scale is None else guidance_scale
         self.prompt = prompt
         do_cfg = self.guidance_scale > 1.0 and not self.pipe.is_lcm
         with torch.inference_mode():

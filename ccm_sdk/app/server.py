@@ -69,7 +69,7 @@ class GenerateRequest(BaseModel):
     # strict: JSON numbers only (true is not 1 step, "4" is not 4)
     steps: int = Field(4, ge=1, le=50, strict=True)
     seed: int = Field(0, ge=0, le=2**63 - 1, strict=True)
-    guidance: float = Field(8.0, ge=0.0, le=30.0, strict=True)
+    guidance: float | None = Field(None, ge=0.0, le=30.0, strict=True, description="null: the model's recommended scale")
     control_scale: float = Field(1.0, ge=0.0, le=2.0, strict=True)
 
     @model_validator(mode="after")
@@ -164,6 +164,7 @@ class GenerationService:
             "size": list(self.size),
             "max_size": self.max_size,
             "steps": self.default_steps,
+            "guidance": self.pipe.generation_defaults.guidance_scale,
             "prompt": self.initial_prompt,
             "control": encode_png(self.initial_control) if self.initial_control is not None else None,
             "image": encode_png(self.initial_image) if self.initial_image is not None else None,

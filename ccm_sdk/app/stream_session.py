@@ -50,7 +50,7 @@ class StreamSettings(BaseModel):
     type: Literal["start"] = "start"
     prompt: str = Field(min_length=1, max_length=1000)
     steps: int = Field(1, ge=1, le=8)
-    guidance: float = Field(8.0, ge=0.0, le=30.0)
+    guidance: float | None = Field(None, ge=0.0, le=30.0, description="null: the model's recommended scale")
     seed: int = Field(0, ge=0, le=2**63 - 1)
     seed_policy: Literal["fixed", "increment"] = "fixed"
     control_scale: float = Field(1.0, ge=0.0, le=2.0)

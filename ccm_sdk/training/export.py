@@ -8,25 +8,29 @@ from typing import Any
 
 import torch
 
+from ..models.generation_defaults import GenerationDefaults
 from ..utils.atomic import atomic_folder
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def save_pipeline_with_unet(
-    model: str | os.PathLike, unet: torch.nn.Module, out: str | os.PathLike, *, scheduler_updates: dict[str, Any] | None = None
+    model: str | os.PathLike, unet: torch.nn.Module, out: str | os.PathLike, *, scheduler_updates: dict[str, Any] | None = None,
+    generation_defaults: GenerationDefaults | None = None,
 ) -> Path:
     """The base model at ``model`` with its UNet replaced by ``unet``, saved in diffusers layout.
 
     The other components are loaded afresh in float32 so mixed-precision copies never leak out;
-    an SDXL base keeps its second text encoder and tokenizer.
+    an SDXL base keeps its second text encoder and tokenizer. ``generation_defaults`` replaces the
+    base's (``ccm_defaults.json``: what the new UNet should be sampled with).
     """
     from ..pipeline import CCMPipeline
     from .frozen import pipeline_like
 
     base = CCMPipeline.from_pretrained(model)
     scheduler_config = {**base.schedule.scheduler_config, **(scheduler_updates or {})}
-    pipe = pipeline_like(base, unet=_float32_copy(unet), scheduler_config=scheduler_config)
+    pipe = pipeline_like(base, unet=_float32_copy(unet), scheduler_config=scheduler_config,
+                         generation_defaults=generation_defaults or base.generation_defaults)  # fmt: skip
     with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp)
     return Path(out)

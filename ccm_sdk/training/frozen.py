@@ -48,6 +48,7 @@ def pipeline_like(pipe: CCMPipeline, *, unet: torch.nn.Module, scheduler_config:
     if pipe.is_sdxl:
         family = dict(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
                       force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt)  # fmt: skip
+    parts.setdefault("generation_defaults", pipe.generation_defaults)
     return CCMPipeline(unet=unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                        scheduler_config=scheduler_config or pipe.schedule.scheduler_config, **family, **parts)  # fmt: skip
 

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from ..errors import IncompatibleModelsError, TrainingError
 from ..models.conditioning import Conditioning, cat_conditioning
 from ..models.controlled_unet import controlled_unet
+from ..models.generation_defaults import GenerationDefaults
 from ..pipeline import CCMPipeline
 from .config import LoraSection, TrainConfig
 from .core import Trainer
@@ -160,12 +161,17 @@ class LCDTrainer(EmaTargetHooks, Trainer):
             return pseudo_huber(f_student, f_target, cfg.huber_c)
         return l2(f_student, f_target)
 
+    def recommended_guidance(self) -> float:
+        """The guidance scale the student is sampled with by default: the middle of the distilled w
+        range, as a scale (w + 1); written into the exported LCM's ``ccm_defaults.json``."""
+        return (self.config.w_min + self.config.w_max) / 2 + 1.0
+
     def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
         cfg, pipe = self.config, self.base.pipe
         student = self.target if self.target is not None else self.unwrapped()
         current = pipeline_like(pipe, unet=student)
         # an LCM-LoRA student has no w-embedding: the consistency sampler with plain CFG
-        guidance = (cfg.w_min + cfg.w_max) / 2 + 1.0
+        guidance = self.recommended_guidance()
         images = self.sample_images(current, batch, consistency=True, guidance_scale=guidance)
         return [("generated", images), ("data", batch["images"])]
 
@@ -175,5 +181,6 @@ class LCDTrainer(EmaTargetHooks, Trainer):
         path = save_pipeline_with_unet(
             self.config.model, self.unwrapped(), output_dir / "lcm",
             scheduler_updates={"original_inference_steps": self.config.num_ddim_timesteps},
+            generation_defaults=GenerationDefaults(guidance_scale=self.recommended_guidance()),
         )  # fmt: skip
         return {"lcm": path}

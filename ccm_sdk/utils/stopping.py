@@ -44,6 +44,11 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         _deadline = previous
 
 
+def time_left() -> float | None:
+    """Seconds until the time limit set by :func:`time_limit` runs out (None without one; 0 once it has)."""
+    return None if _deadline is None else max(0.0, _deadline - monotonic())
+
+
 def time_limit_reached() -> bool:
     """Whether the time limit set by :func:`time_limit` has run out (False without one)."""
     return _deadline is not None and monotonic() >= _deadline

@@ -146,6 +146,7 @@ def test_not_json_too_large_and_unknown_paths(server, served):
 def test_model_without_controlnet_refuses_a_control_map(lcm_dir):
     service = GenerationService(CCMPipeline.from_pretrained(lcm_dir), model="tiny")
     assert service.info()["controlnets"] == 0 and service.info()["size"] == [64, 64]
+    assert service.info()["guidance"] == 8.0  # the model's recommended scale: the page's slider starts there
     from ccm_sdk.app.server import GenerateRequest
 
     assert _image(service.generate(GenerateRequest(prompt="a dog", steps=1))["image"]).size == (64, 64)

@@ -108,6 +108,9 @@ def test_outputs_load_into_the_pipeline(make_config, sd_dir):
     result = full.train()
     pipe = CCMPipeline.from_pretrained(result.outputs["lcm"])
     assert pipe.is_lcm and pipe.schedule.original_inference_steps == 50
+    # the guidance scale the student was distilled for (the middle of its w range, as w + 1) is its default
+    cfg = full.config
+    assert pipe.generation_defaults.guidance_scale == (cfg.w_min + cfg.w_max) / 2 + 1.0 == full.recommended_guidance()
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in full.unwrapped().state_dict().items())
     pipe.set_progress_bar_config(disable=True)
     assert torch.isfinite(pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="pt").images).all()

@@ -8,7 +8,10 @@ The measure is ``ccm eval``'s colour accuracy (docs/evaluation.md): a region is 
 colour nearest its mean generated colour is the one the caption asks for. ``ccm eval`` pools all
 regions; this script reports the background (one region a scene) and the objects apart, and the
 objects by scene size, which tells a model that does not follow colours at all from one that
-colours a lone object but mixes up the colours of two or three (attribute binding). The sketch
+colours a lone object but mixes up the colours of two or three (attribute binding). Of the objects
+that scenes of two or more get wrong, it counts those that took a colour the caption asks for another
+region (a leak: the colour is bound to the wrong place) against the count a uniformly wrong colour
+would give (not following colours at all). The sketch
 control is the scene's own exact map (world seed 1: scenes no training run used); samples use
 noise seed 0. ``--grid`` writes the real images above the samples (first 16 scenes).
 """
@@ -45,6 +48,32 @@ def breakdown(images: torch.Tensor, dataset: WorldDataset) -> dict[str, tuple[in
     return {group: (right, scored) for group, (right, scored) in sorted(counts.items())}
 
 
+def leaks(images: torch.Tensor, dataset: WorldDataset) -> tuple[int, int, float]:
+    """(leaked, wrong, expected): of the objects in scenes of two or more that come out wrong, how many
+    took a colour the caption asks for another region, and how many would by chance (a wrong colour
+    drawn uniformly from the other palette colours)."""
+    leaked, wrong, expected = 0, 0, 0.0
+    for i, image in enumerate(images):
+        if len(dataset.scene(i).objects) < 2:
+            continue
+        targets = dataset.colour_targets(i)
+        pixels = image.float().flatten(1).T
+        regions = targets.regions.flatten()
+        asked = targets.asked.tolist()
+        for region in range(1, len(asked)):
+            inside = regions == region
+            if int(inside.sum()) < 4:
+                continue
+            got = int((targets.palette - pixels[inside].mean(0)).square().sum(1).argmin())
+            if got == asked[region]:
+                continue
+            others = {a for r, a in enumerate(asked) if r != region and a != asked[region]}
+            wrong += 1
+            leaked += int(got in others)
+            expected += len(others) / (len(targets.palette) - 1)
+    return leaked, wrong, expected
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="world:lcm")
@@ -77,6 +106,10 @@ def main() -> None:
         scored = sum(s for g, (_, s) in groups.items() if g in ("background", "objects"))
         cells = "  ".join(f"{g} {r / s:.3f} ({s})" for g, (r, s) in groups.items())
         print(f"  {name:9s} all {right / scored:.3f}  {cells}")
+    leaked, wrong, expected = leaks(images, dataset)
+    if wrong:
+        print(f"  wrong objects in scenes of 2+: {wrong}; took another region's asked colour: {leaked} "
+              f"({leaked / wrong:.2f}; by chance {expected / wrong:.2f})")
     if args.grid:
         from PIL import Image
 

@@ -93,6 +93,8 @@ NEUTRAL_OPTIONS: dict[tuple[str, ...], Any] = {
     ("consistency", "weighting"): "uniform",
     ("consistency", "recipe"): "ccm",  # the recipe every consistency-trained unit was built with before recipes had names
     ("data", "dataset"): None,  # training data from a registered dataset; the build gives its trainers their data itself
+    ("train_text_encoder",): False,  # t2i: the text encoder frozen, as every teacher before the option
+    ("text_encoder_lr",): None,
 }
 
 
@@ -277,12 +279,21 @@ class WorldBuild:
 
     # --- running --------------------------------------------------------------------------
 
-    def run(self, *, stage: str | None = None, until: str | None = None, force: bool = False) -> list[StageReport]:
-        """Build (or resume, or skip) the selected units in order; print a summary."""
+    def run(self, *, stage: str | None = None, until: str | None = None, force: bool = False, jobs: int = 1) -> list[StageReport]:
+        """Build (or resume, or skip) the selected units in order; print a summary. ``jobs`` > 1: units
+        whose inputs are built run side by side, each in its own process (jobs.py)."""
+        if jobs < 1:
+            raise BuildError(f"jobs must be at least 1, got {jobs}")
+        if jobs > 1 and force:
+            raise BuildError("--force rebuilds stages one after another: run it without --jobs")
         units = self.select(stage, until)
         self.log(f"World build, preset {self.preset.name!r}: work dir {self._relative(self.work_dir)}, "
                  f"models -> {self._relative(self.installed_dir)}")  # fmt: skip
         self.log(self.plan(units))
+        if jobs > 1:
+            from .jobs import run_jobs
+
+            return run_jobs(self, units, jobs)
         reports = []
         for position, unit in enumerate(units, start=1):
             if time_limit_reached() and self.state(unit) != "done":

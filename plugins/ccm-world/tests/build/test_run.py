@@ -44,7 +44,7 @@ def built(tmp_path_factory):
 
 
 def test_shipped_presets_validate_and_fit_an_hour_per_stage():
-    for name in ("full", "tiny"):
+    for name in ("full", "full-v2", "tiny"):
         build = WorldBuild(load_preset(name), "/tmp/unused-world-build")  # validates every trainer and eval config
         assert [u.name for u in build.units][:5] == ["text-encoder", "vae", "data-cache", "teacher", "lcm"]
     full = WorldBuild(load_preset("full"), "/tmp/unused-world-build")
@@ -60,6 +60,19 @@ def test_shipped_presets_validate_and_fit_an_hour_per_stage():
             assert seconds_per_step * every < 3600 and seconds_per_step * steps < 2 * 3600, unit.name
         else:
             assert seconds_per_step * steps < 3600, unit.name
+    # the second version trains longer units: each resumes from checkpoints under an hour apart, and
+    # its figures are the first version's but for what the issue measured (docs/experiments/world-text-conditioning.md)
+    v2 = WorldBuild(load_preset("full-v2"), "/tmp/unused-world-build")
+    assert [u.name for u in v2.units] == [u.name for u in full.units]
+    for unit in v2.units:
+        if unit.kind != "trainer":
+            continue
+        seconds_per_step, steps = stage_seconds(v2.preset, unit)
+        assert seconds_per_step * v2.configs[unit.name].checkpoint.every < 3600 and seconds_per_step * steps < 3 * 3600, unit.name
+    teacher, lcm = v2.configs["teacher"], v2.configs["lcm"]
+    assert teacher.train_text_encoder and teacher.text_encoder_lr == 1e-4 and (lcm.w_min, lcm.w_max) == (1.0, 4.0)
+    assert {v2.configs[f"cm-controlnet-{c}"].consistency.recipe for c in v2.preset.cm_controlnets.conditions} == {"relative-gap"}
+    assert v2.fingerprint(v2.by_name["feature-net"]) == full.fingerprint(full.by_name["feature-net"])  # reusable (reuse.py)
 
 
 def test_bad_preset_keys_error_clearly():
@@ -458,3 +471,30 @@ def test_per_condition_keys_change_one_unit_only(tmp_path):
     assert one.fingerprint(one.by_name["cm-controlnet-canny"]) == plain.fingerprint(plain.by_name["cm-controlnet-canny"])
     with pytest.raises(Exception, match="not in conditions"):
         build(("cm_controlnets.per_condition", {"pose": {"train": {"lr": 1e-5}}}))
+
+
+def test_reuse_installed_takes_the_float32_nets_of_the_same_fingerprint(built, tmp_path):
+    from ccm_world.build.reuse import reuse_installed
+
+    reference, _, _ = built
+    models = reference.installed_dir
+    lines: list[str] = []
+    fresh = WorldBuild(load_preset("tiny"), tmp_path / "work", models_dir=models, log=lines.append)
+    assert reuse_installed(fresh) == ["feature-net", "depth-net", "pose-net"]  # float32 in the pack; the rest is float16
+    for name in ("feature-net", "depth-net", "pose-net"):
+        unit = fresh.by_name[name]
+        assert fresh.state(unit) == "done" and "reused_from" in fresh.marker(unit, DONE)
+        built_file = next((reference.folder(unit) / unit.product).glob("*.safetensors"))
+        assert _digest(fresh.folder(unit) / unit.product / built_file.name) == _digest(built_file)
+    assert any("feature-net: reused from the installed pack" in line for line in lines)
+    assert reuse_installed(fresh) == []  # done already
+    changed = WorldBuild(load_preset("tiny", [("depth_net.seed", 99)]), tmp_path / "work2", models_dir=models, log=lambda m: None)
+    assert reuse_installed(changed) == ["feature-net", "pose-net"]  # another spec: the depth net is trained again
+    # a pack its preset no longer describes lends nothing
+    stale = tmp_path / "stale-models"
+    shutil.copytree(models, stale)
+    manifest = json.loads((stale / MANIFEST).read_text())
+    (stale / MANIFEST).write_text(json.dumps({**manifest, "fingerprint": "0" * 16}))
+    other = WorldBuild(load_preset("tiny"), tmp_path / "work3", models_dir=stale, log=lambda m: None)
+    with pytest.raises(BuildError, match="no longer describes the models installed"):
+        reuse_installed(other)
