@@ -11,7 +11,8 @@ objects by scene size, which tells a model that does not follow colours at all f
 colours a lone object but mixes up the colours of two or three (attribute binding). Of the objects
 that scenes of two or more get wrong, it counts those that took a colour the caption asks for another
 region (a leak: the colour is bound to the wrong place) against the count a uniformly wrong colour
-would give (not following colours at all). The sketch
+would give (not following colours at all), and splits the leaks into the background's colour (the
+object is not drawn apart from its background) and another object's (colours swapped between objects). The sketch
 control is the scene's own exact map (world seed 1: scenes no training run used); samples use
 noise seed 0. ``--grid`` writes the real images above the samples (first 16 scenes).
 """
@@ -48,11 +49,13 @@ def breakdown(images: torch.Tensor, dataset: WorldDataset) -> dict[str, tuple[in
     return {group: (right, scored) for group, (right, scored) in sorted(counts.items())}
 
 
-def leaks(images: torch.Tensor, dataset: WorldDataset) -> tuple[int, int, float]:
-    """(leaked, wrong, expected): of the objects in scenes of two or more that come out wrong, how many
-    took a colour the caption asks for another region, and how many would by chance (a wrong colour
-    drawn uniformly from the other palette colours)."""
-    leaked, wrong, expected = 0, 0, 0.0
+def leaks(images: torch.Tensor, dataset: WorldDataset) -> tuple[int, int, float, int]:
+    """(leaked, wrong, expected, to_background): of the objects in scenes of two or more that come out
+    wrong, how many took a colour the caption asks for another region, how many would by chance (a
+    wrong colour drawn uniformly from the other palette colours), and how many of the leaked took
+    the background's colour (the object is not drawn apart from its background) rather than
+    another object's (the colours are bound to the wrong objects)."""
+    leaked, wrong, expected, to_background = 0, 0, 0.0, 0
     for i, image in enumerate(images):
         if len(dataset.scene(i).objects) < 2:
             continue
@@ -70,8 +73,9 @@ def leaks(images: torch.Tensor, dataset: WorldDataset) -> tuple[int, int, float]
             others = {a for r, a in enumerate(asked) if r != region and a != asked[region]}
             wrong += 1
             leaked += int(got in others)
+            to_background += int(got in others and got == asked[0])
             expected += len(others) / (len(targets.palette) - 1)
-    return leaked, wrong, expected
+    return leaked, wrong, expected, to_background
 
 
 def main() -> None:
@@ -106,10 +110,11 @@ def main() -> None:
         scored = sum(s for g, (_, s) in groups.items() if g in ("background", "objects"))
         cells = "  ".join(f"{g} {r / s:.3f} ({s})" for g, (r, s) in groups.items())
         print(f"  {name:9s} all {right / scored:.3f}  {cells}")
-    leaked, wrong, expected = leaks(images, dataset)
+    leaked, wrong, expected, to_background = leaks(images, dataset)
     if wrong:
         print(f"  wrong objects in scenes of 2+: {wrong}; took another region's asked colour: {leaked} "
-              f"({leaked / wrong:.2f}; by chance {expected / wrong:.2f})")
+              f"({leaked / wrong:.2f}; by chance {expected / wrong:.2f}), the background's {to_background}, "
+              f"another object's {leaked - to_background}")
     if args.grid:
         from PIL import Image
 

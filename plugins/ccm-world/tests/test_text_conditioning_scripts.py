@@ -41,18 +41,23 @@ def test_breakdown_scores_real_images_right_and_a_swap_wrong():
     assert right == asked_black and scored == 12
 
 
-def test_leaks_count_a_colour_swap_between_two_objects():
+def test_leaks_count_a_colour_swap_between_two_objects_and_an_object_in_its_backgrounds_colour():
     module = _load("prompt_colour_breakdown")
     dataset = WorldDataset(size=64, length=200, seed=1, conditions=())
     assert module.leaks(torch.stack([dataset[i]["image"] for i in range(4)]), dataset)[:2] == (0, 0)  # real images: nothing wrong
-    # a two-object scene whose objects ask different colours, drawn with the objects' colours swapped
-    index = next(i for i in range(200) if len(dataset.scene(i).objects) == 2 and len(set(dataset.colour_targets(i).asked.tolist()[1:])) == 2)
+    # a two-object scene whose three regions ask three different colours
+    index = next(i for i in range(200) if len(dataset.scene(i).objects) == 2 and len(set(dataset.colour_targets(i).asked.tolist())) == 3)
     targets = dataset.colour_targets(index)
-    image = dataset[index]["image"].clone()
-    first, second = targets.asked.tolist()[1:3]
-    for region, colour in ((1, second), (2, first)):
-        inside = targets.regions == region
-        image[:, inside] = targets.palette[colour][:, None].to(image.dtype)
-    images = torch.stack([dataset[i]["image"] for i in range(index)] + [image])
-    leaked, wrong, expected = module.leaks(images, dataset)
-    assert (leaked, wrong) == (2, 2) and 0 < expected < 2
+    background, first, second = targets.asked.tolist()
+    before = [dataset[i]["image"] for i in range(index)]
+
+    def painted(colours):
+        image = dataset[index]["image"].clone()
+        for region, colour in colours:
+            image[:, targets.regions == region] = targets.palette[colour][:, None].to(image.dtype)
+        return torch.stack(before + [image])
+
+    leaked, wrong, expected, to_background = module.leaks(painted([(1, second), (2, first)]), dataset)  # swapped
+    assert (leaked, wrong, to_background) == (2, 2, 0) and 0 < expected < 2
+    leaked, wrong, _, to_background = module.leaks(painted([(1, background)]), dataset)  # one object lost in its background
+    assert (leaked, wrong, to_background) == (1, 1, 1)

@@ -2,7 +2,8 @@
 
 Most of a world build is units that need only the teacher or the LCM (seven DM ControlNets, five CM
 ControlNets, the feature and map nets), and on a small CPU two one-thread trainers get through
-nearly twice the steps of one two-thread trainer (measured by ``benchmarks/bench_build_jobs.py``).
+more steps than one two-thread trainer: 1.25x on the project's 2-core AMD EPYC
+(``benchmarks/bench_build_jobs.py``, 2026-12-06), as one trainer does not keep two threads busy.
 With ``--jobs N`` the build starts each unit, in build order, as soon as every unit it needs is
 done and fewer than N run, each in its own process (``--stage <unit>`` of the same build, the
 same work dir, archive and models dir) with the preset's threads shared out between them. A unit
