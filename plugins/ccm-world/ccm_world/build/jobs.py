@@ -38,9 +38,10 @@ from ccm_sdk.utils.stopping import SIGNALS, time_left, time_limit_reached
 
 from .config import BuildError
 from .markers import DONE, read_marker
+from .report import StageReport, duration
 
 if TYPE_CHECKING:
-    from .run import StageReport, WorldBuild
+    from .run import WorldBuild
     from .stages import Unit
 
 JOB_LOG = "build-job.log"
@@ -132,8 +133,6 @@ def _forward_stop_signals(children: dict[str, subprocess.Popen], stopping: list[
 
 def run_jobs(build: WorldBuild, units: list[Unit], jobs: int) -> list[StageReport]:
     """Build ``units`` (in build order) with up to ``jobs`` child processes at once."""
-    from .run import StageReport, duration
-
     if jobs < 1:
         raise BuildError(f"--jobs must be at least 1, got {jobs}")
     selected = {unit.name for unit in units}

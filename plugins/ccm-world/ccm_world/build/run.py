@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from ..vocabulary import WORLD_VOCABULARY
 from .archive import RESUMABLE_KINDS, archived_state, describe_progress, progress, restore_unit, save_unit
 from .config import BuildError, Preset
 from .markers import DONE, STARTED, read_marker, write_marker
+from .report import StageReport, duration
 from .stages import (
     GROUPS,
     Log,
@@ -50,30 +50,6 @@ from .stages import (
     trainer_config,
     unit_conditions,
 )
-
-
-@dataclass
-class StageReport:
-    """What happened to one unit in a run."""
-
-    unit: str
-    status: str  # built, resumed, skipped, installed
-    seconds: float
-    output: str
-    seconds_per_step: float | None = None
-    steps: int | None = None
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _print(message: str) -> None:
