@@ -133,8 +133,6 @@ def _forward_stop_signals(children: dict[str, subprocess.Popen], stopping: list[
 
 def run_jobs(build: WorldBuild, units: list[Unit], jobs: int) -> list[StageReport]:
     """Build ``units`` (in build order) with up to ``jobs`` child processes at once."""
-    if jobs < 1:
-        raise BuildError(f"--jobs must be at least 1, got {jobs}")
     selected = {unit.name for unit in units}
     for unit in units:  # restore everything first: two children must never restore the same unit at once
         for name in (*unit.needs, unit.name):
@@ -144,12 +142,10 @@ def run_jobs(build: WorldBuild, units: list[Unit], jobs: int) -> list[StageRepor
     for unit in units:
         state = build.state(unit)
         if state == "stale":
-            raise BuildError(f"stage {unit.name!r} in {build._relative(build.folder(unit))} was built from another preset "
-                             f"or config; use another --work-dir, or rebuild it with --force --stage {unit.name} (no --jobs)")  # fmt: skip
+            raise build.stale_error(unit)
         missing = [n for n in unit.needs if n not in selected and build.state(build.by_name[n]) != "done"]
         if missing:
-            raise BuildError(f"stage {unit.name!r} needs {missing[0]!r}, which is not built in "
-                             f"{build._relative(build.work_dir)}; run with --until {unit.name}")  # fmt: skip
+            raise build.missing_need_error(unit, missing[0])
         if state == "done":
             build.log(f"==> {unit.name}: done, skipped ({build._relative(build.output(unit))})")
             reports[unit.name] = StageReport(unit.name, "skipped", 0.0, build._relative(build.output(unit)))

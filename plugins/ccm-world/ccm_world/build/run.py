@@ -203,6 +203,17 @@ class WorldBuild:
             return "partial" if started.get("fingerprint") == fingerprint else "stale"
         return "pending"
 
+    def stale_error(self, unit: Unit) -> BuildError:
+        return BuildError(
+            f"stage {unit.name!r} in {self._relative(self.folder(unit))} was built from another preset or config; "
+            f"use another --work-dir, or rebuild it with --force --stage {unit.name} (later stages that used it too). "
+            "Only raising max_steps under a constant learning rate continues a built stage"
+        )
+
+    def missing_need_error(self, unit: Unit, need: str) -> BuildError:
+        return BuildError(f"stage {unit.name!r} needs {need!r}, which is not built in {self._relative(self.work_dir)}; "
+                          f"run with --until {unit.name}")  # fmt: skip
+
     def checkpoint_step(self, unit: Unit) -> int:
         from ccm_sdk.training import list_checkpoints
 
@@ -346,19 +357,14 @@ class WorldBuild:
             shutil.rmtree(folder, ignore_errors=True)
             state = "pending"
         if state == "stale":
-            raise BuildError(
-                f"stage {unit.name!r} in {self._relative(folder)} was built from another preset or config; "
-                f"use another --work-dir, or rebuild it with --force --stage {unit.name} (later stages that used it too). "
-                "Only raising max_steps under a constant learning rate continues a built stage"
-            )
+            raise self.stale_error(unit)
         if state == "done":
             self.log(f"==> {position} {unit.name}: done, skipped ({output})")
             return StageReport(unit.name, "skipped", 0.0, output)
         # 2. its inputs must be built
         for name in unit.needs:
             if self.state(self.by_name[name]) != "done":
-                raise BuildError(f"stage {unit.name!r} needs {name!r}, which is not built in {self._relative(self.work_dir)}; "
-                                 f"run with --until {unit.name}")  # fmt: skip
+                raise self.missing_need_error(unit, name)
         started = time.perf_counter()
         seconds_per_step, steps = stage_seconds(self.preset, unit)
         detail = f"{unit.trainer}, {steps} steps" if unit.trainer else unit.kind
