@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import images as image_utils
 from .errors import ConditionOutputError, ImageSizeError, InputError, ShapeError
 from .utils.image_files import MAX_SIDE_LIMIT
+from .utils.validation_errors import validation_problems
 
 if TYPE_CHECKING:
     from .schedule import NoiseSchedule
@@ -28,9 +29,7 @@ def build_options(options_cls: type[Options], owner: str, values: dict[str, Any]
     try:
         return options_cls(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
-        )
+        problems = validation_problems(exc, with_input=True)
         fields = ", ".join(options_cls.model_fields) or "none"
         raise InputError(f"invalid options for {owner}: {problems}. Accepted options: {fields}") from None
 

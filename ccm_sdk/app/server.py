@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import CCMError, ConditionOutputError, ImageTooLargeError, InputError, ServerBusyError
 from ..utils.image_files import MAX_SIDE_LIMIT, open_image
+from ..utils.validation_errors import validation_problems
 from .access import AccessPolicy
 from .work_queue import WorkQueue
 
@@ -276,14 +277,6 @@ def client_gone(sock: socket.socket) -> bool:
         return True
 
 
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
-
-
 class _DeadlineReader(io.RawIOBase):
     """A socket's input that raises :class:`TimeoutError` once ``deadline`` (``time.monotonic()``) has passed.
 
@@ -473,7 +466,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             request = GenerateRequest.model_validate_json(body)
         except ValidationError as exc:
-            self._error(HTTPStatus.BAD_REQUEST, _validation_message(exc), "ValidationError")
+            self._error(HTTPStatus.BAD_REQUEST, validation_problems(exc, root="body"), "ValidationError")
             return
         self._generate(request)
 

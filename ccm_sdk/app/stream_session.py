@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import CCMError, InputError
 from ..streaming import DEFAULT_SIMILARITY_THRESHOLD, LatestFrameQueue, StreamEngine
 from ..utils.image_files import open_image
+from ..utils.validation_errors import validation_problems
 from .websocket import CLOSE_NORMAL, CLOSE_POLICY, HandshakeError, WebSocket, handshake_headers
 
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -147,7 +148,7 @@ class StreamSession:
         try:
             settings = StreamSettings.model_validate(payload)
         except ValidationError as exc:
-            raise InputError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())) from None
+            raise InputError(validation_problems(exc, root="body")) from None
         engine = self._engine(settings)
         with self._lock:
             self.engine, self.settings = engine, settings

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import FactoryNotAllowedError, InputError, MissingModelError, UnknownNameError
 from ..utils.config_files import read_config_file
+from ..utils.validation_errors import validation_problems
 from .features import FeatureConfig
 
 
@@ -258,10 +259,6 @@ def check_names(config: EvalConfig, methods: list[MethodConfig]) -> None:
             raise UnknownNameError("eval condition", analysis.condition, titles)
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
-
-
 def load_eval_config(source: str | os.PathLike | dict[str, Any], overrides: dict[str, Any] | None = None) -> EvalConfig:
     """An ``EvalConfig`` from a YAML/JSON file or a dict, with top-level ``overrides``; errors are InputErrors."""
     if isinstance(source, dict):
@@ -275,4 +272,4 @@ def load_eval_config(source: str | os.PathLike | dict[str, Any], overrides: dict
     try:
         return EvalConfig(**raw)
     except ValidationError as exc:
-        raise InputError(f"invalid eval config: {_problems(exc)}") from None
+        raise InputError(f"invalid eval config: {validation_problems(exc)}") from None

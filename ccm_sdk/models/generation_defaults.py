@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import CorruptWeightsError
 from ..utils.atomic import write_text_atomic
+from ..utils.validation_errors import validation_problems
 
 FILE = "ccm_defaults.json"
 GUIDANCE_SCALE = 8.0  # a folder without the file: the LCM papers' usual scale
@@ -47,7 +48,7 @@ def read_generation_defaults(folder: str | os.PathLike) -> GenerationDefaults:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptWeightsError(f"{str(path)!r} is not valid JSON ({exc})") from None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'document'}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc, root="document")
         raise CorruptWeightsError(f"{str(path)!r}: expected {{\"guidance_scale\": <0..100>}}, got {problems}") from None
 
 
