@@ -303,7 +303,28 @@ class TorchDataset(Dataset):
         parameters = item.get("latent_parameters")
         if parameters is not None:
             out["latent_parameters"] = self._latent_parameters(parameters, index)
+        if item.get("regions") is not None or item.get("word_regions") is not None:
+            out.update(self._grounding(item, index, tuple(image.shape[-2:])))
         return out
+
+    @staticmethod
+    def _grounding(item: dict[str, Any], index: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """``regions`` [H, W] and ``word_regions`` [n_words] (t2i's grounding loss), checked: both given, integer
+        ids, regions at the image's size (a region map cannot follow a resize or crop)."""
+        regions, words = item.get("regions"), item.get("word_regions")
+        if regions is None or words is None:
+            raise TrainingError(f"dataset item {index} has {'word_regions' if regions is None else 'regions'} but not "
+                                f"{'regions' if regions is None else 'word_regions'}; token grounding needs both")  # fmt: skip
+        regions, words = torch.as_tensor(regions), torch.as_tensor(words)
+        if regions.dtype.is_floating_point or words.dtype.is_floating_point:
+            raise TrainingError(f"dataset item {index}: regions and word_regions should be integer ids, got {regions.dtype} and {words.dtype}")
+        if tuple(regions.shape) != size or words.ndim != 1:
+            raise TrainingError(
+                f"dataset item {index}: expected regions of the image's size {size[0]}x{size[1]} and word_regions of one "
+                f"dimension, got regions {tuple(regions.shape)} and word_regions {tuple(words.shape)} (set no data.resolution "
+                "that resizes these images: a region map cannot follow the resize)"
+            )
+        return {"regions": regions.long(), "word_regions": words.long()}
 
     def _latent_parameters(self, value: Any, index: int) -> torch.Tensor:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.ndim != 3:
@@ -369,6 +390,12 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         if with_latents != len(items):
             raise TrainingError(f"{len(items) - with_latents} of {len(items)} items in one batch have no latent_parameters; give all or none")
         batch["latent_parameters"] = torch.stack([item["latent_parameters"] for item in items])
+    grounded = sum(item.get("regions") is not None and item.get("word_regions") is not None for item in items)
+    if grounded:  # token grounding (training/grounding.py): region ids per pixel, and per caption word
+        if grounded != len(items):
+            raise TrainingError(f"{len(items) - grounded} of {len(items)} items in one batch have no regions / word_regions; give all or none")
+        batch["regions"] = torch.stack([torch.as_tensor(item["regions"]).long() for item in items])
+        batch["word_regions"] = [torch.as_tensor(item["word_regions"]).long() for item in items]
     for key, name in (("original_size", "original_sizes"), ("crop_top_left", "crop_top_lefts")):
         if all(item.get(key) is not None for item in items):  # [B, 2] (height, width) / (top, left)
             batch[name] = torch.tensor([list(item[key]) for item in items], dtype=torch.long)

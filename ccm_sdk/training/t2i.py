@@ -12,6 +12,10 @@ With ``train_text_encoder`` the CLIP text encoder's weights learn from the same 
 folder holds the trained encoder, so every model built on it (the LCM, the ControlNets) reads
 captions the way the UNet learned to.
 
+With ``grounding_weight`` > 0 the loss adds the token-grounding term of :mod:`.grounding` (each
+caption word's cross-attention inside the pixels it names), for datasets whose items carry
+``regions`` and ``word_regions``:  loss = diffusion loss + grounding_weight * grounding loss.
+
 Caption dropout trains the unconditional branch that classifier-free guidance needs. The UNet is
 new (``architecture``), or starts from ``unet`` or the ``model`` folder's; with ``ema_decay`` > 0
 an EMA of its weights (decay min(ema_decay, (1 + n) / (10 + n)) after n updates, as diffusers'
@@ -44,6 +48,7 @@ from .core import Trainer
 from .dm_controlnet import DiffusionDraws, diffusion_target
 from .export import _float32_copy
 from .frozen import FrozenBase, drop_captions, freeze
+from .grounding import GroundingTargets, WordTokens, grounding_loss, grounding_targets, record_cross_attention
 from .text_encoder import load_text_encoder
 from .vae import load_vae
 
@@ -116,6 +121,10 @@ class T2ITrainConfig(TrainConfig):
     text_encoder_lr: float | None = Field(
         default=None, gt=0.0, description="the text encoder's learning rate with train_text_encoder; None: train.lr"
     )
+    grounding_weight: float = Field(
+        default=0.0, ge=0.0, description="weight of the token-grounding loss (cross-attention of each caption word inside "
+        "its region; the dataset's items need 'regions' and 'word_regions'); 0: none",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _sources(self):
@@ -127,6 +136,11 @@ class T2ITrainConfig(TrainConfig):
             raise ValueError(f"no {', no '.join(missing)}: set them, or model (a diffusers model folder supplying them)")
         if self.text_encoder_lr is not None and not self.train_text_encoder:
             raise ValueError("text_encoder_lr is set but train_text_encoder is false: set train_text_encoder: true, or drop text_encoder_lr")
+        if self.grounding_weight > 0 and self.train.gradient_checkpointing:
+            raise ValueError(
+                "grounding_weight > 0 reads the cross-attention probabilities of the forward pass, which gradient "
+                "checkpointing recomputes in the backward pass: set train.gradient_checkpointing: false, or grounding_weight: 0"
+            )
         return self
 
 
@@ -135,6 +149,7 @@ class T2IInputs:
     latents: torch.Tensor
     embeds: torch.Tensor | None  # frozen text encoder: its hidden states
     input_ids: torch.Tensor | None = None  # trained text encoder: the token ids it encodes inside the step
+    grounding: GroundingTargets | None = None  # grounding_weight > 0: each token's region
 
 
 class TextToImageModel(torch.nn.Module):
@@ -274,6 +289,8 @@ class T2ITrainer(Trainer):
         self.base = FrozenBase(self.pipe, device=self.device, weight_dtype=self.weight_dtype)
         unet.requires_grad_(True)
         self.enable_gradient_checkpointing(unet)
+        self.attention = record_cross_attention(unet) if cfg.grounding_weight > 0 else None
+        self.words = WordTokens(parts["tokenizer"], parts["tokenizer"].model_max_length)
         trainable: torch.nn.Module = unet
         if cfg.train_text_encoder:
             if getattr(text_encoder.config, "use_attention_mask", False):
@@ -330,11 +347,12 @@ class T2ITrainer(Trainer):
 
     def prepare_inputs(self, batch: dict[str, Any]) -> T2IInputs:
         latents = self.base.encode_batch(batch)
+        captions = drop_captions(batch["captions"], self.config.data.caption_dropout)
+        grounding = grounding_targets(batch, captions, self.words) if self.attention is not None else None
         if self.config.train_text_encoder:
-            captions = drop_captions(batch["captions"], self.config.data.caption_dropout)
             input_ids, _ = self.pipe._tokenize(tuple(captions), self.pipe.tokenizer.model_max_length)
-            return T2IInputs(latents=latents, embeds=None, input_ids=input_ids.to(self.device))
-        return T2IInputs(latents=latents, embeds=self.base.encode_captions(batch["captions"], dropout=self.config.data.caption_dropout))
+            return T2IInputs(latents=latents, embeds=None, input_ids=input_ids.to(self.device), grounding=grounding)
+        return T2IInputs(latents=latents, embeds=self.base.encode_text(captions), grounding=grounding)
 
     def sample_draws(self, inputs: T2IInputs) -> DiffusionDraws:
         t = torch.randint(0, self.base.schedule.num_train_timesteps, (inputs.latents.shape[0],))
@@ -343,16 +361,23 @@ class T2ITrainer(Trainer):
     def compute_loss(self, inputs: T2IInputs, draws: DiffusionDraws) -> torch.Tensor:
         schedule = self.base.schedule
         x_t = schedule.add_noise(inputs.latents, draws.noise, draws.t)
-        if inputs.input_ids is not None:
-            prediction = self.model(x_t, draws.t.to(self.device), inputs.input_ids)
-        else:
-            prediction = self.model(x_t, draws.t.to(self.device), encoder_hidden_states=inputs.embeds, return_dict=False)[0]
+        if inputs.grounding is not None:
+            self.attention.start()
+        try:
+            if inputs.input_ids is not None:
+                prediction = self.model(x_t, draws.t.to(self.device), inputs.input_ids)
+            else:
+                prediction = self.model(x_t, draws.t.to(self.device), encoder_hidden_states=inputs.embeds, return_dict=False)[0]
+        finally:
+            probs = self.attention.stop() if inputs.grounding is not None else []
         target = diffusion_target(schedule, inputs.latents, draws.noise, draws.t)
         per_sample = (prediction.float() - target.float()).square().flatten(1).mean(1)
-        if self.config.min_snr_gamma is None:
-            return per_sample.mean()
-        weights = min_snr_weights(schedule, draws.t, self.config.min_snr_gamma).to(per_sample.device)
-        return (weights * per_sample).mean()
+        if self.config.min_snr_gamma is not None:
+            per_sample = min_snr_weights(schedule, draws.t, self.config.min_snr_gamma).to(per_sample.device) * per_sample
+        loss = per_sample.mean()
+        if inputs.grounding is not None:
+            loss = loss + self.config.grounding_weight * grounding_loss(probs, inputs.grounding, tuple(inputs.latents.shape[-2:]))
+        return loss
 
     def validation_rows(self, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
         pipe = self.pipe

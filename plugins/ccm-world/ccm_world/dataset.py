@@ -22,7 +22,7 @@ from ccm_sdk.eval.limbs import LimbTargets
 from ccm_sdk.eval.shape import ShapeTargets
 
 from . import render
-from .generate import SceneConfig, sample_scene
+from .generate import SceneConfig, sample_scene, word_regions
 from .scene import FIGURE_STICKS, Person, Scene, Shape, object_mask
 from .vocabulary import COLORS, PALETTE, SHAPES, SIZES
 
@@ -77,7 +77,9 @@ class WorldDataset(Dataset):
 
     ``image`` is [3, H, W] in [0, 1]; ``controls`` maps each name in ``conditions`` to its exact
     ground-truth map ([3, H, W], or [4, H, W] for ``mask``) on the 1/255 grid; ``labels`` is the
-    multi-hot of ``ATTRIBUTE_NAMES``; ``scene`` the JSON-compatible scene description. Any index
+    multi-hot of ``ATTRIBUTE_NAMES``; ``scene`` the JSON-compatible scene description. With
+    ``grounding`` items also carry ``regions`` ([H, W] int64: 0 background, k + 1 object k) and
+    ``word_regions`` (the region each caption word describes, -1 none), for t2i's grounding loss. Any index
     in ``range(length)`` renders on demand, identically on every call and in every process.
     """
 
@@ -94,6 +96,7 @@ class WorldDataset(Dataset):
         pose_stick_width: int | None = None,
         supersample: int = 4,
         scene_config: SceneConfig | None = None,
+        grounding: bool = False,
     ):
         self.height, self.width = _as_size(size)
         if length < 1:
@@ -110,6 +113,7 @@ class WorldDataset(Dataset):
         self.soft_edge_sigma = soft_edge_sigma or render.default_soft_edge_sigma(self.height, self.width)
         self.pose_stick_width = pose_stick_width or render.default_stick_width(self.height, self.width)
         self.scene_config = scene_config or SceneConfig()
+        self.grounding = bool(grounding)
         self._sr = SRCondition(factor=self.sr_factor)
         self._mask = MaskCondition()
 
@@ -173,7 +177,7 @@ class WorldDataset(Dataset):
         scene = sample.scene.to_dict()
         if sample.keypoint_visible:
             scene["keypoint_visible"] = sample.keypoint_visible
-        return {
+        item = {
             "image": _to_chw(sample.image, 3),
             "caption": sample.scene.caption,
             "controls": controls,
@@ -181,6 +185,10 @@ class WorldDataset(Dataset):
             "index": index,
             "scene": scene,
         }
+        if self.grounding:  # t2i's grounding loss: which pixels each caption word describes
+            item["regions"] = torch.from_numpy(sample.labels.astype(np.int64))
+            item["word_regions"] = torch.tensor(word_regions(sample.scene), dtype=torch.long)
+        return item
 
     def colour_targets(self, index: int) -> ColourTargets:
         """Which pixels are the background and each object, and the palette colour the caption asks of each

@@ -120,6 +120,31 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
     return f"{subject} on {article(bg.color)} {bg.color}{' gradient' if bg.gradient else ''} background"
 
 
+def word_regions(scene: Scene) -> list[int]:
+    """For each word of ``scene.caption``: the region it describes (0 the background, k + 1 object k,
+    as :func:`render.render_labels` numbers them), or -1 for words that describe none (articles,
+    relations, "on", "and"). An object's size, colour and kind words (and a figure's "with arms <pose>")
+    are its region; the background's colour, "gradient" and "background" are region 0. Colours are
+    distinct within a scene, so each colour word names one region."""
+    region_of = {scene.background.color: 0, **{obj.color: k + 1 for k, obj in enumerate(scene.objects)}}
+    words = scene.caption.split()
+    out = [-1] * len(words)
+    for i, word in enumerate(words):
+        if word not in region_of:
+            continue
+        region = region_of[word]
+        out[i] = region
+        if i > 0 and words[i - 1] in SIZES:
+            out[i - 1] = region
+        j = i + 1
+        while j < len(words) and words[j] in (*SHAPES, "person", "gradient", "background"):
+            out[j] = region
+            j += 1
+        if words[j - 1] == "person" and words[j : j + 2] == ["with", "arms"]:
+            out[j : j + 3] = [region] * 3
+    return out
+
+
 def sample_scene(rng: np.random.Generator, height: int = 64, width: int = 64, config: SceneConfig = SceneConfig()) -> Scene:
     """Draw a scene; redraws (up to 100 times) until every object is at least ``min_visible`` visible."""
     for _ in range(100):

@@ -38,6 +38,38 @@ def test_training_collate_and_a_dataloader():
     assert [c.shape for c in batch["controls"]["mask"]] == [(4, 32, 32)] * 4
 
 
+def test_grounding_items_name_each_words_region():
+    """With ``grounding``: ``regions`` is the label map, and every colour word's region shows that colour in
+    the image (so the words point at the right pixels); articles and relations name no region."""
+    from ccm_sdk.datasets import TorchDataset, collate
+    from ccm_world.vocabulary import COLORS, PALETTE, SHAPES, SIZES
+
+    data = WorldDataset(size=64, length=40, seed=5, conditions=(), grounding=True)
+    assert "regions" not in WorldDataset(size=64, length=4, seed=5, conditions=())[0]
+    palette = torch.tensor([PALETTE[c] for c in COLORS], dtype=torch.float32) / 255
+    named = 0
+    for i in range(len(data)):
+        item = data[i]
+        words, regions = item["caption"].split(), item["regions"]
+        assert torch.equal(regions, torch.from_numpy(data.render(i, ()).labels.astype("int64")))
+        assert len(item["word_regions"]) == len(words)
+        scene = data.scene(i)
+        for word, region in zip(words, item["word_regions"].tolist()):
+            if word in ("a", "an", "on", "and", ",", "of", "left", "right", "above", "below", "in", "front", "behind"):
+                assert region == -1, (word, item["caption"])
+            elif word in (*COLORS, *SHAPES, *SIZES, "person", "background"):
+                assert 0 <= region <= len(scene.objects), (word, item["caption"])
+            if word in COLORS and region > 0 and scene.objects[region - 1].kind != "person":
+                pixels = item["image"][:, regions == region]
+                nearest = (pixels.mean(1)[None] - palette).square().sum(1).argmin()
+                assert COLORS[int(nearest)] == word, (word, item["caption"])
+                named += 1
+        assert set(item["word_regions"].tolist()) - {-1} == set(range(len(scene.objects) + 1))
+    assert named > 30
+    batch = collate([TorchDataset(data)[i] for i in range(4)])
+    assert batch["regions"].shape == (4, 64, 64) and len(batch["word_regions"]) == 4
+
+
 def test_save_folder_round_trips_through_the_folder_dataset(tmp_path):
     from ccm_sdk.datasets import ImageFolderDataset
 

@@ -12,11 +12,14 @@ log-variance) as float32, in chunks of ``chunk`` scenes:
     <folder>/chunk-00000/latents.npy    float32 [n, 2 * latent_channels, h, w]
     <folder>/chunk-00000/labels.npy     uint8 [n, len(ATTRIBUTE_NAMES)] (the multi-hot scene attributes)
     <folder>/chunk-00000/captions.json
+    <folder>/chunk-00000/regions.npy    uint8 [n, H, W] (with grounding: the label map, 0 background, k + 1 object k)
+    <folder>/chunk-00000/word_regions.json  (with grounding: each caption word's region, -1 none)
 
 A chunk is written to a temporary folder and renamed, so an interrupted build resumes at the first
 missing chunk. :class:`CachedWorldDataset` serves the items the trainers read (``image``,
-``caption``, ``controls``, ``labels``, ``index``, ``latent_parameters``); the trainers then sample
-latents from the stored posteriors instead of running the VAE.
+``caption``, ``controls``, ``labels``, ``index``, ``latent_parameters``, and with ``grounding`` the
+``regions`` and ``word_regions`` of t2i's grounding loss); the trainers then sample latents from the
+stored posteriors instead of running the VAE.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ def scene_bytes(dataset: WorldDataset, vae: torch.nn.Module) -> int:
     pixels = dataset.height * dataset.width
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = 2 * vae.config.latent_channels * (dataset.height // factor) * (dataset.width // factor) * 4
-    return 3 * pixels + sum(CONTROL_CHANNELS[c] for c in dataset.conditions) * pixels + len(ATTRIBUTE_NAMES) + latent
+    regions = pixels if dataset.grounding else 0
+    return 3 * pixels + sum(CONTROL_CHANNELS[c] for c in dataset.conditions) * pixels + len(ATTRIBUTE_NAMES) + latent + regions
 
 
 class _Rendered:
@@ -72,13 +76,19 @@ class _Rendered:
 
     def __init__(self, items: list[dict[str, Any]], conditions: Sequence[str]):
         self.images = torch.stack([item["image"] for item in items])
+        grounding = "regions" in items[0]
         self.arrays: dict[str, list[np.ndarray]] = {"image": [], "labels": [], **{name: [] for name in conditions}}
+        if grounding:
+            self.arrays["regions"] = []
         for item in items:
             self.arrays["image"].append(_to_uint8(item["image"], f"the image of scene {item['index']}"))
             self.arrays["labels"].append(item["labels"].numpy().astype(np.uint8))
             for name in conditions:
                 self.arrays[name].append(_to_uint8(item["controls"][name], f"the {name} map of scene {item['index']}"))
+            if grounding:
+                self.arrays["regions"].append(item["regions"].numpy().astype(np.uint8))
         self.captions = [item["caption"] for item in items]
+        self.word_regions = [item["word_regions"].tolist() for item in items] if grounding else None
 
 
 class _Collate:
@@ -117,6 +127,8 @@ def build_data_cache(
         "chunk": chunk,
         "latent_channels": int(vae.config.latent_channels),
     }
+    if dataset.grounding:  # absent otherwise: caches built before the option stay valid
+        manifest["grounding"] = True
     found = folder / MANIFEST
     if found.is_file() and json.loads(found.read_text()) != manifest:
         raise InputError(f"{found} describes another cache ({found.read_text()!r}); remove {folder} to rebuild it")
@@ -136,13 +148,16 @@ def build_data_cache(
             continue
         indices = range(c * chunk, min(len(dataset), (c + 1) * chunk))
         arrays: dict[str, list[np.ndarray]] = {"image": [], "labels": [], **{name: [] for name in dataset.conditions}}
-        captions, latents = [], []
+        if dataset.grounding:
+            arrays["regions"] = []
+        captions, latents, word_regions = [], [], []
         batches = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                               collate_fn=_Collate(dataset.conditions), num_workers=workers)  # fmt: skip
         for batch in batches:
             for name, parts in batch.arrays.items():
                 arrays[name] += parts
             captions += batch.captions
+            word_regions += batch.word_regions or []
             with torch.no_grad():
                 images = batch.images.to(next(vae.parameters()).device)
                 latents.append(vae.encode(images * 2 - 1).latent_dist.parameters.float().cpu().numpy())
@@ -152,6 +167,8 @@ def build_data_cache(
                 np.save(partial / f"{name}.npy", np.stack(parts))
             np.save(partial / "latents.npy", np.concatenate(latents))
             (partial / "captions.json").write_text(json.dumps(captions))
+            if dataset.grounding:
+                (partial / "word_regions.json").write_text(json.dumps(word_regions))
         log(f"    data cache: chunk {c + 1} of {chunks} written ({len(indices)} scenes)")
     bar.close()
     return folder
@@ -160,7 +177,7 @@ def build_data_cache(
 class CachedWorldDataset(Dataset):
     """The items of a :func:`build_data_cache` folder that the trainers read, for ``conditions``."""
 
-    def __init__(self, folder: str | os.PathLike, conditions: Sequence[str] = ()):
+    def __init__(self, folder: str | os.PathLike, conditions: Sequence[str] = (), *, grounding: bool = False):
         self.folder = Path(folder)
         path = self.folder / MANIFEST
         if not path.is_file():
@@ -174,7 +191,10 @@ class CachedWorldDataset(Dataset):
         missing = [c for c in conditions if c not in self.manifest["conditions"]]
         if missing:
             raise InputError(f"the data cache in {str(self.folder)!r} holds {self.manifest['conditions']}, not {missing}")
-        self.conditions = tuple(conditions)
+        if grounding and not self.manifest.get("grounding"):
+            raise InputError(f"the data cache in {str(self.folder)!r} was built without grounding (regions and word_regions); "
+                             "rebuild it from a WorldDataset(grounding=True)")  # fmt: skip
+        self.conditions, self.grounding = tuple(conditions), bool(grounding)
         self.length, self.chunk = int(self.manifest["length"]), int(self.manifest["chunk"])
         chunks = (self.length + self.chunk - 1) // self.chunk
         absent = [i for i in range(chunks) if not _chunk_dir(self.folder, i).is_dir()]
@@ -188,10 +208,12 @@ class CachedWorldDataset(Dataset):
     def _chunk(self, index: int) -> dict[str, Any]:
         if index not in self._open:
             where = _chunk_dir(self.folder, index)
-            names = ("image", "labels", "latents", *self.conditions)
+            names = ("image", "labels", "latents", *self.conditions, *(("regions",) if self.grounding else ()))
             try:
                 arrays: dict[str, Any] = {name: np.load(where / f"{name}.npy", mmap_mode="r") for name in names}
                 arrays["captions"] = json.loads((where / "captions.json").read_text())
+                if self.grounding:
+                    arrays["word_regions"] = json.loads((where / "word_regions.json").read_text())
             except (OSError, ValueError) as exc:
                 raise TrainingError(f"the data cache chunk {str(where)!r} cannot be read: {exc}") from None
             self._open[index] = arrays
@@ -208,7 +230,7 @@ class CachedWorldDataset(Dataset):
             if control.shape[0] != CONTROL_CHANNELS[name]:
                 raise TrainingError(f"the cached {name} maps have {control.shape[0]} channels, expected {CONTROL_CHANNELS[name]}")
             controls[name] = control
-        return {
+        item = {
             "image": _from_uint8(arrays["image"][row]),
             "caption": arrays["captions"][row],
             "controls": controls,
@@ -216,6 +238,10 @@ class CachedWorldDataset(Dataset):
             "index": index,
             "latent_parameters": torch.from_numpy(np.array(arrays["latents"][row])),
         }
+        if self.grounding:
+            item["regions"] = torch.from_numpy(np.array(arrays["regions"][row])).long()
+            item["word_regions"] = torch.tensor(arrays["word_regions"][row], dtype=torch.long)
+        return item
 
     def __getstate__(self):
         return {**self.__dict__, "_open": {}}  # memory maps reopen in each DataLoader worker

@@ -40,6 +40,7 @@ from .stages import (
     cache_conditions,
     plan_units,
     run_data_cache,
+    teacher_grounding,
     run_eval,
     run_map_net,
     run_feature_net,
@@ -71,6 +72,7 @@ NEUTRAL_OPTIONS: dict[tuple[str, ...], Any] = {
     ("data", "dataset"): None,  # training data from a registered dataset; the build gives its trainers their data itself
     ("train_text_encoder",): False,  # t2i: the text encoder frozen, as every teacher before the option
     ("text_encoder_lr",): None,
+    ("grounding_weight",): 0.0,  # t2i: no token-grounding loss
 }
 
 
@@ -154,7 +156,10 @@ class WorldBuild:
         if unit.kind == "map-net":
             return {**getattr(p, unit.section).model_dump(exclude={"seconds_per_step", "num_workers"}), "data": p.data.model_dump()}
         if unit.kind == "data-cache":
-            return {**p.data_cache.model_dump(exclude={"seconds_per_scene", "num_workers"}), "data": p.data.model_dump(), "conditions": list(cache_conditions(p))}
+            spec = {**p.data_cache.model_dump(exclude={"seconds_per_scene", "num_workers"}), "data": p.data.model_dump(), "conditions": list(cache_conditions(p))}
+            if teacher_grounding(p):  # only when set: caches built before the option keep their fingerprint
+                spec["grounding"] = True
+            return spec
         if unit.kind == "pack":
             return p.pack.model_dump()
         return {**getattr(p, unit.section).model_dump(), "data": p.data.model_dump()}

@@ -184,9 +184,16 @@ def unit_conditions(preset: Preset, unit: Unit) -> tuple[str, ...]:
     return ()
 
 
-def world_data(preset: Preset, conditions: tuple[str, ...] = (), *, seed_offset: int = 0, length: int | None = None) -> WorldDataset:
+def world_data(preset: Preset, conditions: tuple[str, ...] = (), *, seed_offset: int = 0, length: int | None = None,
+               grounding: bool = False) -> WorldDataset:  # fmt: skip
     d = preset.data
-    return WorldDataset(size=d.size, length=length or d.length, seed=d.seed + seed_offset, conditions=conditions, sr_factor=d.sr_factor)
+    return WorldDataset(size=d.size, length=length or d.length, seed=d.seed + seed_offset, conditions=conditions, sr_factor=d.sr_factor,
+                        grounding=grounding)  # fmt: skip
+
+
+def teacher_grounding(preset: Preset) -> bool:
+    """Whether the teacher trains with t2i's grounding loss (its data, and then the data cache, carry the regions)."""
+    return float(preset.teacher.config.get("grounding_weight") or 0.0) > 0
 
 
 def cache_conditions(preset: Preset) -> tuple[str, ...]:
@@ -198,11 +205,12 @@ def cache_conditions(preset: Preset) -> tuple[str, ...]:
 def training_data(preset: Preset, unit: Unit, work_dir: Path, conditions: tuple[str, ...] | None = None):
     """A unit's training scenes: from the data cache when the unit reads it, else rendered at each step."""
     conditions = unit_conditions(preset, unit) if conditions is None else conditions
+    grounding = unit.name == "teacher" and teacher_grounding(preset)
     if "data-cache" in unit.needs:
         from .data_cache import CachedWorldDataset
 
-        return CachedWorldDataset(work_dir / "data-cache" / "cache", conditions)
-    return world_data(preset, conditions)
+        return CachedWorldDataset(work_dir / "data-cache" / "cache", conditions, grounding=grounding)
+    return world_data(preset, conditions, grounding=grounding)
 
 
 def _intervals(starts: list[float]) -> float | None:
@@ -305,7 +313,7 @@ def run_data_cache(preset: Preset, unit: Unit, work_dir: Path, log: Log) -> dict
     s = preset.data_cache
     vae = AutoencoderKL.from_pretrained(work_dir / "vae" / "vae").eval().to(stage_device(preset))
     started = time.perf_counter()
-    build_data_cache(world_data(preset, cache_conditions(preset)), vae, work_dir / unit.name / unit.product,
+    build_data_cache(world_data(preset, cache_conditions(preset), grounding=teacher_grounding(preset)), vae, work_dir / unit.name / unit.product,
                      chunk=s.chunk, batch_size=s.batch_size, workers=s.num_workers, log=log)  # fmt: skip
     return {"scenes": preset.data.length, "seconds_per_scene": (time.perf_counter() - started) / preset.data.length}
 

@@ -123,3 +123,33 @@ def test_every_stage_after_the_vae_reads_the_cache():
     assert "data-cache" not in next(u for u in plan_units(preset) if u.name == "pack").needs
     without = load_preset({**json.loads(preset.model_dump_json()), "data_cache": None})
     assert not any("data-cache" in u.needs or u.name == "data-cache" for u in plan_units(without))
+
+
+def test_a_grounding_cache_serves_regions_and_word_regions(cache, vae, tmp_path):
+    """With a teacher that trains with the grounding loss, the cache stores the regions: the items are the
+    rendered ones, the teacher alone asks for them, and the data-cache fingerprint changes only then."""
+    from ccm_world.build.run import WorldBuild
+    from ccm_world.build.stages import teacher_grounding, training_data
+
+    world = WorldDataset(size=32, length=6, seed=3, conditions=("sketch",), grounding=True)
+    built = build_data_cache(world, vae, tmp_path / "cache", chunk=4, batch_size=3, log=lambda m: None)
+    cached = CachedWorldDataset(built, ("sketch",), grounding=True)
+    assert scene_bytes(world, vae) == scene_bytes(WorldDataset(size=32, length=6, seed=3, conditions=("sketch",)), vae) + 32 * 32
+    for index in (0, 5):
+        item, rendered = cached[index], world[index]
+        assert torch.equal(item["regions"], rendered["regions"]) and torch.equal(item["word_regions"], rendered["word_regions"])
+    assert "regions" not in CachedWorldDataset(built, ("sketch",))[0]
+    with pytest.raises(InputError, match="was built without grounding"):
+        CachedWorldDataset(cache, (), grounding=True)
+    preset = load_preset("tiny")
+    grounded = load_preset({**json.loads(preset.model_dump_json()),
+                            "teacher": {**preset.teacher.model_dump(), "config": {**preset.teacher.config, "grounding_weight": 0.1}}})  # fmt: skip
+    assert not teacher_grounding(preset) and teacher_grounding(grounded)
+    units = {u.name: u for u in plan_units(grounded)}
+    assert "grounding" not in WorldBuild(preset, tmp_path / "a").spec(units["data-cache"])
+    assert WorldBuild(grounded, tmp_path / "b").spec(units["data-cache"])["grounding"] is True
+    work = tmp_path / "work"
+    shutil.copytree(built, work / "data-cache" / "cache")
+    assert training_data(grounded, units["teacher"], work).grounding is True
+    assert training_data(grounded, units["lcm"], work).grounding is False
+    assert training_data(preset, units["teacher"], work).grounding is False
