@@ -192,26 +192,32 @@ def _layer_size(pixels: int, height: int, width: int) -> tuple[int, int]:
     raise TrainingError(f"a cross-attention layer has {pixels} positions, which no halving of the {height}x{width} latents gives")
 
 
-def grounding_loss(probs: Sequence[torch.Tensor], targets: GroundingTargets, latent_size: tuple[int, int]) -> torch.Tensor:
-    """Mean over grounded tokens, heads and layers of (1 - attention inside the token's region)^2;
-    zero (with a gradient path) when nothing in the batch is grounded."""
-    if not probs:
-        raise TrainingError("no cross-attention was recorded: is the recording processor installed on this UNet?")
-    batch = targets.grounded.shape[0]
-    grounded = targets.grounded.to(probs[0].device)
-    total = probs[0].sum() * 0.0
-    if not grounded.any():
-        return total
+def attention_inside(probs: Sequence[torch.Tensor], masks: torch.Tensor, latent_size: tuple[int, int]) -> list[torch.Tensor]:
+    """Per cross-attention layer, the share of each token's attention that falls inside its mask:
+    float [B, heads, L] (``masks`` [B, L, H, W] at the image's size, area-pooled to each layer's size)."""
+    batch, out = masks.shape[0], []
     resized: dict[tuple[int, int], torch.Tensor] = {}
     for layer in probs:
         heads, pixels, tokens = layer.shape[0] // batch, layer.shape[1], layer.shape[2]
         size = _layer_size(pixels, *latent_size)
         if size not in resized:
-            mask = F.adaptive_avg_pool2d(targets.masks, size) if targets.masks.shape[-2:] != size else targets.masks
-            resized[size] = mask.flatten(2).to(layer.device, layer.dtype)  # [B, L, pixels]
-        mask = resized[size][:, :tokens]
+            mask = F.adaptive_avg_pool2d(masks, size) if masks.shape[-2:] != size else masks
+            resized[size] = mask.flatten(2).to(layer.device, torch.float32)  # [B, L, pixels]
         a = layer.float().reshape(batch, heads, pixels, tokens)
-        inside = torch.einsum("bhpl,blp->bhl", a, mask.float()) / a.sum(2).clamp_min(1e-8)
+        out.append(torch.einsum("bhpl,blp->bhl", a, resized[size][:, :tokens]) / a.sum(2).clamp_min(1e-8))
+    return out
+
+
+def grounding_loss(probs: Sequence[torch.Tensor], targets: GroundingTargets, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Mean over grounded tokens, heads and layers of (1 - attention inside the token's region)^2;
+    zero (with a gradient path) when nothing in the batch is grounded."""
+    if not probs:
+        raise TrainingError("no cross-attention was recorded: is the recording processor installed on this UNet?")
+    grounded = targets.grounded.to(probs[0].device)
+    total = probs[0].sum() * 0.0
+    if not grounded.any():
+        return total
+    for inside in attention_inside(probs, targets.masks, latent_size):
         per_token = (1.0 - inside).square().mean(1)  # [B, L]
-        total = total + per_token[grounded[:, :tokens]].mean()
+        total = total + per_token[grounded[:, : per_token.shape[1]]].mean()
     return total / len(probs)

@@ -18,6 +18,7 @@ from ccm_sdk.training.config import resolve_key, validate_config
 from ccm_sdk.training.grounding import (
     GroundingTargets,
     WordTokens,
+    attention_inside,
     grounding_loss,
     grounding_targets,
     record_cross_attention,
@@ -94,6 +95,21 @@ def test_loss_by_hand_with_area_resized_masks_heads_and_layers():
     assert grounding_loss([fine], nothing, (4, 4)).item() == 0.0
     with pytest.raises(TrainingError, match="has 9 positions, which no halving of the 4x4 latents gives"):
         grounding_loss([torch.rand(2, 9, 2)], targets, (4, 4))
+
+
+def test_attention_inside_is_one_when_inside_and_the_area_share_when_uniform():
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, :2, :] = 1.0  # sample 0: the top half; sample 1: one pixel
+    mask[1, 0, 3, 3] = 1.0
+    uniform = torch.full((2 * 3, 16, 1), 1 / 16)  # batch 2, 3 heads, 4x4 pixels, 1 token
+    inside = attention_inside([uniform], mask, (4, 4))[0]
+    assert inside.shape == (2, 3, 1)
+    assert torch.allclose(inside[0], torch.full((3, 1), 0.5)) and torch.allclose(inside[1], torch.full((3, 1), 1 / 16))
+    on_it = torch.zeros(2 * 3, 4, 1)  # a 2x2 layer: sample 0's top half is its first two pixels
+    on_it[:3, 1, 0] = 1.0
+    on_it[3:, 0, 0] = 1.0  # sample 1 attends the top-left pixel; its region is in the bottom-right one
+    coarse = attention_inside([on_it], mask, (4, 4))[0]
+    assert torch.allclose(coarse[0], torch.ones(3, 1)) and torch.allclose(coarse[1], torch.zeros(3, 1))
 
 
 class RedSquares(Dataset):

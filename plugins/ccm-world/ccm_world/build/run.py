@@ -164,12 +164,18 @@ class WorldBuild:
             return p.pack.model_dump()
         return {**getattr(p, unit.section).model_dump(), "data": p.data.model_dump()}
 
-    def fingerprint(self, unit: Unit, steps: int | None = None) -> str:
-        """A hash of the unit's spec and its inputs' fingerprints; ``steps``: as if it stopped after that many."""
-        key = (unit.name, steps)
+    def fingerprint(self, unit: Unit, steps: int | None = None, *, regions: bool = True) -> str:
+        """A hash of the unit's spec and its inputs' fingerprints; ``steps``: as if it stopped after that many.
+        ``regions=False``: a data cache as the units that do not read its regions see it (the regions are
+        files only the grounded teacher opens, so the others keep the fingerprint of a cache without them:
+        the feature and map nets stay reusable from a version trained without grounding)."""
+        key = (unit.name, steps, regions)
         if key not in self._fingerprints:
-            needs = {name: self.fingerprint(self.by_name[name]) for name in unit.needs}
-            text = json.dumps({"unit": unit.name, "spec": self.spec(unit, steps), "needs": needs}, sort_keys=True)
+            needs = {name: self.fingerprint(self.by_name[name], regions=unit.name == "teacher") for name in unit.needs}
+            spec = self.spec(unit, steps)
+            if not regions and unit.kind == "data-cache":
+                spec.pop("grounding", None)
+            text = json.dumps({"unit": unit.name, "spec": spec, "needs": needs}, sort_keys=True)
             text = text.replace(str(self.work_dir), "<work>")
             self._fingerprints[key] = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self._fingerprints[key]

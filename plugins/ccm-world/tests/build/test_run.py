@@ -71,8 +71,13 @@ def test_shipped_presets_validate_and_fit_an_hour_per_stage():
         assert seconds_per_step * v2.configs[unit.name].checkpoint.every < 3600 and seconds_per_step * steps < 3 * 3600, unit.name
     teacher, lcm = v2.configs["teacher"], v2.configs["lcm"]
     assert teacher.train_text_encoder and teacher.text_encoder_lr == 1e-4 and (lcm.w_min, lcm.w_max) == (1.0, 4.0)
+    assert teacher.grounding_weight == 0.1 and v2.spec(v2.by_name["data-cache"])["grounding"] is True  # the cache keeps the regions
+    assert "grounding" not in full.spec(full.by_name["data-cache"])
     assert {v2.configs[f"cm-controlnet-{c}"].consistency.recipe for c in v2.preset.cm_controlnets.conditions} == {"relative-gap"}
     assert v2.fingerprint(v2.by_name["feature-net"]) == full.fingerprint(full.by_name["feature-net"])  # reusable (reuse.py)
+    # the cache with regions is another cache to its own marker and the teacher, the same to units that do not read them
+    cache = v2.by_name["data-cache"]
+    assert v2.fingerprint(cache) != v2.fingerprint(cache, regions=False) == full.fingerprint(full.by_name["data-cache"])
 
 
 def test_bad_preset_keys_error_clearly():
