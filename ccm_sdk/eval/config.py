@@ -97,7 +97,9 @@ class MethodConfig(Section):
     sampler: str = "consistency"
     sampler_options: dict[str, Any] = Field(default_factory=dict)
     steps: list[int] = Field(default_factory=lambda: [4], min_length=1)
-    guidance_scale: float = 8.0
+    guidance_scale: float | None = Field(
+        default=None, description="None: the model's recommended scale (its ccm_defaults.json, else 8.0), as ccm generate"
+    )
     controlnet_conditioning_scale: float = 1.0
 
     @model_validator(mode="after")
@@ -119,7 +121,9 @@ class PaperModels(Section):
     dm_steps: list[int] = Field(default_factory=lambda: [50], min_length=1)
     dm_guidance_scale: float = 7.5
     cm_steps: list[int] = Field(default_factory=lambda: [4, 1], min_length=1)
-    cm_guidance_scale: float = 8.0
+    cm_guidance_scale: float | None = Field(
+        default=None, description="None: the consistency model's recommended scale (its ccm_defaults.json, else 8.0)"
+    )
 
 
 # preset -> (paper row, model field, ControlNets field (None: no control), uses the adapter, diffusion sampling)

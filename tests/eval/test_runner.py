@@ -405,3 +405,23 @@ def test_cells_show_their_progress(models, image_folder, tmp_path, capsys):
     assert "scoring" in err and len(result.rows) == 2
     run_evaluation(config, log=None)  # no log: no bar
     assert "image/s" not in capsys.readouterr().err
+
+
+def test_cm_guidance_left_out_is_the_models_recommended_scale(models, image_folder, tmp_path, monkeypatch):
+    import shutil
+
+    from ccm_sdk.models.generation_defaults import GenerationDefaults, write_generation_defaults
+    from ccm_sdk.pipeline import CCMPipeline
+
+    lcm = shutil.copytree(models["cm"], tmp_path / "lcm")
+    write_generation_defaults(lcm, GenerationDefaults(guidance_scale=3.5))
+    used: list[float] = []
+    original = CCMPipeline.prepare_prompt
+    monkeypatch.setattr(CCMPipeline, "prepare_prompt", lambda self, prompt, **kw: used.append(kw["guidance_scale"]) or original(self, prompt, **kw))
+    paper = {**models, "cm": str(lcm), "cm_steps": [1]}
+    run_evaluation(_config(models, image_folder, tmp_path, methods=["cm-controlnet+cm"], conditions=[{"name": "canny"}], paper=paper), log=None)
+    assert used and set(used) == {3.5}  # the folder's ccm_defaults.json
+    used.clear()
+    paper["cm_guidance_scale"] = 6.0
+    run_evaluation(_config(models, image_folder, tmp_path, methods=["cm-controlnet+cm"], conditions=[{"name": "canny"}], paper=paper), log=None)
+    assert used and set(used) == {6.0}  # an explicit scale wins
