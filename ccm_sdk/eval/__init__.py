@@ -17,7 +17,7 @@ _LAZY = {
         "CorrelationResult", "compare_controlnets", "controlnet_residuals", "correlation_analysis", "cosine_similarity",
         "radial_spectrum", "reverse_transfer_method",
     ),
-    "colour": ("ColourTargets", "colour_accuracy", "region_hits"),
+    "colour": ("ColourTargets", "colour_accuracy", "region_colours", "region_hits"),
     "config": ("PRESETS", "TABLE2_PRESETS", "EvalConfig", "MethodConfig", "PaperModels", "expand_methods", "load_eval_config"),
     "feature_net": ("FeatureNetExtractor", "SmallFeatureNet", "train_feature_net"),
     "features": ("FeatureExtractor", "ModuleExtractor", "PixelExtractor", "extract_features", "load_extractor"),

@@ -36,22 +36,28 @@ class ColourTargets:
             )
 
 
-def region_hits(image: torch.Tensor, targets: ColourTargets, *, min_pixels: int = 4) -> tuple[int, int]:
-    """(right regions, scored regions) of one image [3, H, W] in [0, 1]."""
+def region_colours(image: torch.Tensor, targets: ColourTargets, *, min_pixels: int = 4) -> list[int | None]:
+    """Per region of one image [3, H, W] in [0, 1]: the palette index nearest its mean colour (None: fewer than
+    ``min_pixels`` pixels, not scored)."""
     if image.ndim != 3 or image.shape[0] != 3 or tuple(image.shape[1:]) != tuple(targets.regions.shape):
         raise ShapeError(f"expected an image [3, {', '.join(map(str, targets.regions.shape))}], got {tuple(image.shape)}")
     pixels = image.float().flatten(1).T  # [H*W, 3]
     regions = targets.regions.flatten().to(pixels.device)
-    right = scored = 0
-    for region, asked in enumerate(targets.asked.tolist()):
+    nearest: list[int | None] = []
+    for region in range(len(targets.asked)):
         inside = regions == region
         if int(inside.sum()) < min_pixels:
+            nearest.append(None)
             continue
         mean = pixels[inside].mean(0)
-        nearest = int((targets.palette.to(mean) - mean).square().sum(1).argmin())
-        right += int(nearest == asked)
-        scored += 1
-    return right, scored
+        nearest.append(int((targets.palette.to(mean) - mean).square().sum(1).argmin()))
+    return nearest
+
+
+def region_hits(image: torch.Tensor, targets: ColourTargets, *, min_pixels: int = 4) -> tuple[int, int]:
+    """(right regions, scored regions) of one image [3, H, W] in [0, 1]."""
+    pairs = [(n, a) for n, a in zip(region_colours(image, targets, min_pixels=min_pixels), targets.asked.tolist()) if n is not None]
+    return sum(n == a for n, a in pairs), len(pairs)
 
 
 def colour_accuracy(images: torch.Tensor, targets: list[ColourTargets], *, min_pixels: int = 4) -> float:
