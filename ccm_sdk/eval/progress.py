@@ -6,9 +6,11 @@ A cell is one method at one step count on one condition: its row of scores and i
 depends on is unchanged: a fingerprint of the config's shared settings (dataset, samples, seed,
 batch size, features) with the cell's own method (models, sampler, guidance...) and condition.
 So adding a method or a condition to a config keeps the cells already made, while changing the
-samples, seeds, a method's settings or its model paths makes those cells again. Model files
-changed in place under the same paths are not detected: start over then (``ccm eval`` without
-``--resume``).
+samples, seeds, a method's settings or its models makes those cells again. A model is known by
+its contents as well as its name (a SHA-256 of the files of its local folder, a hub snapshot or a
+plugin's ``name:argument`` resolved, without network access): a model trained again under the same
+path makes its cells again, and the same files in another clone or folder keep them. The guidance a
+model recommends lives in its folder (``ccm_defaults.json``), so it counts too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CCMError
 from ..utils.atomic import atomic_folder
+from ..utils.digest import TreeDigests
 
 from .results import EvalRow
 
@@ -40,13 +44,33 @@ ROW, SAMPLES = "row.json", "samples.safetensors"
 _NOT_SHARED = {"output_dir", "device", "show", "warmup", "correlation", "methods", "paper", "conditions"}
 
 
+_DIGESTS = TreeDigests()  # a model's files are read once per run while they stay unchanged
+
+
+def model_contents(source: str | None) -> str | None:
+    """A SHA-256 of what ``source`` names (local folder or file, hub snapshot in the cache, a plugin's
+    ``name:argument``), or None when it cannot be found offline (a ControlNet provider's name, a hub
+    id not downloaded yet): then the name alone identifies it."""
+    if source is None:
+        return None
+    from ..models.loading import resolve_model_path
+
+    try:
+        path = resolve_model_path(source, local_files_only=True)
+        return _DIGESTS.get(path)
+    except (CCMError, OSError):
+        return None
+
+
 def cell_fingerprint(config: EvalConfig, method: MethodConfig, condition: ConditionConfig) -> str:
-    """What makes a cell of one run interchangeable with another's: the shared settings, its method and condition."""
+    """What makes a cell of one run interchangeable with another's: the shared settings, its method and
+    condition, and the contents of the models they name."""
+    controlnet = method.controlnets.get(condition.title)  # of the method's ControlNets, only the one this cell uses
     data = {
         "shared": config.model_dump(mode="json", exclude=_NOT_SHARED),
-        # of the method's ControlNets, only the one this cell uses
-        "method": {**method.model_dump(mode="json"), "controlnets": method.controlnets.get(condition.title)},
+        "method": {**method.model_dump(mode="json"), "controlnets": controlnet},
         "condition": condition.model_dump(mode="json"),
+        "contents": [model_contents(source) for source in (method.model, method.lora, method.adapter, controlnet, config.features.path)],
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -22,7 +22,6 @@ with ``torch.load(weights_only=True)``: a ``.pt`` file that needs pickle to run 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -38,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CorruptCheckpointError, TrainingError
 from ..utils.atomic import TMP_PREFIX, replace_folder, temporary_folder
+from ..utils.digest import file_sha256
 from .state_files import load_state, read_json, read_tensors, save_state, state_file_names
 
 PREFIX = "step-"
@@ -136,7 +136,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, checkpoint: Checkpoint
         meta = {
             "format": FORMAT, "step": checkpoint.step, "world_size": accelerator.num_processes,
             "weights": sorted(checkpoint.weights), "objects": sorted(checkpoint.objects), **checkpoint.meta,
-            "digests": {f.relative_to(tmp).as_posix(): _digest(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
+            "digests": {f.relative_to(tmp).as_posix(): file_sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
         }  # fmt: skip
         (tmp / STATE_NAME).write_text(json.dumps(meta))
         replace_folder(tmp, final)
@@ -184,19 +184,11 @@ def load_checkpoint(
     for name, digest in ({} if old else meta.get("digests") or {}).items():
         if not (path / name).is_file():
             raise CorruptCheckpointError(path, path / name, "the file is missing")
-        if _digest(path / name) != digest:
+        if file_sha256(path / name) != digest:
             raise CorruptCheckpointError(
                 path, path / name, "its bytes changed after the checkpoint was written (SHA-256 differs from the digest in state.json)"
             )
     return Checkpoint(step=int(meta["step"]), weights=weights, objects=states, meta=meta, rng=rng)
-
-
-def _digest(file: Path) -> str:
-    sha = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

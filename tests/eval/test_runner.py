@@ -331,6 +331,37 @@ def test_a_stopped_evaluation_keeps_its_cells_and_resumes(models, image_folder, 
     assert len(calls) == 20 + 3 * 2 * 2  # every CM method (the CM's guidance), 2 steps x 2 conditions; not dm's
 
 
+def test_kept_cells_follow_the_models_contents_not_their_place(models, image_folder, tmp_path, monkeypatch):
+    """A model trained again under the same path makes its cells again; the same files in another
+    clone (the same relative paths, new modification times) keep them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    clone = tmp_path / "clone-a"
+    shutil.copytree(models["cm_controlnets"]["canny"], clone / "nets" / "cm-canny")
+    paper = {**models, "cm_controlnets": {"canny": "nets/cm-canny"}}
+    config = _config(models, image_folder, tmp_path, methods=["cm-controlnet+cm"], conditions=[{"name": "canny"}], paper=paper)
+    calls = _count_generations(monkeypatch)
+    progress = tmp_path / "progress"
+    monkeypatch.chdir(clone)
+    run_evaluation(config, log=None, progress=progress)
+    assert len(calls) == 2  # 2 steps and 1
+    other = shutil.copytree(clone, tmp_path / "clone-b")
+    monkeypatch.chdir(other)
+    run_evaluation(config, log=None, progress=progress, resume=True)
+    assert len(calls) == 2
+    weights = other / "nets" / "cm-canny" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.5
+    save_file(tensors, str(weights))  # trained again, same path
+    run_evaluation(config, log=None, progress=progress, resume=True)
+    assert len(calls) == 4
+    run_evaluation(config, log=None, progress=progress, resume=True)
+    assert len(calls) == 4
+
+
 def test_ccm_eval_stop_after_and_resume(models, image_folder, tmp_path, capsys, monkeypatch):
     from ccm_sdk.utils import stopping as stop
 

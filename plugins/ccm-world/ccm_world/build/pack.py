@@ -10,7 +10,6 @@ back, and swapped into place in one rename, so a failed pack never touches the i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ccm_sdk.utils.atomic import atomic_folder
+from ccm_sdk.utils.digest import file_sha256
 
 from .config import BuildError, PackSizeError, Preset
 from .stages import MAP_NETS, Log, world_data
@@ -161,7 +161,7 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     """relative path -> bytes and sha256 of every file but the manifest."""
     table = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST):
-        table[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        table[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return table
 
 
