@@ -4,6 +4,8 @@ objects by how many the scene holds.
     python plugins/ccm-world/scripts/prompt_colour_breakdown.py --model world:teacher \
         --controlnet world:dm-controlnet-sketch --sampler ddim --steps 50 --guidance 7.5 [--scenes 128] [--grid out.png]
 
+(``--guidance`` left out: the model's recommended scale, its ccm_defaults.json, else 8.0.)
+
 The measure is ``ccm eval``'s colour accuracy (docs/evaluation.md): a region is right when the palette
 colour nearest its mean generated colour is the one the caption asks for. ``ccm eval`` pools all
 regions; this script reports the background (one region a scene) and the objects apart, and the
@@ -24,6 +26,7 @@ import argparse
 import torch
 
 from ccm_sdk import CCMPipeline
+from ccm_sdk.eval.colour import region_colours
 from ccm_world.dataset import WorldDataset
 
 
@@ -33,18 +36,13 @@ def breakdown(images: torch.Tensor, dataset: WorldDataset) -> dict[str, tuple[in
     for i, image in enumerate(images):
         targets = dataset.colour_targets(i)
         objects = len(dataset.scene(i).objects)
-        pixels = image.float().flatten(1).T
-        regions = targets.regions.flatten()
-        for region, asked in enumerate(targets.asked.tolist()):
-            inside = regions == region
-            if int(inside.sum()) < 4:  # as colour_accuracy's min_pixels
+        for region, (got, asked) in enumerate(zip(region_colours(image, targets), targets.asked.tolist())):
+            if got is None:  # too few pixels to score, as in colour_accuracy
                 continue
-            mean = pixels[inside].mean(0)
-            right = int(int((targets.palette - mean).square().sum(1).argmin()) == asked)
             groups = ["background"] if region == 0 else ["objects", f"objects in scenes of {objects}"]
             for group in groups:
                 hit = counts.setdefault(group, [0, 0])
-                hit[0] += right
+                hit[0] += int(got == asked)
                 hit[1] += 1
     return {group: (right, scored) for group, (right, scored) in sorted(counts.items())}
 
@@ -60,15 +58,9 @@ def leaks(images: torch.Tensor, dataset: WorldDataset) -> tuple[int, int, float,
         if len(dataset.scene(i).objects) < 2:
             continue
         targets = dataset.colour_targets(i)
-        pixels = image.float().flatten(1).T
-        regions = targets.regions.flatten()
         asked = targets.asked.tolist()
-        for region in range(1, len(asked)):
-            inside = regions == region
-            if int(inside.sum()) < 4:
-                continue
-            got = int((targets.palette - pixels[inside].mean(0)).square().sum(1).argmin())
-            if got == asked[region]:
+        for region, got in enumerate(region_colours(image, targets)):
+            if region == 0 or got is None or got == asked[region]:
                 continue
             others = {a for r, a in enumerate(asked) if r != region and a != asked[region]}
             wrong += 1
@@ -84,7 +76,7 @@ def main() -> None:
     parser.add_argument("--controlnet", default="world:dm-controlnet-sketch")
     parser.add_argument("--sampler", default="consistency", choices=("consistency", "ddim"))
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--guidance", type=float, default=8.0)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's recommended scale")
     parser.add_argument("--scenes", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--grid", default=None)
@@ -103,7 +95,7 @@ def main() -> None:
         images.append(out.images.float())
     images = torch.cat(images)
     real = torch.stack([it["image"] for it in items])
-    print(f"{args.model} + {args.controlnet}, {args.sampler} {args.steps} steps, guidance {args.guidance}, {args.scenes} scenes")
+    print(f"{args.model} + {args.controlnet}, {args.sampler} {args.steps} steps, guidance {pipe.generation_defaults.guidance_scale if args.guidance is None else args.guidance}, {args.scenes} scenes")
     for name, found in (("generated", images), ("real", real)):
         groups = breakdown(found, dataset)
         right = sum(r for g, (r, _) in groups.items() if g in ("background", "objects"))

@@ -91,7 +91,7 @@ def main() -> None:
     pipe = CCMPipeline.from_pretrained(model, controlnet=[controlnet])
     pipe.set_progress_bar_config(disable=True)  # one table line a seed
     pictures, right_seeds = [], 0
-    print(f"{model} + {controlnet}, {args.steps} steps, guidance {'the model default' if args.guidance is None else args.guidance}")
+    print(f"{model} + {controlnet}, {args.steps} steps, guidance {pipe.generation_defaults.guidance_scale if args.guidance is None else args.guidance}")
     print("seed | background (green) | triangle (yellow) | diamond (blue) | all right")
     for seed in range(args.seeds):
         out = pipe(PROMPT, sketch, num_inference_steps=args.steps, guidance_scale=args.guidance,
