@@ -51,7 +51,7 @@ class TreeDigests:
     @staticmethod
     def _stat(root: Path) -> tuple:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        return tuple((p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        return tuple((p.as_posix(), (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
 
     def get(self, path: str | os.PathLike) -> str:
         root = Path(path).resolve()
