@@ -7,8 +7,11 @@ more steps than one two-thread trainer: 1.25x on the project's 2-core AMD EPYC
 With ``--jobs N`` the build starts each unit, in build order, as soon as every unit it needs is
 done and fewer than N run, each in its own process (``--stage <unit>`` of the same build, the
 same work dir, archive and models dir) with the preset's threads shared out between them. A unit
-that every other unit left needs (the VAE, the data cache, the pack) waits until nothing else runs
-and gets every thread: nothing could run beside it.
+that every other unit left needs (the VAE, the data cache, the pack) gets every thread, since
+nothing could run beside it: it waits until nothing else runs, unless the running units would
+keep its threads idle for longer than its share of threads would cost it (``start_beside``: the
+adapter beside a CM ControlNet with most of its steps left starts at once, the VAE beside the
+text encoder's last minute waits).
 
 A child is exactly a one-stage build, so everything a one-stage build guarantees holds: the same
 fingerprints (threads and logging never enter them), its own done-marker, checkpoints and archive
@@ -47,6 +50,10 @@ if TYPE_CHECKING:
 JOB_LOG = "build-job.log"
 PRESET_FILE = "build-jobs-preset-{threads}-threads.yaml"
 POLL_SECONDS = 0.5
+# Steps an hour of N one-thread jobs against one N-thread job: 1.25 for two on the 2-core EPYC
+# (benchmarks/bench_build_jobs.py, 2026-12-06), so a one-thread job runs 2 / 1.25 = 1.6x slower
+# than the same unit on both threads.
+PARALLEL_GAIN = 1.25
 
 
 def total_threads(build: WorldBuild) -> int:
@@ -74,6 +81,23 @@ def alone(build: WorldBuild, unit: Unit, pending: list[Unit]) -> bool:
     """True when every other pending unit needs ``unit``: nothing could run beside it, so it should have
     every thread (the VAE, the data cache, the pack: the chain the rest of the build hangs on)."""
     return all(unit.name in needs_closure(build, other) for other in pending if other.name != unit.name)
+
+
+def slowdown(build: WorldBuild, threads: int) -> float:
+    """How many times longer a unit takes on ``threads`` than on every thread (PARALLEL_GAIN's model)."""
+    total = total_threads(build)
+    return 1.0 if threads >= total else max(1.0, total / threads / PARALLEL_GAIN)
+
+
+def start_beside(build: WorldBuild, unit: Unit, running_left: list[float | None], threads: int) -> bool:
+    """For a unit that every pending unit needs, while others run: start it now on ``threads`` (True),
+    or wait for the running units and give it every thread (False). Now, it ends after its estimate x
+    slowdown(threads); waiting, after the longest running unit's time left plus its estimate. Any
+    estimate unknown (a stage without measured s/step, an eval, the pack): wait."""
+    estimate = build.estimate(unit)
+    if estimate is None or not running_left or any(left is None for left in running_left):
+        return False
+    return estimate * slowdown(build, threads) < max(running_left) + estimate  # type: ignore[type-var, operator]
 
 
 def child_command(build: WorldBuild, unit: Unit, preset_file: Path) -> list[str]:
@@ -154,13 +178,17 @@ def run_jobs(build: WorldBuild, units: list[Unit], jobs: int) -> list[StageRepor
     presets = {t: write_child_preset(build, t) for t in {job_threads(build, jobs), total_threads(build)}}
     children: dict[str, subprocess.Popen] = {}
     started: dict[str, tuple[float, int, int]] = {}  # unit: (start time, checkpoint step, log offset)
+    expected: dict[str, float | None] = {}  # unit: seconds it was expected to take when it started
     stopping: list[str] = []
     failed: list[str] = []
     with _forward_stop_signals(children, stopping):
         try:
             while pending or children:
                 while pending and len(children) < jobs and not stopping and not failed:
-                    ready = next((u for u in pending if all(build.state(build.by_name[n]) == "done" for n in u.needs)), None)
+                    # a unit counts as done once its child has exited: the pack installs before its load check
+                    # ends and a trainer marks itself done before its archive copy, and either may still fail
+                    ready = next((u for u in pending if all(n not in children and build.state(build.by_name[n]) == "done"
+                                                            for n in u.needs)), None)  # fmt: skip
                     if ready is None:
                         break
                     if time_limit_reached():
@@ -168,14 +196,22 @@ def run_jobs(build: WorldBuild, units: list[Unit], jobs: int) -> list[StageRepor
                         break
                     threads, why = job_threads(build, jobs), ""
                     if alone(build, ready, pending):
-                        if children:
-                            break  # it gets every thread once the running units are done
-                        threads, why = total_threads(build), ": the stages left need it"
+                        if not children:
+                            threads, why = total_threads(build), ": the stages left need it"
+                        else:
+                            now = time.perf_counter()
+                            left = [None if expected[n] is None else max(0.0, expected[n] - (now - started[n][0]))  # type: ignore[operator]
+                                    for n in children]  # fmt: skip
+                            if not start_beside(build, ready, left, threads):
+                                break  # it gets every thread once the running units are done
+                            why = ": the running stages would keep its threads idle longer than it gains from them"
                     pending.remove(ready)
                     folder = build.folder(ready)
                     folder.mkdir(parents=True, exist_ok=True)
                     with open(folder / JOB_LOG, "ab") as log_file:
                         started[ready.name] = (time.perf_counter(), build.checkpoint_step(ready), log_file.tell())
+                        estimate = build.estimate(ready)
+                        expected[ready.name] = None if estimate is None else estimate * slowdown(build, threads)
                         children[ready.name] = subprocess.Popen(child_command(build, ready, presets[threads]), stdout=log_file,
                                                                 stderr=subprocess.STDOUT)  # fmt: skip
                     build.log(f"==> {ready.name}: started (job {len(children)} of {jobs}, {threads} thread(s){why}; "

@@ -130,3 +130,41 @@ def test_a_unit_every_other_one_needs_gets_every_thread(until_lcm, tmp_path):
     assert not build_jobs.alone(build, by["teacher"], after_cache)  # the feature and map nets need only the cache
     assert build_jobs.alone(build, by["pack"], [by["pack"], *[u for u in units if u.kind == "eval"]])
     assert build_jobs.needs_closure(build, by["lcm"]) == {"teacher", "text-encoder", "vae", "data-cache"}
+
+
+def test_a_unit_every_other_one_needs_starts_beside_running_units_only_when_waiting_costs_more(tmp_path, monkeypatch):
+    preset = load_preset("tiny").model_copy(update={"threads": 2})
+    build = WorldBuild(preset, tmp_path / "work", models_dir=tmp_path / "models", log=lambda m: None)
+    assert build_jobs.slowdown(build, 2) == 1.0
+    assert build_jobs.slowdown(build, 1) == pytest.approx(2 / build_jobs.PARALLEL_GAIN)
+    adapter = build.by_name["adapter"]
+    monkeypatch.setattr(build, "estimate", lambda unit: 600.0)  # 10 minutes on both threads, 16 on one
+    assert build_jobs.start_beside(build, adapter, [3000.0], threads=1)  # a CM ControlNet with 50 min left: start now
+    assert build_jobs.start_beside(build, adapter, [60.0, 3000.0], threads=1)  # the longest running unit decides
+    assert not build_jobs.start_beside(build, adapter, [60.0], threads=1)  # one minute left: wait, then both threads
+    assert not build_jobs.start_beside(build, adapter, [3000.0, None], threads=1)  # a running unit of unknown length
+    assert not build_jobs.start_beside(build, adapter, [], threads=1)
+    monkeypatch.setattr(build, "estimate", lambda unit: None)  # no measured s/step: the old rule, wait
+    assert not build_jobs.start_beside(build, adapter, [3000.0], threads=1)
+
+
+def test_a_unit_whose_child_still_runs_is_not_done_for_the_units_that_need_it(tmp_path, monkeypatch):
+    """The pack installs its models (and so reads as done) before its load check ends: the evals that
+    need it start only once its process has exited, so a pack that fails its last check starts nothing."""
+    lines: list[str] = []
+    build = WorldBuild(load_preset("tiny"), tmp_path / "work", models_dir=tmp_path / "models", log=lines.append)
+    units = [build.by_name["pack"], *[u for u in build.units if u.kind == "eval"]]
+    assert len(units) > 1
+    launched: set[str] = set()
+
+    def command(build, unit, preset_file):
+        launched.add(unit.name)
+        return [sys.executable, "-c", "import time; time.sleep(1.5)" if unit.name == "pack" else "pass"]
+
+    monkeypatch.setattr(build_jobs, "child_command", command)
+    selected = {u.name for u in units}
+    monkeypatch.setattr(build, "state", lambda unit: "done" if unit.name in launched or unit.name not in selected else "pending")
+    build_jobs.run_jobs(build, units, jobs=2)
+    pack_built = next(i for i, line in enumerate(lines) if line.strip().startswith("pack: built in"))
+    first_eval = next(i for i, line in enumerate(lines) if ": started (job" in line and "pack" not in line)
+    assert pack_built < first_eval, lines

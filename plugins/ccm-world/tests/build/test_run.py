@@ -44,15 +44,15 @@ def built(tmp_path_factory):
 
 
 def test_shipped_presets_validate_and_fit_an_hour_per_stage():
-    for name in ("full", "full-v2", "tiny"):
+    for name in ("full", "full-v1", "tiny"):
         build = WorldBuild(load_preset(name), "/tmp/unused-world-build")  # validates every trainer and eval config
         assert [u.name for u in build.units][:5] == ["text-encoder", "vae", "data-cache", "teacher", "lcm"]
-    full = WorldBuild(load_preset("full"), "/tmp/unused-world-build")
-    trained = [u for u in full.units if u.kind in ("trainer", "feature-net", "map-net")]
+    v1 = WorldBuild(load_preset("full-v1"), "/tmp/unused-world-build")
+    trained = [u for u in v1.units if u.kind in ("trainer", "feature-net", "map-net")]
     assert len(trained) == 19
-    for unit in [*trained, full.by_name["data-cache"]]:
-        seconds_per_step, steps = stage_seconds(full.preset, unit)
-        section = getattr(full.preset, unit.section)
+    for unit in [*trained, v1.by_name["data-cache"]]:
+        seconds_per_step, steps = stage_seconds(v1.preset, unit)
+        section = getattr(v1.preset, unit.section)
         if unit.condition is not None and unit.condition in getattr(section, "per_condition", {}):
             # a unit trained on past its stage's budget (sketch, 4200 steps) resumes from its checkpoints:
             # an interruption loses less than an hour, and the extension stays within two
@@ -60,10 +60,11 @@ def test_shipped_presets_validate_and_fit_an_hour_per_stage():
             assert seconds_per_step * every < 3600 and seconds_per_step * steps < 2 * 3600, unit.name
         else:
             assert seconds_per_step * steps < 3600, unit.name
-    # the second version trains longer units: each resumes from checkpoints under an hour apart, and
-    # its figures are the first version's but for what the issue measured (docs/experiments/world-text-conditioning.md)
-    v2 = WorldBuild(load_preset("full-v2"), "/tmp/unused-world-build")
-    assert [u.name for u in v2.units] == [u.name for u in full.units]
+    # the second version (shipped, `full`) trains longer units: each resumes from checkpoints under an hour apart,
+    # and its figures are the first version's but for what the issue measured (docs/experiments/world-text-conditioning.md)
+    v2 = WorldBuild(load_preset("full"), "/tmp/unused-world-build")
+    assert v2.preset.name == "full" and v1.preset.name == "full-v1"
+    assert [u.name for u in v2.units] == [u.name for u in v1.units]
     for unit in v2.units:
         if unit.kind != "trainer":
             continue
@@ -72,12 +73,12 @@ def test_shipped_presets_validate_and_fit_an_hour_per_stage():
     teacher, lcm = v2.configs["teacher"], v2.configs["lcm"]
     assert teacher.train_text_encoder and teacher.text_encoder_lr == 1e-4 and (lcm.w_min, lcm.w_max) == (1.0, 4.0)
     assert teacher.grounding_weight == 0.1 and v2.spec(v2.by_name["data-cache"])["grounding"] is True  # the cache keeps the regions
-    assert "grounding" not in full.spec(full.by_name["data-cache"])
+    assert "grounding" not in v1.spec(v1.by_name["data-cache"])
     assert {v2.configs[f"cm-controlnet-{c}"].consistency.recipe for c in v2.preset.cm_controlnets.conditions} == {"relative-gap"}
-    assert v2.fingerprint(v2.by_name["feature-net"]) == full.fingerprint(full.by_name["feature-net"])  # reusable (reuse.py)
+    assert v2.fingerprint(v2.by_name["feature-net"]) == v1.fingerprint(v1.by_name["feature-net"])  # reusable (reuse.py)
     # the cache with regions is another cache to its own marker and the teacher, the same to units that do not read them
     cache = v2.by_name["data-cache"]
-    assert v2.fingerprint(cache) != v2.fingerprint(cache, regions=False) == full.fingerprint(full.by_name["data-cache"])
+    assert v2.fingerprint(cache) != v2.fingerprint(cache, regions=False) == v1.fingerprint(v1.by_name["data-cache"])
 
 
 def test_bad_preset_keys_error_clearly():
