@@ -36,6 +36,7 @@ from .stages import (
     Log,
     Unit,
     eval_config,
+    eval_config_text,
     export_preview,
     cache_conditions,
     plan_units,
@@ -162,7 +163,10 @@ class WorldBuild:
             return spec
         if unit.kind == "pack":
             return p.pack.model_dump()
-        return {**getattr(p, unit.section).model_dump(), "data": p.data.model_dump()}
+        spec = {**getattr(p, unit.section).model_dump(), "data": p.data.model_dump()}
+        if unit.kind == "eval":  # what the eval config file says, not only its name
+            spec["eval_config"] = eval_config_text(getattr(p, unit.section).config)
+        return spec
 
     def fingerprint(self, unit: Unit, steps: int | None = None, *, regions: bool = True) -> str:
         """A hash of the unit's spec and its inputs' fingerprints; ``steps``: as if it stopped after that many.
@@ -202,7 +206,8 @@ class WorldBuild:
         done = self.marker(unit, DONE)
         if done is not None:
             if done.get("fingerprint") != fingerprint:
-                return "partial" if self.extendable(unit, done) else "stale"
+                # an evaluation runs again on another config: its cells check their own settings and are kept where unchanged
+                return "partial" if unit.kind == "eval" or self.extendable(unit, done) else "stale"
             product = self.folder(unit) / ("models" if unit.kind == "pack" else unit.product)
             if not product.exists():
                 return "pending"
@@ -211,7 +216,7 @@ class WorldBuild:
             return "done"
         started = self.marker(unit, STARTED)
         if started is not None:
-            return "partial" if started.get("fingerprint") == fingerprint else "stale"
+            return "partial" if unit.kind == "eval" or started.get("fingerprint") == fingerprint else "stale"
         return "pending"
 
     def stale_error(self, unit: Unit) -> BuildError:

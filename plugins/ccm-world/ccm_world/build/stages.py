@@ -350,6 +350,15 @@ _USES = {"dm_controlnets": ("dm-controlnet+dm", "dm-controlnet+cm", "dm-controln
          "cm_controlnets": ("cm-controlnet+cm", "cm-controlnet+dm")}  # fmt: skip
 
 
+def eval_config_text(config: str) -> Any:
+    """The eval config file ``config`` as data (comments and layout left out): what an eval stage's result depends on.
+    None when the file is missing: planning still works, and the stage itself fails with :func:`eval_config`'s error."""
+    import yaml
+
+    path = find_file(config)
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
 def eval_config(preset: Preset, models_dir: Path, output_dir: Path, section: str = "eval"):
     """The eval config of the preset's ``section`` (``eval`` or ``adapter_eval``) with the packed models as the paper's models."""
     import yaml

@@ -17,7 +17,7 @@ from ccm_sdk.pipeline import CCMPipeline
 from ccm_sdk.training import Trainer
 from ccm_world import WorldDataset
 from ccm_world.build import cli, main
-from ccm_world.build.config import BuildError, PackSizeError, load_preset
+from ccm_world.build.config import BuildError, PackSizeError, find_file, load_preset
 from ccm_world.build.markers import DONE
 from ccm_world.build.pack import MANIFEST, check_size
 from ccm_world.build.run import WorldBuild
@@ -389,6 +389,32 @@ def test_a_stopped_eval_is_archived_with_its_cells_and_goes_on_on_another_machin
     assert [(r["method"], r["steps"], r["condition"]) for r in ours] == [(r["method"], r["steps"], r["condition"]) for r in reference]
     assert [r["fid"] for r in ours] == pytest.approx([r["fid"] for r in reference], abs=1e-5)
     assert (archive / "eval" / DONE).is_file()
+
+
+@pytest.mark.slow
+def test_an_edited_eval_config_runs_the_eval_again_keeping_the_cells_it_does_not_change(built, tmp_path):
+    build, _, _ = built
+    work = tmp_path / "work"
+    shutil.copytree(build.work_dir, work)
+    config = tmp_path / "table2.yaml"
+    text = find_file("configs/eval/world_table2.yaml").read_text()
+    config.write_text(text)
+
+    def run_eval() -> tuple[int, list[dict]]:
+        lines: list[str] = []
+        again = WorldBuild(load_preset("tiny", [("eval.config", str(config))]), work, models_dir=ccm_world.MODELS_DIR, log=lines.append)
+        assert again.state(again.by_name["eval"]) == "partial"  # not "done" (an out-of-date table), not "stale" (a refusal)
+        assert again.state(again.by_name["adapter-eval"]) == "done"
+        assert again.run(stage="eval")[0].status == "built" and again.state(again.by_name["eval"]) == "done"
+        rows = json.loads((work / "eval" / "results.json").read_text())["rows"]
+        return sum("kept from an earlier run" in line for line in lines), rows
+
+    kept, rows = run_eval()  # the same settings under another file name: every cell kept
+    assert kept == len(rows) > 0
+    config.write_text(text.replace("dm_guidance_scale: 1.5", "dm_guidance_scale: 3.0", 1))  # edited in place
+    kept, rows = run_eval()
+    diffusion = [r for r in rows if r["method"] == "DM's ControlNet + DM"]
+    assert diffusion and kept == len(rows) - len(diffusion)
 
 
 @pytest.mark.slow
