@@ -361,15 +361,12 @@ def eval_config_text(config: str) -> Any:
 
 def eval_config(preset: Preset, models_dir: Path, output_dir: Path, section: str = "eval"):
     """The eval config of the preset's ``section`` (``eval`` or ``adapter_eval``) with the packed models as the paper's models."""
-    import yaml
-
     from ccm_sdk.eval import load_eval_config
 
     s = getattr(preset, section)
-    path = find_file(s.config)
-    if not path.is_file():
+    raw = eval_config_text(s.config)
+    if raw is None:
         raise BuildError(f"{section}.config {s.config!r} does not exist")
-    raw = yaml.safe_load(path.read_text())
     dataset = dict(raw.get("dataset") or {})
     if dataset.get("path") is None:  # the world, by name or factory: scenes at the models' size
         dataset["options"] = {**(dataset.get("options") or {}), "size": preset.data.size, "sr_factor": preset.data.sr_factor}

@@ -391,6 +391,16 @@ def test_a_stopped_eval_is_archived_with_its_cells_and_goes_on_on_another_machin
     assert (archive / "eval" / DONE).is_file()
 
 
+def test_a_missing_eval_config_still_plans_and_fails_its_stage_clearly(tmp_path):
+    from ccm_world.build.stages import eval_config
+
+    preset = load_preset("tiny", [("eval.config", str(tmp_path / "missing.yaml"))])
+    build = WorldBuild(preset, tmp_path / "work", log=lambda m: None)
+    assert build.state(build.by_name["eval"]) == "pending"  # its fingerprint does not need the file
+    with pytest.raises(BuildError, match=r"eval.config '.*missing.yaml' does not exist"):
+        eval_config(preset, tmp_path / "models", tmp_path / "out")
+
+
 @pytest.mark.slow
 def test_an_edited_eval_config_runs_the_eval_again_keeping_the_cells_it_does_not_change(built, tmp_path):
     build, _, _ = built
