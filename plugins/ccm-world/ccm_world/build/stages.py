@@ -352,7 +352,7 @@ _USES = {"dm_controlnets": ("dm-controlnet+dm", "dm-controlnet+cm", "dm-controln
 
 def eval_config_text(config: str) -> Any:
     """The eval config file ``config`` as data (comments and layout left out): what an eval stage's result depends on.
-    None when the file is missing: planning still works, and the stage itself fails with :func:`eval_config`'s error."""
+    None when the file is missing (:func:`eval_config` turns that into its error)."""
     import yaml
 
     path = find_file(config)

@@ -391,14 +391,10 @@ def test_a_stopped_eval_is_archived_with_its_cells_and_goes_on_on_another_machin
     assert (archive / "eval" / DONE).is_file()
 
 
-def test_a_missing_eval_config_still_plans_and_fails_its_stage_clearly(tmp_path):
-    from ccm_world.build.stages import eval_config
-
+def test_a_missing_eval_config_is_refused_when_the_build_is_made(tmp_path):
     preset = load_preset("tiny", [("eval.config", str(tmp_path / "missing.yaml"))])
-    build = WorldBuild(preset, tmp_path / "work", log=lambda m: None)
-    assert build.state(build.by_name["eval"]) == "pending"  # its fingerprint does not need the file
     with pytest.raises(BuildError, match=r"eval.config '.*missing.yaml' does not exist"):
-        eval_config(preset, tmp_path / "models", tmp_path / "out")
+        WorldBuild(preset, tmp_path / "work", log=lambda m: None)
 
 
 @pytest.mark.slow
